@@ -1,0 +1,97 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: bounded content index of guest disk blocks
+ *
+ * Maps the XXH3-128 hash of a 4 KiB disk chunk to where it lives on a
+ * guest drive: (drive, chunk-aligned byte offset).  Filled from the guest's
+ * own disk reads and writes; looked up when a RAM page is about to be sent.
+ *
+ * The index never grows beyond the byte budget it was created with: it
+ * evicts with a CLOCK policy when full.  All functions are thread-safe.
+ *
+ * This file needs no QEMU: it is unit-tested standalone.
+ */
+#ifndef MIGRATION_NAS_DEDUP_INDEX_H
+#define MIGRATION_NAS_DEDUP_INDEX_H
+
+#include <sys/uio.h>
+
+#define NAS_DEDUP_CHUNK_BITS 12
+#define NAS_DEDUP_CHUNK      (1u << NAS_DEDUP_CHUNK_BITS)
+/* Drive numbers fit in 15 bits (see the entry layout in the .c file). */
+#define NAS_DEDUP_MAX_DRIVES 32767
+/* Offsets are chunk-aligned and below 2^57 bytes (128 PiB). */
+#define NAS_DEDUP_MAX_OFFSET (1ull << 57)
+/* Smallest index the budget may describe. */
+#define NAS_DEDUP_INDEX_MIN_BYTES (64 * 1024)
+
+typedef struct NasDedupHash {
+    uint64_t hi;
+    uint64_t lo;
+} NasDedupHash;
+
+typedef struct NasDedupLoc {
+    uint16_t drive;
+    uint64_t offset;            /* bytes, multiple of NAS_DEDUP_CHUNK */
+} NasDedupLoc;
+
+typedef struct NasDedupIndexStats {
+    uint64_t capacity;          /* entries the budget allows */
+    uint64_t entries;           /* entries in use */
+    uint64_t bytes;             /* memory used by the index */
+    uint64_t inserts;
+    uint64_t hits;
+    uint64_t misses;
+    uint64_t evictions;
+    uint64_t invalidations;
+} NasDedupIndexStats;
+
+typedef struct NasDedupIndex NasDedupIndex;
+
+/* Hash one NAS_DEDUP_CHUNK-sized buffer. */
+void nas_dedup_hash_chunk(const void *buf, NasDedupHash *out);
+bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b);
+/* True if the NAS_DEDUP_CHUNK bytes at @buf are all zero. */
+bool nas_dedup_chunk_is_zero(const void *buf);
+
+/*
+ * Create an index using at most @max_bytes of memory (tables included).
+ * Returns NULL if @max_bytes is below NAS_DEDUP_INDEX_MIN_BYTES.
+ */
+NasDedupIndex *nas_dedup_index_new(uint64_t max_bytes);
+void nas_dedup_index_free(NasDedupIndex *idx);
+
+/* Record that the chunk at @drive/@offset holds content @hash. */
+void nas_dedup_index_insert(NasDedupIndex *idx, const NasDedupHash *hash,
+                            uint16_t drive, uint64_t offset);
+/* Find a chunk with content @hash; counts a hit or a miss. */
+bool nas_dedup_index_lookup(NasDedupIndex *idx, const NasDedupHash *hash,
+                            NasDedupLoc *loc);
+/* Forget every chunk overlapping [@offset, @offset + @bytes) of @drive. */
+void nas_dedup_index_invalidate(NasDedupIndex *idx, uint16_t drive,
+                                uint64_t offset, uint64_t bytes);
+/* Forget everything about @drive (detached, truncated, ...). */
+void nas_dedup_index_invalidate_drive(NasDedupIndex *idx, uint16_t drive);
+
+/*
+ * Account for a completed guest I/O on @drive covering [@offset, +@bytes),
+ * whose data is in @iov starting @iov_offset bytes in.  Reads index every
+ * whole aligned non-zero chunk; writes do the same and also invalidate the
+ * partially covered chunks at either end and the chunks that became zero.
+ * A write with @iov == NULL (write-zeroes, discard) only invalidates.
+ */
+void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
+                             uint64_t offset, uint64_t bytes,
+                             const struct iovec *iov, unsigned int niov,
+                             size_t iov_offset, bool is_write);
+
+void nas_dedup_index_get_stats(NasDedupIndex *idx, NasDedupIndexStats *stats);
+
+/*
+ * Verify the index's internal invariants (both tables and the entries agree,
+ * counts match).  For tests; returns false and logs what is broken.
+ */
+bool nas_dedup_index_selfcheck(NasDedupIndex *idx);
+
+#endif

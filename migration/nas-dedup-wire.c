@@ -1,0 +1,294 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: wire records (see nas-dedup-wire.h for the format)
+ */
+#include "qemu/osdep.h"
+#include "nas-dedup-wire.h"
+
+static void put_u8(GByteArray *out, uint8_t v)
+{
+    g_byte_array_append(out, &v, 1);
+}
+
+static void put_be16(GByteArray *out, uint16_t v)
+{
+    uint8_t b[2] = { v >> 8, v };
+
+    g_byte_array_append(out, b, sizeof(b));
+}
+
+static void put_be32(GByteArray *out, uint32_t v)
+{
+    uint8_t b[4] = { v >> 24, v >> 16, v >> 8, v };
+
+    g_byte_array_append(out, b, sizeof(b));
+}
+
+static void put_be64(GByteArray *out, uint64_t v)
+{
+    put_be32(out, v >> 32);
+    put_be32(out, v);
+}
+
+static void put_id(GByteArray *out, const char *id)
+{
+    size_t len = strlen(id);
+
+    assert(len >= 1 && len <= NAS_DEDUP_ID_MAX);
+    put_u8(out, len);
+    g_byte_array_append(out, (const guint8 *)id, len);
+}
+
+static uint64_t get_be(const uint8_t *b, int n)
+{
+    uint64_t v = 0;
+    int i;
+
+    for (i = 0; i < n; i++) {
+        v = (v << 8) | b[i];
+    }
+    return v;
+}
+
+/* A bounded cursor over a byte buffer, used for return-path payloads. */
+typedef struct Cursor {
+    const uint8_t *p;
+    size_t left;
+} Cursor;
+
+static bool cursor_read(void *opaque, void *buf, size_t len)
+{
+    Cursor *c = opaque;
+
+    if (c->left < len) {
+        return false;
+    }
+    memcpy(buf, c->p, len);
+    c->p += len;
+    c->left -= len;
+    return true;
+}
+
+static bool id_valid(const char *id, size_t len)
+{
+    size_t i;
+
+    for (i = 0; i < len; i++) {
+        if (id[i] < 0x20 || id[i] > 0x7e) {
+            return false;
+        }
+    }
+    return len > 0;
+}
+
+/* Read a u8 length + id; @what names the id in messages. */
+static bool read_id(NasDedupReadFn read, void *opaque, char *id,
+                    const char *what, char **err)
+{
+    uint8_t len;
+
+    if (!read(opaque, &len, 1) || !read(opaque, id, len)) {
+        *err = g_strdup_printf("truncated %s", what);
+        return false;
+    }
+    id[len] = '\0';
+    if (!id_valid(id, len)) {
+        *err = g_strdup_printf("invalid %s (empty or not printable)", what);
+        return false;
+    }
+    return true;
+}
+
+void nas_dedup_record_encode(GByteArray *out, const NasDedupRecord *rec)
+{
+    uint32_t k;
+
+    put_u8(out, rec->type);
+    switch (rec->type) {
+    case NAS_DEDUP_REC_DRIVE:
+        put_be16(out, rec->drive);
+        put_id(out, rec->id);
+        put_be64(out, rec->disk_size);
+        break;
+    case NAS_DEDUP_REC_REFS:
+        assert(rec->npages >= 1 && rec->npages <= NAS_DEDUP_REFS_MAX);
+        put_be16(out, rec->drive);
+        put_be16(out, rec->npages);
+        put_be64(out, rec->disk_offset);
+        for (k = 0; k < rec->npages; k++) {
+            put_be64(out, rec->hash[k].hi);
+            put_be64(out, rec->hash[k].lo);
+        }
+        break;
+    case NAS_DEDUP_REC_SYNC:
+        put_be32(out, rec->seq);
+        put_u8(out, rec->final);
+        break;
+    default:
+        g_assert_not_reached();
+    }
+}
+
+bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
+                             NasDedupRecord *rec, char **err)
+{
+    uint8_t b[16];
+    uint32_t k;
+
+    *err = NULL;
+    if (!read(opaque, b, 1)) {
+        *err = g_strdup("truncated record: no type");
+        return false;
+    }
+    rec->type = b[0];
+    switch (rec->type) {
+    case NAS_DEDUP_REC_DRIVE:
+        if (!read(opaque, b, 2)) {
+            *err = g_strdup("truncated DRIVE record");
+            return false;
+        }
+        rec->drive = get_be(b, 2);
+        if (rec->drive > NAS_DEDUP_MAX_DRIVES) {
+            *err = g_strdup_printf("DRIVE record: drive number %u out of range",
+                                   rec->drive);
+            return false;
+        }
+        if (!read_id(read, opaque, rec->id, "DRIVE record id", err)) {
+            return false;
+        }
+        if (!read(opaque, b, 8)) {
+            *err = g_strdup("truncated DRIVE record");
+            return false;
+        }
+        rec->disk_size = get_be(b, 8);
+        if (rec->disk_size > NAS_DEDUP_MAX_OFFSET) {
+            *err = g_strdup_printf("DRIVE record: absurd disk size %" PRIu64,
+                                   rec->disk_size);
+            return false;
+        }
+        return true;
+    case NAS_DEDUP_REC_REFS:
+        if (!read(opaque, b, 12)) {
+            *err = g_strdup("truncated REFS record");
+            return false;
+        }
+        rec->drive = get_be(b, 2);
+        rec->npages = get_be(b + 2, 2);
+        rec->disk_offset = get_be(b + 4, 8);
+        if (rec->drive > NAS_DEDUP_MAX_DRIVES) {
+            *err = g_strdup_printf("REFS record: drive number %u out of range",
+                                   rec->drive);
+            return false;
+        }
+        if (rec->npages < 1 || rec->npages > NAS_DEDUP_REFS_MAX) {
+            *err = g_strdup_printf("REFS record: run of %u pages (1..%u allowed)",
+                                   rec->npages, NAS_DEDUP_REFS_MAX);
+            return false;
+        }
+        if (!QEMU_IS_ALIGNED(rec->disk_offset, NAS_DEDUP_CHUNK) ||
+            rec->disk_offset >= NAS_DEDUP_MAX_OFFSET) {
+            *err = g_strdup_printf("REFS record: bad disk offset 0x%" PRIx64,
+                                   rec->disk_offset);
+            return false;
+        }
+        for (k = 0; k < rec->npages; k++) {
+            if (!read(opaque, b, 16)) {
+                *err = g_strdup_printf("truncated REFS record: %u of %u hashes",
+                                       k, rec->npages);
+                return false;
+            }
+            rec->hash[k].hi = get_be(b, 8);
+            rec->hash[k].lo = get_be(b + 8, 8);
+        }
+        return true;
+    case NAS_DEDUP_REC_SYNC:
+        if (!read(opaque, b, 5)) {
+            *err = g_strdup("truncated SYNC record");
+            return false;
+        }
+        rec->seq = get_be(b, 4);
+        if (b[4] > 1) {
+            *err = g_strdup_printf("SYNC record: bad final flag %u", b[4]);
+            return false;
+        }
+        rec->final = b[4];
+        return true;
+    default:
+        *err = g_strdup_printf("unknown record type %u", rec->type);
+        return false;
+    }
+}
+
+bool nas_dedup_refs_check(const NasDedupRecord *rec, uint64_t page_offset,
+                          uint64_t ram_len, uint64_t disk_len, char **err)
+{
+    uint64_t run = (uint64_t)rec->npages * NAS_DEDUP_CHUNK;
+
+    *err = NULL;
+    if (page_offset > ram_len || run > ram_len - page_offset) {
+        *err = g_strdup_printf("REFS record: pages 0x%" PRIx64 "+0x%" PRIx64
+                               " outside RAMBlock of 0x%" PRIx64 " bytes",
+                               page_offset, run, ram_len);
+        return false;
+    }
+    if (rec->disk_offset > disk_len || run > disk_len - rec->disk_offset) {
+        *err = g_strdup_printf("REFS record: disk range 0x%" PRIx64 "+0x%"
+                               PRIx64 " past the end of drive %u (0x%" PRIx64
+                               " bytes)", rec->disk_offset, run, rec->drive,
+                               disk_len);
+        return false;
+    }
+    return true;
+}
+
+void nas_dedup_resend_encode(GByteArray *out, const NasDedupResend *r)
+{
+    put_id(out, r->id);
+    put_be64(out, r->offset);
+    put_be32(out, r->npages);
+}
+
+bool nas_dedup_resend_decode(const uint8_t *buf, size_t len,
+                             NasDedupResend *r, char **err)
+{
+    Cursor c = { buf, len };
+    uint8_t b[12];
+
+    *err = NULL;
+    if (!read_id(cursor_read, &c, r->id, "RESEND RAMBlock id", err)) {
+        return false;
+    }
+    if (!cursor_read(&c, b, 12) || c.left) {
+        *err = g_strdup_printf("RESEND message of %zu bytes is malformed", len);
+        return false;
+    }
+    r->offset = get_be(b, 8);
+    r->npages = get_be(b + 8, 4);
+    if (r->npages < 1 || r->npages > NAS_DEDUP_REFS_MAX) {
+        *err = g_strdup_printf("RESEND message: %u pages", r->npages);
+        return false;
+    }
+    return true;
+}
+
+void nas_dedup_sync_ack_encode(GByteArray *out, uint32_t seq,
+                               uint32_t resends)
+{
+    put_be32(out, seq);
+    put_be32(out, resends);
+}
+
+bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
+                               uint32_t *seq, uint32_t *resends, char **err)
+{
+    *err = NULL;
+    if (len != 8) {
+        *err = g_strdup_printf("SYNC_ACK message of %zu bytes (8 expected)",
+                               len);
+        return false;
+    }
+    *seq = get_be(buf, 4);
+    *resends = get_be(buf + 4, 4);
+    return true;
+}

@@ -1,0 +1,90 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: wire records
+ *
+ * In the RAM stream, a record is a page header with RAM_SAVE_FLAG_DEDUP
+ * (naming a RAMBlock and a page in it, as for any page) followed by:
+ *
+ *   u8 type
+ *   DRIVE: be16 drive, u8 id_len, id_len bytes id, be64 disk_size
+ *          Defines drive number @drive for later REFS records: the drive is
+ *          the guest device whose id (qdev id or QOM path) is @id.
+ *   REFS:  be16 drive, be16 npages, be64 disk_offset,
+ *          npages x (be64 hash_hi, be64 hash_lo)
+ *          Page k of the run (k = 0..npages-1) at the header's page address
+ *          + k x 4 KiB holds the 4 KiB at disk_offset + k x 4 KiB of the
+ *          drive, whose XXH3-128 is hash k.
+ *   SYNC:  be32 seq, u8 final
+ *          Asks the destination to resolve every reference it has and to
+ *          answer SYNC_ACK(seq) on the return path after any RESEND.
+ *
+ * On the return path (destination to source):
+ *   RESEND:   u8 id_len, id, be64 offset, be32 npages  (RAMBlock pages)
+ *   SYNC_ACK: be32 seq, be32 resends since the previous SYNC_ACK
+ *
+ * This file needs no QEMU: it is unit-tested standalone.
+ */
+#ifndef MIGRATION_NAS_DEDUP_WIRE_H
+#define MIGRATION_NAS_DEDUP_WIRE_H
+
+#include "nas-dedup-index.h"
+
+enum {
+    NAS_DEDUP_REC_DRIVE = 1,
+    NAS_DEDUP_REC_REFS = 2,
+    NAS_DEDUP_REC_SYNC = 3,
+};
+
+#define NAS_DEDUP_REFS_MAX     256     /* pages in one REFS run */
+#define NAS_DEDUP_ID_MAX       255     /* drive / RAMBlock id length */
+
+typedef struct NasDedupRecord {
+    uint8_t type;
+    uint16_t drive;                     /* DRIVE, REFS */
+    char id[NAS_DEDUP_ID_MAX + 1];      /* DRIVE */
+    uint64_t disk_size;                 /* DRIVE */
+    uint32_t npages;                    /* REFS */
+    uint64_t disk_offset;               /* REFS */
+    uint32_t seq;                       /* SYNC */
+    bool final;                         /* SYNC */
+    NasDedupHash hash[NAS_DEDUP_REFS_MAX]; /* REFS */
+} NasDedupRecord;
+
+typedef struct NasDedupResend {
+    char id[NAS_DEDUP_ID_MAX + 1];      /* RAMBlock idstr */
+    uint64_t offset;
+    uint32_t npages;
+} NasDedupResend;
+
+/* Reads exactly @len bytes into @buf; returns false on EOF or error. */
+typedef bool (*NasDedupReadFn)(void *opaque, void *buf, size_t len);
+
+/* Append the encoding of @rec (everything after the page header). */
+void nas_dedup_record_encode(GByteArray *out, const NasDedupRecord *rec);
+
+/*
+ * Decode one record through @read.  Returns false with a message naming
+ * what is wrong in *@err (g_free it) for a truncated or malformed record.
+ * Checks only what the record itself says; see nas_dedup_refs_check().
+ */
+bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
+                             NasDedupRecord *rec, char **err);
+
+/*
+ * Check a REFS record against its surroundings: the run of pages starting
+ * at @page_offset must fit the RAMBlock's @ram_len, and the disk range must
+ * fit the drive's @disk_len (the smaller of what both sides know).
+ */
+bool nas_dedup_refs_check(const NasDedupRecord *rec, uint64_t page_offset,
+                          uint64_t ram_len, uint64_t disk_len, char **err);
+
+void nas_dedup_resend_encode(GByteArray *out, const NasDedupResend *r);
+bool nas_dedup_resend_decode(const uint8_t *buf, size_t len,
+                             NasDedupResend *r, char **err);
+void nas_dedup_sync_ack_encode(GByteArray *out, uint32_t seq,
+                               uint32_t resends);
+bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
+                               uint32_t *seq, uint32_t *resends, char **err);
+
+#endif

@@ -1,0 +1,250 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * Unit tests of the dedup-nas wire records: round trips, and rejection of
+ * every truncated or malformed form.
+ */
+#include "qemu/osdep.h"
+#include "nas-dedup-wire.h"
+
+typedef struct Buf {
+    const uint8_t *p;
+    size_t left;
+} Buf;
+
+static bool buf_read(void *opaque, void *dst, size_t len)
+{
+    Buf *b = opaque;
+
+    if (b->left < len) {
+        return false;
+    }
+    memcpy(dst, b->p, len);
+    b->p += len;
+    b->left -= len;
+    return true;
+}
+
+static bool decode(const uint8_t *data, size_t len, NasDedupRecord *rec,
+                   char **err, size_t *left)
+{
+    Buf b = { data, len };
+    bool ok = nas_dedup_record_decode(buf_read, &b, rec, err);
+
+    *left = b.left;
+    return ok;
+}
+
+static void sample_records(NasDedupRecord *recs)
+{
+    uint32_t k;
+
+    memset(recs, 0, 3 * sizeof(*recs));
+    recs[0].type = NAS_DEDUP_REC_DRIVE;
+    recs[0].drive = 7;
+    strcpy(recs[0].id, "/machine/peripheral/vd0/virtio-backend");
+    recs[0].disk_size = 512ull << 20;
+
+    recs[1].type = NAS_DEDUP_REC_REFS;
+    recs[1].drive = 7;
+    recs[1].npages = 5;
+    recs[1].disk_offset = 0x123000;
+    for (k = 0; k < 5; k++) {
+        recs[1].hash[k] = (NasDedupHash){ .hi = ~(uint64_t)k, .lo = k * 3 };
+    }
+
+    recs[2].type = NAS_DEDUP_REC_SYNC;
+    recs[2].seq = 0xdeadbeef;
+    recs[2].final = true;
+}
+
+static void test_round_trip(void)
+{
+    NasDedupRecord *in = g_new0(NasDedupRecord, 3);
+    NasDedupRecord *out = g_new0(NasDedupRecord, 1);
+    int i;
+
+    sample_records(in);
+    for (i = 0; i < 3; i++) {
+        g_autoptr(GByteArray) a = g_byte_array_new();
+        g_autofree char *err = NULL;
+        size_t left;
+
+        nas_dedup_record_encode(a, &in[i]);
+        g_assert_true(decode(a->data, a->len, out, &err, &left));
+        g_assert_null(err);
+        g_assert_cmpuint(left, ==, 0);
+        g_assert_cmpuint(out->type, ==, in[i].type);
+        switch (in[i].type) {
+        case NAS_DEDUP_REC_DRIVE:
+            g_assert_cmpuint(out->drive, ==, 7);
+            g_assert_cmpstr(out->id, ==, in[i].id);
+            g_assert_cmpuint(out->disk_size, ==, in[i].disk_size);
+            break;
+        case NAS_DEDUP_REC_REFS:
+            g_assert_cmpuint(out->drive, ==, 7);
+            g_assert_cmpuint(out->npages, ==, 5);
+            g_assert_cmpuint(out->disk_offset, ==, 0x123000);
+            g_assert_cmpmem(out->hash, 5 * sizeof(NasDedupHash),
+                            in[i].hash, 5 * sizeof(NasDedupHash));
+            /* 1 type + 2 drive + 2 npages + 8 offset + 16 a page */
+            g_assert_cmpuint(a->len, ==, 13 + 5 * 16);
+            break;
+        case NAS_DEDUP_REC_SYNC:
+            g_assert_cmpuint(out->seq, ==, 0xdeadbeef);
+            g_assert_true(out->final);
+            break;
+        }
+    }
+    g_free(in);
+    g_free(out);
+}
+
+/* Every strict prefix of every record fails to decode, with a message. */
+static void test_truncated(void)
+{
+    NasDedupRecord *in = g_new0(NasDedupRecord, 3);
+    NasDedupRecord *out = g_new0(NasDedupRecord, 1);
+    int i;
+
+    sample_records(in);
+    for (i = 0; i < 3; i++) {
+        g_autoptr(GByteArray) a = g_byte_array_new();
+        size_t cut;
+
+        nas_dedup_record_encode(a, &in[i]);
+        for (cut = 0; cut < a->len; cut++) {
+            g_autofree char *err = NULL;
+            size_t left;
+
+            g_assert_false(decode(a->data, cut, out, &err, &left));
+            g_assert_nonnull(err);
+            g_assert_nonnull(strstr(err, "truncated"));
+        }
+    }
+    g_free(in);
+    g_free(out);
+}
+
+static void expect_reject(const uint8_t *data, size_t len, const char *what)
+{
+    NasDedupRecord *out = g_new0(NasDedupRecord, 1);
+    g_autofree char *err = NULL;
+    size_t left;
+
+    g_assert_false(decode(data, len, out, &err, &left));
+    g_assert_nonnull(err);
+    if (!strstr(err, what)) {
+        g_error("error '%s' does not mention '%s'", err, what);
+    }
+    g_free(out);
+}
+
+static void test_malformed(void)
+{
+    /* unknown type */
+    expect_reject((const uint8_t[]){ 0 }, 1, "unknown record type 0");
+    expect_reject((const uint8_t[]){ 9, 0, 0 }, 3, "unknown record type 9");
+    /* DRIVE: drive number out of range, empty id, unprintable id, size */
+    expect_reject((const uint8_t[]){ 1, 0x80, 0x00, 1, 'a',
+                                     0, 0, 0, 0, 0, 0, 0, 1 }, 13, "drive number");
+    expect_reject((const uint8_t[]){ 1, 0, 1, 0,
+                                     0, 0, 0, 0, 0, 0, 0, 1 }, 12, "invalid DRIVE");
+    expect_reject((const uint8_t[]){ 1, 0, 1, 2, 'a', '\n',
+                                     0, 0, 0, 0, 0, 0, 0, 1 }, 14, "invalid DRIVE");
+    expect_reject((const uint8_t[]){ 1, 0, 1, 1, 'a',
+                                     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff },
+                  13, "absurd disk size");
+    /* REFS: drive, run length 0 and too long, unaligned and absurd offset */
+    expect_reject((const uint8_t[]){ 2, 0xff, 0xff, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0 },
+                  13, "drive number");
+    expect_reject((const uint8_t[]){ 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
+                  13, "run of 0 pages");
+    expect_reject((const uint8_t[]){ 2, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0 },
+                  13, "run of 257 pages");
+    expect_reject((const uint8_t[]){ 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x10, 0x01 },
+                  13, "bad disk offset");
+    expect_reject((const uint8_t[]){ 2, 0, 0, 0, 1, 0xf0, 0, 0, 0, 0, 0, 0, 0 },
+                  13, "bad disk offset");
+    /* SYNC: bad final flag */
+    expect_reject((const uint8_t[]){ 3, 0, 0, 0, 1, 2 }, 6, "final flag");
+}
+
+static void test_refs_check(void)
+{
+    NasDedupRecord *r = g_new0(NasDedupRecord, 1);
+    const uint64_t C = NAS_DEDUP_CHUNK;
+    char *err;
+
+    r->type = NAS_DEDUP_REC_REFS;
+    r->npages = 4;
+    r->disk_offset = 8 * C;
+    g_assert_true(nas_dedup_refs_check(r, 0, 4 * C, 12 * C, &err));
+    g_assert_null(err);
+    g_assert_true(nas_dedup_refs_check(r, 12 * C, 16 * C, 100 * C, &err));
+    /* run runs past the RAMBlock */
+    g_assert_false(nas_dedup_refs_check(r, 13 * C, 16 * C, 100 * C, &err));
+    g_assert_nonnull(strstr(err, "outside RAMBlock"));
+    g_free(err);
+    g_assert_false(nas_dedup_refs_check(r, UINT64_MAX - C + 1, 16 * C,
+                                        100 * C, &err));
+    g_free(err);
+    /* disk range past the end of the drive */
+    g_assert_false(nas_dedup_refs_check(r, 0, 16 * C, 11 * C, &err));
+    g_assert_nonnull(strstr(err, "past the end of drive"));
+    g_free(err);
+    g_assert_false(nas_dedup_refs_check(r, 0, 16 * C, 4 * C, &err));
+    g_free(err);
+    g_free(r);
+}
+
+static void test_return_path(void)
+{
+    g_autoptr(GByteArray) a = g_byte_array_new();
+    NasDedupResend in = { .offset = 0x7000, .npages = 3 }, out;
+    uint32_t seq, n;
+    char *err;
+    size_t cut;
+
+    strcpy(in.id, "pc.ram");
+    nas_dedup_resend_encode(a, &in);
+    g_assert_true(nas_dedup_resend_decode(a->data, a->len, &out, &err));
+    g_assert_cmpstr(out.id, ==, "pc.ram");
+    g_assert_cmpuint(out.offset, ==, 0x7000);
+    g_assert_cmpuint(out.npages, ==, 3);
+    for (cut = 0; cut < a->len; cut++) {
+        g_assert_false(nas_dedup_resend_decode(a->data, cut, &out, &err));
+        g_assert_nonnull(err);
+        g_free(err);
+    }
+    /* trailing garbage */
+    g_byte_array_append(a, (const guint8 *)"x", 1);
+    g_assert_false(nas_dedup_resend_decode(a->data, a->len, &out, &err));
+    g_free(err);
+    /* zero pages */
+    g_byte_array_set_size(a, 0);
+    in.npages = 0;
+    nas_dedup_resend_encode(a, &in);
+    g_assert_false(nas_dedup_resend_decode(a->data, a->len, &out, &err));
+    g_free(err);
+
+    g_byte_array_set_size(a, 0);
+    nas_dedup_sync_ack_encode(a, 42, 17);
+    g_assert_true(nas_dedup_sync_ack_decode(a->data, a->len, &seq, &n, &err));
+    g_assert_cmpuint(seq, ==, 42);
+    g_assert_cmpuint(n, ==, 17);
+    g_assert_false(nas_dedup_sync_ack_decode(a->data, a->len - 1, &seq, &n,
+                                             &err));
+    g_free(err);
+}
+
+int main(int argc, char **argv)
+{
+    g_test_init(&argc, &argv, NULL);
+    g_test_add_func("/nas-dedup/wire/round-trip", test_round_trip);
+    g_test_add_func("/nas-dedup/wire/truncated", test_truncated);
+    g_test_add_func("/nas-dedup/wire/malformed", test_malformed);
+    g_test_add_func("/nas-dedup/wire/refs-check", test_refs_check);
+    g_test_add_func("/nas-dedup/wire/return-path", test_return_path);
+    return g_test_run();
+}
