@@ -1,0 +1,339 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: source side
+ *
+ * ram.c offers each page it would send in full; a page whose content the
+ * index finds on a drive becomes part of a run of references (consecutive
+ * pages of one RAMBlock backed by consecutive blocks of one drive) that is
+ * written as one REFS record.  At switchover, SYNC records and the
+ * destination's answers on the return path make sure that every reference
+ * was verified, and that every page it could not verify was sent again.
+ */
+#include "qemu/osdep.h"
+#include "qemu/bitmap.h"
+#include "qemu/cutils.h"
+#include "qemu/error-report.h"
+#include "qemu/rcu.h"
+#include "qapi/error.h"
+#include "exec/target_page.h"
+#include "migration.h"
+#include "qemu-file.h"
+#include "ram.h"
+#include "nas-dedup.h"
+#include "nas-dedup-wire.h"
+#include "options.h"
+#include "trace.h"
+
+/* How long the stopped source waits for the destination's answer. */
+#define NAS_DEDUP_SYNC_TIMEOUT_MS (120 * 1000)
+/* Rounds of "resend, sync again" before giving up. */
+#define NAS_DEDUP_SYNC_ROUNDS 16
+
+static struct {
+    /* The pending run of references; migration thread only. */
+    NasDedupRecord run;
+    RAMBlock *run_block;
+    ram_addr_t run_offset;
+    QEMUFile *f;
+    NasDedupPutHeader put_header;
+    void *opaque;
+
+    unsigned long *drive_sent;      /* DRIVE records sent, by drive */
+    bool any_refs;
+    uint32_t seq;
+    unsigned rounds;
+
+    /* Pages the destination asked again: send them in full.  */
+    QemuMutex noref_lock;
+    GHashTable *noref;              /* RAMBlock * -> unsigned long bitmap */
+
+    /* SYNC_ACK from the return path thread. */
+    QemuSemaphore ack_sem;
+    uint32_t acked_seq;
+    uint32_t acked_pending;
+} save;
+
+static GByteArray *nas_dedup_buf(void)
+{
+    static __thread GByteArray *buf;
+
+    if (!buf) {
+        buf = g_byte_array_sized_new(16 + 16 * NAS_DEDUP_REFS_MAX);
+    }
+    g_byte_array_set_size(buf, 0);
+    return buf;
+}
+
+static size_t put_record(RAMBlock *block, ram_addr_t offset,
+                         const NasDedupRecord *rec)
+{
+    GByteArray *buf = nas_dedup_buf();
+    size_t len;
+
+    len = save.put_header(save.opaque, save.f, block,
+                          offset | RAM_SAVE_FLAG_DEDUP);
+    nas_dedup_record_encode(buf, rec);
+    qemu_put_buffer(save.f, buf->data, buf->len);
+    len += buf->len;
+    ram_transferred_add(len);
+    return len;
+}
+
+int nas_dedup_save_setup(Error **errp)
+{
+    if (migrate_rdma()) {
+        error_setg(errp, "Capability 'dedup-nas' is not compatible with "
+                   "RDMA migration");
+        return -1;
+    }
+    memset(&save.run, 0, sizeof(save.run));
+    save.run_block = NULL;
+    save.f = NULL;
+    save.drive_sent = bitmap_new(NAS_DEDUP_MAX_DRIVES + 1);
+    save.any_refs = false;
+    save.seq = 0;
+    save.rounds = 0;
+    qemu_mutex_init(&save.noref_lock);
+    save.noref = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    qemu_sem_init(&save.ack_sem, 0);
+    save.acked_seq = 0;
+    save.acked_pending = 0;
+    nas_dedup_stats_reset(false);
+    return 0;
+}
+
+void nas_dedup_save_cleanup(void)
+{
+    if (!save.noref) {
+        return;
+    }
+    g_free(save.drive_sent);
+    save.drive_sent = NULL;
+    g_hash_table_destroy(save.noref);
+    save.noref = NULL;
+    qemu_mutex_destroy(&save.noref_lock);
+    qemu_sem_destroy(&save.ack_sem);
+}
+
+int nas_dedup_save_flush(void)
+{
+    size_t len;
+
+    if (!save.run.npages) {
+        return 0;
+    }
+    trace_nas_dedup_save_refs(save.run_block->idstr, save.run_offset,
+                              save.run.drive, save.run.disk_offset,
+                              save.run.npages);
+    len = put_record(save.run_block, save.run_offset, &save.run);
+    stat64_add(&nas_dedup_counters.ref_pages, save.run.npages);
+    stat64_add(&nas_dedup_counters.ref_bytes, len);
+    save.run.npages = 0;
+    return qemu_file_get_error(save.f);
+}
+
+/* True if the destination asked for this page: send it in full once. */
+static bool take_noref(RAMBlock *block, ram_addr_t offset)
+{
+    unsigned long *bmap;
+
+    QEMU_LOCK_GUARD(&save.noref_lock);
+    bmap = g_hash_table_lookup(save.noref, block);
+    return bmap && test_and_clear_bit(offset >> TARGET_PAGE_BITS, bmap);
+}
+
+static int define_drive(RAMBlock *block, ram_addr_t offset, uint16_t drive)
+{
+    g_autofree NasDedupRecord *rec = g_new0(NasDedupRecord, 1);
+    g_autofree char *id = NULL;
+
+    if (test_bit(drive, save.drive_sent)) {
+        return 0;
+    }
+    if (!nas_dedup_drive_info(drive, &id, &rec->disk_size)) {
+        return -1;
+    }
+    rec->type = NAS_DEDUP_REC_DRIVE;
+    rec->drive = drive;
+    pstrcpy(rec->id, sizeof(rec->id), id);
+    put_record(block, offset, rec);
+    set_bit(drive, save.drive_sent);
+    return 0;
+}
+
+int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
+                        void *opaque, RAMBlock *block, ram_addr_t offset)
+{
+    NasDedupRecord *run = &save.run;
+    NasDedupIndex *idx;
+    NasDedupHash hash;
+    NasDedupLoc loc;
+
+    if (!save.noref || take_noref(block, offset)) {
+        return 0;
+    }
+    RCU_READ_LOCK_GUARD();
+    idx = nas_dedup_index_peek();
+    if (!idx) {
+        return 0;
+    }
+    nas_dedup_hash_chunk(block->host + offset, &hash);
+    if (!nas_dedup_index_lookup(idx, &hash, &loc)) {
+        return 0;
+    }
+
+    if (run->npages &&
+        (save.run_block != block || save.f != f ||
+         run->npages == NAS_DEDUP_REFS_MAX || run->drive != loc.drive ||
+         offset != save.run_offset + run->npages * NAS_DEDUP_CHUNK ||
+         loc.offset != run->disk_offset + run->npages * NAS_DEDUP_CHUNK)) {
+        int ret = nas_dedup_save_flush();
+        if (ret < 0) {
+            return ret;
+        }
+    }
+    save.f = f;
+    save.put_header = put_header;
+    save.opaque = opaque;
+    if (!run->npages) {
+        if (define_drive(block, offset, loc.drive) < 0) {
+            return 0;
+        }
+        run->type = NAS_DEDUP_REC_REFS;
+        run->drive = loc.drive;
+        run->disk_offset = loc.offset;
+        save.run_block = block;
+        save.run_offset = offset;
+        save.any_refs = true;
+    }
+    run->hash[run->npages++] = hash;
+    return 1;
+}
+
+static void put_sync(QEMUFile *f, NasDedupPutHeader put_header, void *opaque,
+                     bool final)
+{
+    NasDedupRecord *rec = g_new0(NasDedupRecord, 1);
+
+    save.f = f;
+    save.put_header = put_header;
+    save.opaque = opaque;
+    rec->type = NAS_DEDUP_REC_SYNC;
+    rec->seq = ++save.seq;
+    rec->final = final;
+    trace_nas_dedup_save_sync(rec->seq, final);
+    /* Any RAMBlock will do: the record is about all of them. */
+    put_record(save.run_block, 0, rec);
+    g_free(rec);
+}
+
+int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
+                            void *opaque, Error **errp)
+{
+    MigrationState *s = migrate_get_current();
+    int64_t deadline;
+    int ret;
+
+    ret = nas_dedup_save_flush();
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "dedup-nas: failed to send references");
+        return ret;
+    }
+    if (!save.any_refs) {
+        return 0;
+    }
+    if (++save.rounds > NAS_DEDUP_SYNC_ROUNDS) {
+        error_setg(errp, "dedup-nas: destination still asks for pages after "
+                   "%d rounds", NAS_DEDUP_SYNC_ROUNDS);
+        return -EIO;
+    }
+
+    put_sync(f, put_header, opaque, false);
+    ret = qemu_fflush(f);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "dedup-nas: failed to send SYNC");
+        return ret;
+    }
+    deadline = qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+               NAS_DEDUP_SYNC_TIMEOUT_MS;
+    while (qatomic_load_acquire(&save.acked_seq) != save.seq) {
+        if (migrate_has_error(s) || qemu_file_get_error(f) ||
+            !s->rp_state.rp_thread_created) {
+            error_setg(errp, "dedup-nas: return path failed while waiting "
+                       "for the destination to resolve references");
+            return -EIO;
+        }
+        if (qemu_clock_get_ms(QEMU_CLOCK_REALTIME) > deadline) {
+            error_setg(errp, "dedup-nas: destination did not resolve its "
+                       "references within %d s", NAS_DEDUP_SYNC_TIMEOUT_MS / 1000);
+            return -ETIMEDOUT;
+        }
+        qemu_sem_timedwait(&save.ack_sem, 100);
+    }
+    if (save.acked_pending) {
+        /* Those pages are dirty again (RESEND came before the ACK). */
+        return 1;
+    }
+    put_sync(f, put_header, opaque, true);
+    return qemu_fflush(f) < 0 ? -EIO : 0;
+}
+
+int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
+                        Error **errp)
+{
+    NasDedupResend r;
+    g_autofree char *err = NULL;
+    RAMBlock *block;
+    unsigned long *bmap;
+    uint32_t i;
+
+    if (!migrate_dedup_nas() || !save.noref) {
+        error_setg(errp, "dedup-nas: unexpected resend request");
+        return -EINVAL;
+    }
+    if (!nas_dedup_resend_decode(buf, len, &r, &err)) {
+        error_setg(errp, "dedup-nas: %s", err);
+        return -EINVAL;
+    }
+    trace_nas_dedup_rp_resend(r.id, r.offset, r.npages);
+    WITH_RCU_READ_LOCK_GUARD() {
+        block = qemu_ram_block_by_name(r.id);
+        if (!block || r.offset > block->used_length ||
+            (uint64_t)r.npages * NAS_DEDUP_CHUNK >
+                block->used_length - r.offset) {
+            error_setg(errp, "dedup-nas: resend request for %s 0x%" PRIx64
+                       " x%u is outside guest RAM", r.id, r.offset, r.npages);
+            return -EINVAL;
+        }
+        WITH_QEMU_LOCK_GUARD(&save.noref_lock) {
+            bmap = g_hash_table_lookup(save.noref, block);
+            if (!bmap) {
+                bmap = bitmap_new(block->used_length >> TARGET_PAGE_BITS);
+                g_hash_table_insert(save.noref, block, bmap);
+            }
+            for (i = 0; i < r.npages; i++) {
+                set_bit((r.offset >> TARGET_PAGE_BITS) + i, bmap);
+            }
+        }
+    }
+    stat64_add(&nas_dedup_counters.resent_pages, r.npages);
+    return ram_dedup_redirty(r.id, r.offset, r.npages, errp);
+}
+
+int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
+                          Error **errp)
+{
+    g_autofree char *err = NULL;
+    uint32_t seq, pending;
+
+    if (!nas_dedup_sync_ack_decode(buf, len, &seq, &pending, &err)) {
+        error_setg(errp, "dedup-nas: %s", err);
+        return -EINVAL;
+    }
+    trace_nas_dedup_rp_sync_ack(seq, pending);
+    save.acked_pending = pending;
+    qatomic_store_release(&save.acked_seq, seq);
+    qemu_sem_post(&save.ack_sem);
+    return 0;
+}

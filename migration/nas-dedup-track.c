@@ -1,0 +1,128 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: tracking of guest disk I/O
+ *
+ * Every completed read and write of a BlockBackend attached to a guest
+ * device goes through the block layer's I/O observer; with the capability
+ * on, its data is hashed into the index chunk by chunk.  With the
+ * capability off, an existing index is still kept true: writes only
+ * invalidate what they cover, so that turning it on again never refers to
+ * stale content.
+ *
+ * Drives are numbered in the order they are first seen.  Their wire
+ * identity is the attached device's qdev id (or its QOM path), which both
+ * command lines share.
+ */
+#include "qemu/osdep.h"
+#include "qemu/rcu.h"
+#include "system/block-backend.h"
+#include "nas-dedup.h"
+#include "nas-dedup-wire.h"
+#include "options.h"
+#include "trace.h"
+
+typedef struct NasDedupDrive {
+    BlockBackend *blk;
+    char *id;
+    uint64_t size;
+} NasDedupDrive;
+
+static struct {
+    QemuMutex lock;
+    GHashTable *by_blk;         /* BlockBackend * -> drive number + 1 */
+    GArray *drives;             /* NasDedupDrive, by drive number */
+} track;
+
+static int coroutine_fn nas_dedup_drive_of(BlockBackend *blk)
+{
+    NasDedupDrive d;
+    int64_t len;
+    gpointer n;
+
+    WITH_QEMU_LOCK_GUARD(&track.lock) {
+        n = g_hash_table_lookup(track.by_blk, blk);
+        if (n) {
+            return GPOINTER_TO_INT(n) - 1;
+        }
+        if (track.drives->len > NAS_DEDUP_MAX_DRIVES) {
+            return -1;
+        }
+    }
+    /* First I/O of this drive: learn its identity outside the lock. */
+    d.blk = blk;
+    d.id = blk_get_attached_dev_id(blk);
+    len = blk_co_getlength(blk);
+    d.size = len < 0 ? 0 : len;
+    if (!d.id[0] || strlen(d.id) > NAS_DEDUP_ID_MAX) {
+        g_free(d.id);
+        return -1;
+    }
+
+    QEMU_LOCK_GUARD(&track.lock);
+    n = g_hash_table_lookup(track.by_blk, blk);
+    if (n) {                    /* raced with another request */
+        g_free(d.id);
+        return GPOINTER_TO_INT(n) - 1;
+    }
+    g_array_append_val(track.drives, d);
+    g_hash_table_insert(track.by_blk, blk, GINT_TO_POINTER(track.drives->len));
+    trace_nas_dedup_drive_new(track.drives->len - 1, d.id, d.size);
+    return track.drives->len - 1;
+}
+
+bool nas_dedup_drive_info(uint16_t drive, char **id, uint64_t *size)
+{
+    QEMU_LOCK_GUARD(&track.lock);
+    if (drive >= track.drives->len) {
+        return false;
+    }
+    *id = g_strdup(g_array_index(track.drives, NasDedupDrive, drive).id);
+    *size = g_array_index(track.drives, NasDedupDrive, drive).size;
+    return true;
+}
+
+static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
+                                           BlkIOObserveKind kind,
+                                           int64_t offset, int64_t bytes,
+                                           QEMUIOVector *qiov,
+                                           size_t qiov_offset)
+{
+    bool on = migrate_dedup_nas();
+    NasDedupIndex *idx;
+    int drive;
+
+    if (!on && kind == BLK_IO_OBSERVE_READ) {
+        return;
+    }
+    RCU_READ_LOCK_GUARD();
+    idx = on ? nas_dedup_index_get() : nas_dedup_index_peek();
+    if (!idx) {
+        return;
+    }
+    drive = nas_dedup_drive_of(blk);
+    if (drive < 0) {
+        return;
+    }
+    if (kind == BLK_IO_OBSERVE_INVALIDATE && bytes > 0 &&
+        offset + bytes == INT64_MAX) {
+        /* Truncated: the drive's size changed. */
+        WITH_QEMU_LOCK_GUARD(&track.lock) {
+            g_array_index(track.drives, NasDedupDrive, drive).size = offset;
+        }
+    }
+    if (!on || kind == BLK_IO_OBSERVE_INVALIDATE) {
+        nas_dedup_index_invalidate(idx, drive, offset, bytes);
+        return;
+    }
+    nas_dedup_index_note_io(idx, drive, offset, bytes, qiov->iov, qiov->niov,
+                            qiov_offset, kind == BLK_IO_OBSERVE_WRITE);
+}
+
+void nas_dedup_track_init(void)
+{
+    qemu_mutex_init(&track.lock);
+    track.by_blk = g_hash_table_new(NULL, NULL);
+    track.drives = g_array_new(false, true, sizeof(NasDedupDrive));
+    blk_set_io_observer(nas_dedup_observe);
+}

@@ -1,0 +1,234 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: capability checks, the disk content index, statistics
+ */
+#include "qemu/osdep.h"
+#include "qemu/rcu.h"
+#include "qemu/units.h"
+#include "qapi/error.h"
+#include "exec/target_page.h"
+#include "hw/boards.h"
+#include "monitor/monitor.h"
+#include "migration.h"
+#include "options.h"
+#include "nas-dedup.h"
+#include "trace.h"
+
+NasDedupCounters nas_dedup_counters;
+
+static struct {
+    QemuMutex lock;             /* serializes creation and resizing */
+    void *index;                /* NasDedupIndex, RCU-protected */
+} nas_dedup;
+
+static void __attribute__((constructor)) nas_dedup_init_globals(void)
+{
+    qemu_mutex_init(&nas_dedup.lock);
+}
+
+bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
+{
+    static const struct {
+        MigrationCapability cap;
+        const char *why;
+    } conflicts[] = {
+        { MIGRATION_CAPABILITY_MULTIFD, "multifd channels bypass it" },
+        { MIGRATION_CAPABILITY_POSTCOPY_RAM,
+          "postcopy cannot repair pages after switchover" },
+        { MIGRATION_CAPABILITY_MAPPED_RAM, "mapped-ram writes to a file" },
+        { MIGRATION_CAPABILITY_BACKGROUND_SNAPSHOT,
+          "a snapshot has no destination to read the disks" },
+        { MIGRATION_CAPABILITY_X_COLO, "COLO keeps sending after switchover" },
+    };
+    size_t i;
+
+    if (!new_caps[MIGRATION_CAPABILITY_RETURN_PATH]) {
+        error_setg(errp, "Capability 'dedup-nas' requires capability "
+                   "'return-path'");
+        error_append_hint(errp, "The destination asks for the pages it "
+                          "could not verify on the return path.\n");
+        return false;
+    }
+    for (i = 0; i < ARRAY_SIZE(conflicts); i++) {
+        if (new_caps[conflicts[i].cap]) {
+            error_setg(errp, "Capability 'dedup-nas' is not compatible with "
+                       "'%s': %s", MigrationCapability_str(conflicts[i].cap),
+                       conflicts[i].why);
+            return false;
+        }
+    }
+    if (migrate_rdma()) {
+        error_setg(errp, "Capability 'dedup-nas' is not compatible with "
+                   "RDMA migration");
+        return false;
+    }
+    if (qemu_target_page_size() != NAS_DEDUP_CHUNK) {
+        error_setg(errp, "Capability 'dedup-nas' needs %u-byte target pages",
+                   NAS_DEDUP_CHUNK);
+        return false;
+    }
+    return true;
+}
+
+#define NAS_DEDUP_INDEX_MAX_BYTES (64 * GiB)
+
+bool nas_dedup_index_size_check(uint64_t size, Error **errp)
+{
+    if (size != 0 && (size < NAS_DEDUP_INDEX_MIN_BYTES ||
+                      size > NAS_DEDUP_INDEX_MAX_BYTES)) {
+        error_setg(errp, "Parameter 'dedup-nas-index-size' must be 0 (auto) "
+                   "or between %u and %" PRIu64 " bytes",
+                   NAS_DEDUP_INDEX_MIN_BYTES, (uint64_t)NAS_DEDUP_INDEX_MAX_BYTES);
+        return false;
+    }
+    return true;
+}
+
+/* The budget for an index with one entry for every page of guest RAM. */
+static uint64_t nas_dedup_auto_size(void)
+{
+    uint64_t ram = current_machine ? current_machine->ram_size : 0;
+    uint64_t n = MAX(ram / NAS_DEDUP_CHUNK, 1);
+
+    /* 24 bytes an entry, 2 x 4 bytes a table slot at load <= 3/4. */
+    return MAX(24 * n + 8 * pow2ceil(n * 4 / 3 + 1),
+               (uint64_t)NAS_DEDUP_INDEX_MIN_BYTES);
+}
+
+static uint64_t nas_dedup_index_budget(void)
+{
+    uint64_t size = migrate_get_current()->parameters.dedup_nas_index_size;
+
+    return size ? size : nas_dedup_auto_size();
+}
+
+NasDedupIndex *nas_dedup_index_get(void)
+{
+    NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
+
+    if (idx) {
+        return idx;
+    }
+    QEMU_LOCK_GUARD(&nas_dedup.lock);
+    if (!nas_dedup.index) {
+        uint64_t budget = nas_dedup_index_budget();
+
+        idx = nas_dedup_index_new(budget);
+        trace_nas_dedup_index_new(budget);
+        qatomic_rcu_set(&nas_dedup.index, idx);
+    }
+    return nas_dedup.index;
+}
+
+NasDedupIndex *nas_dedup_index_peek(void)
+{
+    return qatomic_rcu_read(&nas_dedup.index);
+}
+
+/*
+ * A new budget takes effect with a new, empty index: what the old one knew
+ * is dropped, so set the size before the guest starts when possible.
+ */
+void nas_dedup_index_resize(Error **errp)
+{
+    NasDedupIndex *old;
+
+    WITH_QEMU_LOCK_GUARD(&nas_dedup.lock) {
+        old = nas_dedup.index;
+        if (!old) {
+            return;
+        }
+        qatomic_rcu_set(&nas_dedup.index,
+                        nas_dedup_index_new(nas_dedup_index_budget()));
+    }
+    synchronize_rcu();
+    nas_dedup_index_free(old);
+}
+
+void nas_dedup_stats_reset(bool incoming)
+{
+    NasDedupCounters *c = &nas_dedup_counters;
+
+    if (incoming) {
+        stat64_set(&c->fetched_blocks, 0);
+        stat64_set(&c->fetched_bytes, 0);
+        stat64_set(&c->verified_pages, 0);
+        stat64_set(&c->mismatches, 0);
+        stat64_set(&c->read_errors, 0);
+        stat64_set(&c->resend_requests, 0);
+    } else {
+        stat64_set(&c->ref_pages, 0);
+        stat64_set(&c->ref_bytes, 0);
+        stat64_set(&c->resent_pages, 0);
+    }
+}
+
+void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
+{
+    NasDedupCounters *c = &nas_dedup_counters;
+    DedupNasStats *st;
+
+    if (!migrate_dedup_nas() || info->dedup_nas) {
+        return;
+    }
+    st = info->dedup_nas = g_new0(DedupNasStats, 1);
+    if (incoming) {
+        st->fetched_blocks = stat64_get(&c->fetched_blocks);
+        st->fetched_bytes = stat64_get(&c->fetched_bytes);
+        st->verified_pages = stat64_get(&c->verified_pages);
+        st->mismatches = stat64_get(&c->mismatches);
+        st->read_errors = stat64_get(&c->read_errors);
+        st->resend_requests = stat64_get(&c->resend_requests);
+        return;
+    }
+    st->ref_pages = stat64_get(&c->ref_pages);
+    st->ref_bytes = stat64_get(&c->ref_bytes);
+    st->resent_pages = stat64_get(&c->resent_pages);
+    st->bytes_saved = st->ref_pages * NAS_DEDUP_CHUNK > st->ref_bytes ?
+                      st->ref_pages * NAS_DEDUP_CHUNK - st->ref_bytes : 0;
+    WITH_RCU_READ_LOCK_GUARD() {
+        NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
+        NasDedupIndexStats is;
+
+        if (idx) {
+            nas_dedup_index_get_stats(idx, &is);
+            st->index_size = is.bytes;
+            st->index_capacity = is.capacity;
+            st->index_entries = is.entries;
+            st->index_hits = is.hits;
+            st->index_misses = is.misses;
+            st->index_evictions = is.evictions;
+        }
+    }
+}
+
+void nas_dedup_hmp_info(Monitor *mon, const DedupNasStats *st)
+{
+    if (st->ref_pages || st->index_capacity) {
+        monitor_printf(mon, "dedup-nas reference pages: %" PRIu64 "\n",
+                       st->ref_pages);
+        monitor_printf(mon, "dedup-nas reference bytes: %" PRIu64 "\n",
+                       st->ref_bytes);
+        monitor_printf(mon, "dedup-nas bytes saved: %" PRIu64 "\n",
+                       st->bytes_saved);
+        monitor_printf(mon, "dedup-nas resent pages: %" PRIu64 "\n",
+                       st->resent_pages);
+        monitor_printf(mon, "dedup-nas index: %" PRIu64 " of %" PRIu64
+                       " entries, %" PRIu64 " bytes\n", st->index_entries,
+                       st->index_capacity, st->index_size);
+        monitor_printf(mon, "dedup-nas index hits: %" PRIu64 " misses: %"
+                       PRIu64 " evictions: %" PRIu64 "\n", st->index_hits,
+                       st->index_misses, st->index_evictions);
+    }
+    if (st->fetched_blocks || st->mismatches || st->read_errors) {
+        monitor_printf(mon, "dedup-nas fetched: %" PRIu64 " blocks, %" PRIu64
+                       " bytes\n", st->fetched_blocks, st->fetched_bytes);
+        monitor_printf(mon, "dedup-nas verified pages: %" PRIu64 "\n",
+                       st->verified_pages);
+        monitor_printf(mon, "dedup-nas mismatches: %" PRIu64
+                       " read errors: %" PRIu64 " resend requests: %" PRIu64
+                       "\n", st->mismatches, st->read_errors,
+                       st->resend_requests);
+    }
+}

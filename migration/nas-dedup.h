@@ -1,0 +1,99 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: send RAM pages that are also on the guest's (shared) disks as
+ * references to disk blocks.  QEMU-facing glue; see docs/devel/nas-dedup.rst.
+ */
+#ifndef MIGRATION_NAS_DEDUP_H
+#define MIGRATION_NAS_DEDUP_H
+
+#include "qapi/qapi-types-migration.h"
+#include "qemu/stats64.h"
+#include "exec/ramblock.h"
+#include "nas-dedup-index.h"
+
+typedef struct QEMUFile QEMUFile;
+typedef struct MigrationIncomingState MigrationIncomingState;
+typedef struct MigrationState MigrationState;
+
+/* nas-dedup.c: capability, parameters, index, statistics */
+bool nas_dedup_caps_check(const bool *new_caps, Error **errp);
+bool nas_dedup_index_size_check(uint64_t size, Error **errp);
+void nas_dedup_index_resize(Error **errp);
+/* The index, created on first use; call within an RCU read section. */
+NasDedupIndex *nas_dedup_index_get(void);
+/* The index if it exists, without creating it; same rules. */
+NasDedupIndex *nas_dedup_index_peek(void);
+void nas_dedup_fill_info(MigrationInfo *info, bool incoming);
+void nas_dedup_hmp_info(Monitor *mon, const DedupNasStats *st);
+void nas_dedup_stats_reset(bool incoming);
+
+typedef struct NasDedupCounters {
+    /* source */
+    Stat64 ref_pages;
+    Stat64 ref_bytes;
+    Stat64 resent_pages;
+    /* destination */
+    Stat64 fetched_blocks;
+    Stat64 fetched_bytes;
+    Stat64 verified_pages;
+    Stat64 mismatches;
+    Stat64 read_errors;
+    Stat64 resend_requests;
+} NasDedupCounters;
+extern NasDedupCounters nas_dedup_counters;
+
+/* nas-dedup-track.c: guest disk I/O tracking */
+void nas_dedup_track_init(void);
+/*
+ * The identity (attached device's id or QOM path) and size of tracked drive
+ * number @drive, as the index knows it.  False if there is no such drive.
+ */
+bool nas_dedup_drive_info(uint16_t drive, char **id, uint64_t *size);
+
+/* nas-dedup-save.c: source side, called from ram.c */
+/*
+ * Writes a RAM page header (offset | flags, and the RAMBlock id unless it is
+ * the last one sent) for @block/@offset_flags to @f; @opaque is ram.c's.
+ */
+typedef size_t (*NasDedupPutHeader)(void *opaque, QEMUFile *f,
+                                    RAMBlock *block, ram_addr_t offset_flags);
+int nas_dedup_save_setup(Error **errp);
+void nas_dedup_save_cleanup(void);
+/*
+ * Try to send the target page at @offset of @block as a reference.
+ * Returns 1 if it was (possibly queued in a run of references), 0 if it
+ * must be sent another way, negative on a stream error.
+ */
+int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
+                        void *opaque, RAMBlock *block, ram_addr_t offset);
+/* Send the pending run of references, if any. */
+int nas_dedup_save_flush(void);
+/*
+ * At switchover, with every page sent: make sure the destination verified
+ * or got again every page sent as a reference.  Returns > 0 if pages were
+ * re-dirtied and must be sent before calling it again, 0 when done.
+ */
+int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
+                            void *opaque, Error **errp);
+/* Return-path handlers (source). */
+int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
+                        Error **errp);
+int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
+                          Error **errp);
+
+/* nas-dedup-load.c: destination side, called from ram.c */
+int nas_dedup_load_setup(Error **errp);
+void nas_dedup_load_cleanup(void);
+/* Load a record whose page header named @block/@offset (host @host). */
+int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
+                          Error **errp);
+/* Newer data for the page at @offset of @block has arrived. */
+void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset);
+/*
+ * At the end of loading: false (and an error reported) if any page sent
+ * as a reference was neither verified nor sent again.
+ */
+bool nas_dedup_load_check(void);
+
+#endif

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+#
+# The test command (README): sets everything up on a fresh Debian 12
+# machine, then runs every suite and ends with one line
+#   N passed, N failed[, N skipped]
+# counted over the individual test cases of all suites.  Exit status is
+# non-zero if anything failed or could not run.
+#
+#   1. unit tests of the QEMU-independent core (standalone meson build)
+#   2. builds QEMU 10.0.x with our patch series
+#   3. upstream's migration qtests (the set meson runs without KVM) on it
+#
+# Environment: NASDEDUP_SKIP_UPSTREAM=1 skips step 3 (developer loop only).
+set -uo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+logdir="$top/build/test-logs"
+say() { printf '[test] %s\n' "$*" >&2; }
+
+passed=0 failed=0 skipped=0 broken=0
+
+# Count TAP results of one suite from its log; a suite that exits non-zero
+# without a failing case counts as one failure of its own.
+count_tap() {
+    local name=$1 log=$2 rc=$3 p f s
+    p=$(grep -cE '^ok [0-9]+' "$log" | tr -d ' ')
+    s=$(grep -E '^ok [0-9]+' "$log" | grep -ci '# skip' | tr -d ' ')
+    f=$(grep -cE '^not ok [0-9]+' "$log" | tr -d ' ')
+    p=$((p - s))
+    if [ "$rc" != 0 ] && [ "$f" = 0 ]; then
+        f=1
+        say "$name exited with status $rc (log: $log)"
+    fi
+    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+    say "$name: $p passed, $f failed, $s skipped"
+    [ "$f" = 0 ] || grep -E '^not ok' "$log" | sed 's/^/[test]   /' >&2
+}
+
+run_tap() {    # name, command...
+    local name=$1; shift
+    local log="$logdir/$name.tap" rc
+    say "running $name"
+    "$@" > "$log" 2> "$log.stderr"
+    rc=$?
+    count_tap "$name" "$log" "$rc"
+}
+
+finish() {
+    echo "$passed passed, $failed failed, $skipped skipped"
+    [ "$failed" = 0 ] && [ "$broken" = 0 ]
+    exit $?
+}
+
+mkdir -p "$logdir"
+t0=$(date +%s)
+
+if ! scripts/install-deps.sh; then
+    say "installing dependencies failed"
+    failed=$((failed + 1)); broken=1; finish
+fi
+
+# 1. Core unit tests (seconds).
+if [ ! -f build/core/build.ninja ]; then
+    meson setup build/core >/dev/null || { failed=$((failed + 1)); finish; }
+fi
+if meson compile -C build/core >"$logdir/core-build.log" 2>&1; then
+    for t in build/core/test-nas-dedup-*; do
+        [ -x "$t" ] && [ -f "$t" ] || continue
+        run_tap "unit-$(basename "$t")" "$t" --tap
+    done
+else
+    tail -30 "$logdir/core-build.log" >&2
+    say "core build failed"
+    failed=$((failed + 1))
+fi
+
+# 2. QEMU with the series.
+if ! scripts/build.sh > "$logdir/qemu-build.log" 2>&1; then
+    tail -40 "$logdir/qemu-build.log" >&2
+    say "QEMU build failed (log: $logdir/qemu-build.log)"
+    failed=$((failed + 1)); broken=1; finish
+fi
+say "QEMU built in $(( $(date +%s) - t0 )) s since start: $(build/qemu/qemu-system-x86_64 --version | head -1)"
+
+export QTEST_QEMU_BINARY="$top/build/qemu/qemu-system-x86_64"
+export QTEST_QEMU_IMG="$top/build/qemu/qemu-img"
+export QTEST_QEMU_STORAGE_DAEMON_BINARY="$top/build/qemu/storage-daemon/qemu-storage-daemon"
+export PYTHON=/usr/bin/python3
+
+# 3. Upstream's migration qtests on the patched build.
+if [ "${NASDEDUP_SKIP_UPSTREAM:-0}" != 1 ]; then
+    run_tap upstream-migration-test timeout 1800 \
+        build/qemu/tests/qtest/migration-test --tap -k
+fi
+
+say "total time $(( $(date +%s) - t0 )) s"
+finish
