@@ -26,7 +26,6 @@
 #include "qemu/error-report.h"
 #include "qemu/main-loop.h"
 #include "qapi/error.h"
-#include "block/aio-wait.h"
 #include "system/block-backend.h"
 #include "exec/target_page.h"
 #include "migration.h"
@@ -43,7 +42,10 @@ typedef struct LoadDrive {
     uint64_t size;
 } LoadDrive;
 
+typedef struct LoadState LoadState;
+
 typedef struct Fetch {
+    LoadState *st;
     LoadDrive *drive;
     RAMBlock *block;
     ram_addr_t offset;
@@ -51,8 +53,12 @@ typedef struct Fetch {
     uint32_t ticket;
 } Fetch;
 
-static struct {
-    bool active;
+/*
+ * One incoming migration.  Fetches still running when the load ends (it
+ * failed) keep it alive; the last one frees it.
+ */
+struct LoadState {
+    bool dead;
     GHashTable *drives;         /* drive number -> LoadDrive */
     GHashTable *tickets;        /* RAMBlock * -> uint32_t[pages] */
     RAMBlock *last_block;       /* cache for tickets_of() */
@@ -64,58 +70,70 @@ static struct {
     CoQueue waitq;
     bool refs_seen;
     bool final_seen;
-} load;
+};
+
+static LoadState *load;
+
+static void load_state_free(LoadState *st)
+{
+    g_hash_table_destroy(st->drives);
+    g_hash_table_destroy(st->tickets);
+    g_free(st);
+}
 
 int nas_dedup_load_setup(Error **errp)
 {
-    memset(&load, 0, sizeof(load));
-    load.drives = g_hash_table_new_full(NULL, NULL, NULL, g_free);
-    load.tickets = g_hash_table_new_full(NULL, NULL, NULL, g_free);
-    qemu_co_queue_init(&load.waitq);
-    load.active = true;
+    LoadState *st = g_new0(LoadState, 1);
+
+    st->drives = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    st->tickets = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    qemu_co_queue_init(&st->waitq);
+    nas_dedup_load_cleanup();
+    load = st;
     nas_dedup_stats_reset(true);
     return 0;
 }
 
 void nas_dedup_load_cleanup(void)
 {
-    if (!load.active) {
+    if (!load) {
         return;
     }
-    /* Fetches still running after a failed load: let them finish. */
-    AIO_WAIT_WHILE_UNLOCKED(NULL, qatomic_read(&load.inflight) > 0);
-    g_hash_table_destroy(load.drives);
-    g_hash_table_destroy(load.tickets);
-    load.active = false;
+    if (load->inflight) {
+        load->dead = true;      /* the last fetch frees it */
+    } else {
+        load_state_free(load);
+    }
+    load = NULL;
 }
 
-static uint32_t *tickets_of(RAMBlock *block, bool create)
+static uint32_t *tickets_of(LoadState *st, RAMBlock *block, bool create)
 {
     uint32_t *t;
 
-    if (block == load.last_block) {
-        return load.last_tickets;
+    if (block == st->last_block) {
+        return st->last_tickets;
     }
-    t = g_hash_table_lookup(load.tickets, block);
+    t = g_hash_table_lookup(st->tickets, block);
     if (!t && create) {
         t = g_new0(uint32_t, block->used_length >> TARGET_PAGE_BITS);
-        g_hash_table_insert(load.tickets, block, t);
+        g_hash_table_insert(st->tickets, block, t);
     }
     if (t) {
-        load.last_block = block;
-        load.last_tickets = t;
+        st->last_block = block;
+        st->last_tickets = t;
     }
     return t;
 }
 
 /* Forget the ticket of one page; the page is resolved. */
-static void ticket_clear(uint32_t *t, unsigned long page)
+static void ticket_clear(LoadState *st, uint32_t *t, unsigned long page)
 {
     if (t[page] == TICKET_AWAITING) {
-        load.awaiting--;
+        st->awaiting--;
     }
     if (t[page]) {
-        load.pending--;
+        st->pending--;
         t[page] = 0;
     }
 }
@@ -124,12 +142,12 @@ void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
 {
     uint32_t *t;
 
-    if (!load.active || !load.pending) {
+    if (!load || !load->pending) {
         return;
     }
-    t = tickets_of(block, false);
+    t = tickets_of(load, block, false);
     if (t) {
-        ticket_clear(t, offset >> TARGET_PAGE_BITS);
+        ticket_clear(load, t, offset >> TARGET_PAGE_BITS);
     }
 }
 
@@ -151,11 +169,12 @@ static void send_resend(RAMBlock *block, ram_addr_t offset, uint32_t npages)
 static void coroutine_fn nas_dedup_fetch_co(void *opaque)
 {
     Fetch *fe = opaque;
+    LoadState *st = fe->st;
     NasDedupRecord *rec = fe->rec;
     size_t len = (size_t)rec->npages * NAS_DEDUP_CHUNK;
     g_autofree uint8_t *buf = qemu_try_blockalign(blk_bs(fe->drive->blk), len);
     unsigned long first = fe->offset >> TARGET_PAGE_BITS;
-    uint32_t *t = tickets_of(fe->block, true);
+    uint32_t *t;
     uint32_t k, bad_start = 0, bad = 0;
     int ret = -ENOMEM;
 
@@ -168,7 +187,7 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
         stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
         stat64_add(&nas_dedup_counters.fetched_bytes, len);
     }
-    t = tickets_of(fe->block, true);
+    t = tickets_of(st, fe->block, true);
     for (k = 0; k <= rec->npages; k++) {
         bool ok = false;
 
@@ -184,7 +203,7 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
                 if (nas_dedup_hash_equal(&h, &rec->hash[k])) {
                     memcpy(fe->block->host + fe->offset + k * NAS_DEDUP_CHUNK,
                            buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
-                    ticket_clear(t, first + k);
+                    ticket_clear(st, t, first + k);
                     stat64_add(&nas_dedup_counters.verified_pages, 1);
                     ok = true;
                 } else {
@@ -195,14 +214,14 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
             }
             if (!ok) {
                 t[first + k] = TICKET_AWAITING;
-                load.awaiting++;
+                st->awaiting++;
                 if (!bad++) {
                     bad_start = k;
                 }
                 continue;
             }
         }
-        if (bad) {
+        if (bad && !st->dead) {
             send_resend(fe->block, fe->offset + bad_start * NAS_DEDUP_CHUNK,
                         bad);
             bad = 0;
@@ -210,9 +229,11 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
     }
     g_free(rec);
     g_free(fe);
-    load.inflight--;
-    qemu_co_queue_restart_all(&load.waitq);
-    aio_wait_kick();
+    if (--st->inflight == 0 && st->dead) {
+        load_state_free(st);
+        return;
+    }
+    qemu_co_queue_restart_all(&st->waitq);
 }
 
 static bool qemufile_read(void *opaque, void *buf, size_t len)
@@ -224,7 +245,7 @@ static bool qemufile_read(void *opaque, void *buf, size_t len)
 
 static int load_drive(const NasDedupRecord *rec, Error **errp)
 {
-    LoadDrive *d = g_hash_table_lookup(load.drives,
+    LoadDrive *d = g_hash_table_lookup(load->drives,
                                        GUINT_TO_POINTER(rec->drive));
     BlockBackend *blk;
     int64_t len;
@@ -254,7 +275,7 @@ static int load_drive(const NasDedupRecord *rec, Error **errp)
     d = g_new0(LoadDrive, 1);
     d->blk = blk;
     d->size = MIN((uint64_t)len, rec->disk_size);
-    g_hash_table_insert(load.drives, GUINT_TO_POINTER(rec->drive), d);
+    g_hash_table_insert(load->drives, GUINT_TO_POINTER(rec->drive), d);
     trace_nas_dedup_drive_new(rec->drive, rec->id, d->size);
     return 0;
 }
@@ -262,7 +283,7 @@ static int load_drive(const NasDedupRecord *rec, Error **errp)
 static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
                                   ram_addr_t offset, Error **errp)
 {
-    LoadDrive *d = g_hash_table_lookup(load.drives,
+    LoadDrive *d = g_hash_table_lookup(load->drives,
                                        GUINT_TO_POINTER(rec->drive));
     g_autofree char *err = NULL;
     unsigned long first = offset >> TARGET_PAGE_BITS;
@@ -281,28 +302,29 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     }
     trace_nas_dedup_load_refs(block->idstr, offset, rec->drive,
                               rec->disk_offset, rec->npages);
-    load.refs_seen = true;
-    if (++load.next_ticket == TICKET_AWAITING) {
-        load.next_ticket = 1;
+    load->refs_seen = true;
+    if (++load->next_ticket == TICKET_AWAITING) {
+        load->next_ticket = 1;
     }
-    ticket = load.next_ticket;
-    t = tickets_of(block, true);
+    ticket = load->next_ticket;
+    t = tickets_of(load, block, true);
     for (k = 0; k < rec->npages; k++) {
-        ticket_clear(t, first + k);
+        ticket_clear(load, t, first + k);
         t[first + k] = ticket;
-        load.pending++;
+        load->pending++;
     }
 
-    while (load.inflight >= NAS_DEDUP_INFLIGHT) {
-        qemu_co_queue_wait(&load.waitq, NULL);
+    while (load->inflight >= NAS_DEDUP_INFLIGHT) {
+        qemu_co_queue_wait(&load->waitq, NULL);
     }
     fe = g_new0(Fetch, 1);
+    fe->st = load;
     fe->drive = d;
     fe->block = block;
     fe->offset = offset;
     fe->rec = rec;
     fe->ticket = ticket;
-    load.inflight++;
+    load->inflight++;
     qemu_coroutine_enter(qemu_coroutine_create(nas_dedup_fetch_co, fe));
     return 0;
 }
@@ -312,17 +334,22 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
     MigrationIncomingState *mis = migration_incoming_get_current();
     g_autoptr(GByteArray) buf = g_byte_array_new();
 
-    while (load.inflight) {
-        qemu_co_queue_wait(&load.waitq, NULL);
+    while (load->inflight) {
+        qemu_co_queue_wait(&load->waitq, NULL);
     }
-    trace_nas_dedup_load_sync(rec->seq, rec->final, load.pending);
+    trace_nas_dedup_load_sync(rec->seq, rec->final, load->pending);
     if (rec->final) {
-        load.final_seen = true;
+        load->final_seen = true;
         return nas_dedup_load_check() ? 0 : -EINVAL;
     }
     /* With no read in flight, every pending page awaits the source. */
-    assert(load.pending == load.awaiting);
-    nas_dedup_sync_ack_encode(buf, rec->seq, load.awaiting);
+    if (load->pending != load->awaiting) {
+        error_setg(errp, "dedup-nas: internal error: %" PRIu64 " pages "
+                   "pending, %" PRIu64 " awaiting", load->pending,
+                   load->awaiting);
+        return -EINVAL;
+    }
+    nas_dedup_sync_ack_encode(buf, rec->seq, load->awaiting);
     if (migrate_send_rp_dedup(mis, true, buf->data, buf->len) < 0) {
         error_setg(errp, "dedup-nas: cannot answer SYNC on the return path");
         return -EIO;
@@ -337,7 +364,7 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
     g_autofree char *err = NULL;
     int ret;
 
-    if (!qemu_in_coroutine() || !load.active) {
+    if (!qemu_in_coroutine() || !load) {
         error_setg(errp, "dedup-nas: record outside a precopy RAM load");
         g_free(rec);
         return -EINVAL;
@@ -370,16 +397,16 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
 
 bool nas_dedup_load_check(void)
 {
-    if (!load.active || !load.refs_seen) {
+    if (!load || !load->refs_seen) {
         return true;
     }
-    if (load.inflight || load.pending) {
+    if (load->inflight || load->pending) {
         error_report("dedup-nas: %" PRIu64 " pages sent as references were "
                      "neither verified nor sent again (%u reads in flight)",
-                     load.pending, load.inflight);
+                     load->pending, load->inflight);
         return false;
     }
-    if (!load.final_seen) {
+    if (!load->final_seen) {
         error_report("dedup-nas: the stream ended without the final SYNC");
         return false;
     }
