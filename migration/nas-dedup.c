@@ -40,6 +40,8 @@ bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
         { MIGRATION_CAPABILITY_BACKGROUND_SNAPSHOT,
           "a snapshot has no destination to read the disks" },
         { MIGRATION_CAPABILITY_X_COLO, "COLO keeps sending after switchover" },
+        { MIGRATION_CAPABILITY_XBZRLE,
+          "its cache would not match pages sent as references" },
     };
     size_t i;
 
