@@ -19,9 +19,15 @@
 #   NASDEDUP_FILE_MB   size of each data file in MiB                   [4]
 #   NASDEDUP_SEED      seed of the file contents                       [nasdedup-v1]
 #   NASDEDUP_KERNEL_PKG  kernel package to use  [resolved via apt-cache]
+#   NASDEDUP_QCOW2_OPTS  qemu-img -o options for data.qcow2, e.g.
+#                      preallocation=metadata (the file then never grows)  []
 #
 # Steps whose inputs have not changed are skipped (stamp files *.stamp in
-# build/guest/ record the inputs).
+# build/guest/ record the inputs; the disk stamps also the image's size,
+# mtime and inode, so an image modified in place gets rebuilt).  Treat the
+# images as templates: boot copies of them (scripts/e2e-smoke.sh does).
+# Rebuilt files replace the old ones by rename, so QEMUs that still have the
+# old ones open are not disturbed.
 #
 # Data disk layout (ext4, 4 KiB blocks, so every file page is one disk block):
 #   /data/fNNNN.bin   NASDEDUP_FILE_MB MiB each; contents are
@@ -43,12 +49,16 @@
 #                          stay dirty in the page cache unless nasdedup.sync=1
 #     nasdedup.dirty_mb=M  then keep rewriting an M MiB tmpfs file with random
 #                          data in the background (default 0)
+#     nasdedup.churn_mb=C  and keep overwriting in place, with fsync, one
+#                          file at a time of a C MiB set /nasdedup-c/cNNNN.bin
+#                          on the data disk (default 0): disk blocks and their
+#                          page-cache pages change during the migration
 #     nasdedup.file_mb=F   size of the written files (default 4)
 #     nasdedup.disk=DEV    data disk (default /dev/vda)
 #
 #   Guest -> host, lines on the serial console (ttyS0):
 #     "nasdedup: ..."                       progress
-#     "NASDEDUP-READY read_files=.. read_mib=.. write_mib=.. dirty_mib=.. uptime=.."
+#     "NASDEDUP-READY read_files=.. read_mib=.. write_mib=.. dirty_mib=.. churn_mib=.. uptime=.."
 #                                           the workload is in place
 #     "NASDEDUP-VERDICT: OK <detail>"       answer to verify / verify-disk
 #     "NASDEDUP-VERDICT: FAIL <what> (<detail>)"
@@ -59,16 +69,20 @@
 #
 #   Host -> guest, lines on the serial console's input (the host connects to
 #   QEMU's `-chardev socket,...,server=on,wait=off` behind `-serial`):
-#     verify        stop the dirtier after its current generation, md5-check
-#                   the read files, the written files and the dirtier's file
-#                   against the sums recorded in guest RAM, print the verdict,
-#                   restart the dirtier.  Send it to the destination after a
-#                   migration: it checks what was migrated (page cache, tmpfs).
-#     verify-disk   sync, drop the page cache, then the same (checks the disk)
+#     verify        stop the dirtier and churner after their current
+#                   generation, md5-check the read, written, dirtied and
+#                   churned files against the sums recorded in guest RAM,
+#                   print the verdict, restart the workers.  Send it to the
+#                   destination after a migration: it checks what was migrated
+#                   (page cache, tmpfs).
+#     verify-disk   the same, but sync and drop the page cache before the
+#                   checks, so files are read back from the disk
 #     ping          liveness check
-#     poweroff      stop the dirtier, unmount, power off
+#     poweroff      stop the workers, unmount, power off
 set -euo pipefail
+# shellcheck disable=SC2034 # read by lib/common.sh
 NASDEDUP_NAME=guest-assets
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$(dirname "$0")/lib/common.sh"
 
 OUT=$NASDEDUP_GUEST_DIR
@@ -76,6 +90,7 @@ CACHE=${NASDEDUP_CACHE:-$NASDEDUP_BUILD/cache/debs}
 DATA_MB=${NASDEDUP_DATA_MB:-400}
 FILE_MB=${NASDEDUP_FILE_MB:-4}
 SEED=${NASDEDUP_SEED:-nasdedup-v1}
+QCOW2_OPTS=${NASDEDUP_QCOW2_OPTS:-}
 if [ -n "${NASDEDUP_DISK_MB:-}" ]; then
     DISK_MB=$NASDEDUP_DISK_MB
 else
@@ -134,7 +149,9 @@ step_kernel() {
     dpkg-deb -x "$deb" "$tree"
     # Debian 12 ships /lib/modules; later releases /usr/lib/modules.
     kver=$(basename "$(ls -d "$tree"/lib/modules/* "$tree"/usr/lib/modules/* 2>/dev/null | head -1)")
-    [ -n "$kver" ] && [ -f "$tree/boot/vmlinuz-$kver" ] || die "no vmlinuz/modules in $deb"
+    if [ -z "$kver" ] || [ ! -f "$tree/boot/vmlinuz-$kver" ]; then
+        die "no vmlinuz/modules in $deb"
+    fi
     [ -d "$tree/lib/modules/$kver" ] || { mkdir -p "$tree/lib/modules" &&
         ln -s "../../usr/lib/modules/$kver" "$tree/lib/modules/$kver"; }
     depmod -b "$tree" "$kver"
@@ -226,40 +243,67 @@ with open(os.path.join(out, "INFO"), "w") as f:
             % (data_mb, file_mb, len(index), seed))
 '
 
+# out_stamp INPUTS FILE: stamp content for FILE built from INPUTS; it also
+# names FILE's size, mtime and inode, so a modified output is noticed.
+out_stamp() { printf '%s\nid=%s' "$1" "$(stat -c %s.%Y.%i "$2" 2>/dev/null)"; }
+
+# out_ok NAME INPUTS: build/guest/NAME is up to date.  Warns when it was
+# changed after it was built (e.g. booted read-write instead of a copy).
+out_ok() {
+    local f=$OUT/$1 st=$OUT/${1%%.*}.${1##*.}.stamp
+    [ -f "$f" ] && [ -f "$st" ] || return 1
+    stamp_ok "$st" "$(out_stamp "$2" "$f")" && return 0
+    if [ "$(head -1 "$st")" = "$2" ]; then
+        warn "disk: $1 was modified after it was built (boot a copy, not the template); rebuilding"
+    fi
+    return 1
+}
+
+# to_qcow2 RAW QCOW2: qemu-img convert (atomically replaces QCOW2).
+to_qcow2() {
+    say "disk: qemu-img convert -O qcow2 ${QCOW2_OPTS:+-o $QCOW2_OPTS }$(basename "$1") $(basename "$2")"
+    rm -f "$2.tmp"
+    "$(qemu_img)" convert -f raw -O qcow2 ${QCOW2_OPTS:+-o "$QCOW2_OPTS"} "$1" "$2.tmp" ||
+        die "qemu-img convert failed (is $1 in use by a running QEMU?)"
+    mv "$2.tmp" "$2"
+}
+
 step_disk() {
-    local stamp src t0
-    stamp="data_mb=$DATA_MB file_mb=$FILE_MB disk_mb=$DISK_MB seed=$SEED gen=$(printf '%s' "$GENERATOR" | sha256sum | cut -c1-16)"
+    local inputs qinputs src t0 have_img=0
+    inputs="data_mb=$DATA_MB file_mb=$FILE_MB disk_mb=$DISK_MB seed=$SEED gen=$(printf '%s' "$GENERATOR" | sha256sum | cut -c1-16)"
+    qinputs="$inputs qcow2_opts=$QCOW2_OPTS"
     [ "$DISK_MB" -gt "$((DATA_MB + 32))" ] || die "disk ($DISK_MB MiB) too small for $DATA_MB MiB of data"
-    if [ -f "$OUT/data.raw" ] && stamp_ok "$OUT/data.stamp" "$stamp"; then
-        say "disk: data.raw up to date ($stamp)"
+    [ ! -x "$(qemu_img)" ] || have_img=1
+    if out_ok data.raw "$inputs"; then
+        say "disk: data.raw up to date ($inputs)"
     else
-        rm -f "$OUT/data.stamp" "$OUT/data.qcow2" "$OUT/qcow2.stamp"
         src=$OUT/data-src
-        rm -rf "$src"
+        rm -rf "$src" "$OUT/data.raw.tmp"
         t0=$(now_ms)
         say "disk: generating $DATA_MB MiB of files ($FILE_MB MiB each, seed $SEED)"
         "$NASDEDUP_PYTHON" -c "$GENERATOR" "$src" "$DATA_MB" "$FILE_MB" "$SEED"
         say "disk: mke2fs -t ext4 -d ... data.raw ${DISK_MB}M"
-        rm -f "$OUT/data.raw.tmp"
         mke2fs -q -F -t ext4 -b 4096 -L nasdedup -E root_owner=0:0 \
-            -d "$src" "$OUT/data.raw.tmp" "${DISK_MB}M"
-        mv "$OUT/data.raw.tmp" "$OUT/data.raw"
+            -d "$src" "$OUT/data.raw.tmp" "${DISK_MB}M" >&2
         rm -rf "$src"
-        stamp_write "$OUT/data.stamp" "$stamp"
-        say "disk: data.raw done in $((($(now_ms) - t0) / 1000)) s"
+        # Convert before the rename: nobody can be using the new image yet.
+        # Renames leave QEMUs that still use the old files undisturbed.
+        if [ $have_img = 1 ]; then
+            to_qcow2 "$OUT/data.raw.tmp" "$OUT/data.qcow2"
+            stamp_write "$OUT/data.qcow2.stamp" "$(out_stamp "$qinputs" "$OUT/data.qcow2")"
+        fi
+        mv "$OUT/data.raw.tmp" "$OUT/data.raw"
+        stamp_write "$OUT/data.raw.stamp" "$(out_stamp "$inputs" "$OUT/data.raw")"
+        say "disk: done in $((($(now_ms) - t0) / 1000)) s"
     fi
 
-    local img
-    img=$(qemu_img)
-    if stamp_ok "$OUT/qcow2.stamp" "$stamp" && [ -f "$OUT/data.qcow2" ]; then
+    if out_ok data.qcow2 "$qinputs"; then
         say "disk: data.qcow2 up to date"
-    elif [ -x "$img" ]; then
-        say "disk: qemu-img convert -O qcow2 data.raw data.qcow2"
-        "$img" convert -f raw -O qcow2 "$OUT/data.raw" "$OUT/data.qcow2.tmp"
-        mv "$OUT/data.qcow2.tmp" "$OUT/data.qcow2"
-        stamp_write "$OUT/qcow2.stamp" "$stamp"
+    elif [ $have_img = 1 ]; then
+        to_qcow2 "$OUT/data.raw" "$OUT/data.qcow2"
+        stamp_write "$OUT/data.qcow2.stamp" "$(out_stamp "$qinputs" "$OUT/data.qcow2")"
     else
-        warn "disk: $img not built yet, skipping data.qcow2 (run again later)"
+        warn "disk: $(qemu_img) not built yet, skipping data.qcow2 (run again later)"
     fi
 }
 

@@ -85,6 +85,21 @@ wait_for() {
 qemu_system() { printf '%s\n' "${NASDEDUP_QEMU:-$NASDEDUP_QEMU_BUILD/qemu-system-x86_64}"; }
 qemu_img() { printf '%s\n' "${NASDEDUP_QEMU_IMG:-$NASDEDUP_QEMU_BUILD/qemu-img}"; }
 
+# qemu_firmware_args QEMU: print "-L DIR" lines for Debian's firmware
+# directories unless QEMU already finds bios-256k.bin.  A QEMU run from its
+# build tree redirects every configured path, --firmwarepath included, into
+# <build>/qemu-bundle/ (see get_relocated_path()), which has no firmware
+# with --disable-install-blobs.
+qemu_firmware_args() {
+    local d
+    for d in $("$1" -L help 2>/dev/null); do
+        [ ! -f "$d/bios-256k.bin" ] || return 0
+    done
+    for d in /usr/share/seabios /usr/share/qemu /usr/lib/ipxe/qemu; do
+        [ ! -d "$d" ] || printf '%s\n' -L "$d"
+    done
+}
+
 # wait_for_exe PATH TIMEOUT_S: wait until PATH is an executable that has not
 # changed for 5 s (a linker may still be writing it).
 wait_for_exe() {

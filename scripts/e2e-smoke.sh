@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+#
+# End-to-end smoke test: boot the test guest from a real NFS export, warm its
+# page cache, live-migrate it between two QEMUs and let the guest verify on
+# the destination that what it read, wrote and dirtied survived.
+#
+#   1. scripts/guest-assets.sh   (kernel, initramfs, data disk; cached)
+#   2. scripts/nfs-export.sh start; copy a fresh data disk into the export
+#      (removed again on exit)
+#   3. source QEMU in the namespace, disk nfs://127.0.0.1/export/e2e-PID.<fmt>;
+#      wait for NASDEDUP-READY on its serial console
+#   4. destination QEMU with -incoming tcp:127.0.0.1:PORT, same disk
+#   5. migrate over QMP, print query-migrate's statistics
+#   6. "verify" (and "verify-disk") on the destination's serial console;
+#      expect NASDEDUP-VERDICT: OK
+#
+# Usage: scripts/e2e-smoke.sh
+#
+# Environment (defaults in brackets):
+#   NASDEDUP_MEM            guest RAM                               [1G]
+#   NASDEDUP_READ_MB        MiB the guest reads into its page cache [600]
+#   NASDEDUP_WRITE_MB       MiB of new files it writes (left dirty) [16]
+#   NASDEDUP_DIRTY_MB       MiB of tmpfs it keeps rewriting         [16]
+#   NASDEDUP_CHURN_MB       MiB of disk files it keeps overwriting
+#                           in place (+fsync) during the migration  [8]
+#   NASDEDUP_DATA_MB        MiB of files on the disk  [max(400, READ_MB)]
+#   NASDEDUP_DISK_FORMAT    raw | qcow2                             [raw]
+#   NASDEDUP_SYNC           1: the guest syncs after writing        [0]
+#   NASDEDUP_SETTLE_S       seconds between READY and migrate       [2]
+#   NASDEDUP_DST_EARLY      1: start the destination right after the
+#                           source instead of after READY           [0]
+#   NASDEDUP_MIGRATE_CAPS   capabilities to turn on over QMP, on both
+#                           sides, before migrating, e.g. "xbzrle"  []
+#   NASDEDUP_MIGRATE_PARAMS JSON for migrate-set-parameters on the source,
+#                           e.g. '{"max-bandwidth": 0}' (0 = unlimited;
+#                           QEMU's default is 128 MiB/s)            []
+#   NASDEDUP_VERIFY_DISK    also run verify-disk on the destination [1]
+#   NASDEDUP_QEMU_ARGS      extra arguments for both QEMUs          []
+#                           dedup-nas must be on from the start to see
+#                           the guest's disk reads, so use:
+#                           "-global migration.x-dedup-nas=on
+#                            -global migration.x-return-path=on"
+#                           (its query-migrate stats are printed as
+#                           src_dedup_* / dst_dedup_*)
+#   NASDEDUP_PORT           migration port (inside the namespace)   [4444]
+#   NASDEDUP_KEEP_NFS       1: leave an export this script started  [0]
+#   NASDEDUP_BOOT_TIMEOUT / NASDEDUP_MIGRATE_TIMEOUT / NASDEDUP_VERIFY_TIMEOUT
+#                           seconds                         [300 / 600 / 300]
+#   NASDEDUP_QEMU_WAIT_S    how long to wait for the QEMU build     [1800]
+#
+# Output: logs, console logs, sockets and query-migrate.json in build/e2e/;
+# a final "E2E-RESULT key=value ..." line on stdout.  Exit 0 only on
+# NASDEDUP-VERDICT: OK.  Every process started here is killed by PID on exit.
+set -euo pipefail
+# shellcheck disable=SC2034 # read by lib/common.sh
+NASDEDUP_NAME=e2e-smoke
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+
+MEM=${NASDEDUP_MEM:-1G}
+READ_MB=${NASDEDUP_READ_MB:-600}
+WRITE_MB=${NASDEDUP_WRITE_MB:-16}
+DIRTY_MB=${NASDEDUP_DIRTY_MB:-16}
+CHURN_MB=${NASDEDUP_CHURN_MB:-8}
+DATA_MB=${NASDEDUP_DATA_MB:-$((READ_MB > 400 ? READ_MB : 400))}
+FMT=${NASDEDUP_DISK_FORMAT:-raw}
+SETTLE_S=${NASDEDUP_SETTLE_S:-2}
+SYNC=${NASDEDUP_SYNC:-0}
+DST_EARLY=${NASDEDUP_DST_EARLY:-0}
+CAPS=${NASDEDUP_MIGRATE_CAPS:-}
+PARAMS=${NASDEDUP_MIGRATE_PARAMS:-}
+VERIFY_DISK=${NASDEDUP_VERIFY_DISK:-1}
+PORT=${NASDEDUP_PORT:-4444}
+BOOT_TIMEOUT=${NASDEDUP_BOOT_TIMEOUT:-300}
+MIGRATE_TIMEOUT=${NASDEDUP_MIGRATE_TIMEOUT:-600}
+VERIFY_TIMEOUT=${NASDEDUP_VERIFY_TIMEOUT:-300}
+RUN=$NASDEDUP_BUILD/e2e
+QMP_PY=$NASDEDUP_TOP/scripts/qmp.py
+NFS=$NASDEDUP_TOP/scripts/nfs-export.sh
+QEMU=$(qemu_system)
+QCOMM=qemu-system-x86 # /proc/PID/comm (15 characters)
+
+need_root
+case $FMT in raw | qcow2) ;; *) die "NASDEDUP_DISK_FORMAT must be raw or qcow2" ;; esac
+[ "$DATA_MB" -ge "$READ_MB" ] || die "NASDEDUP_DATA_MB ($DATA_MB) < NASDEDUP_READ_MB ($READ_MB)"
+
+# --- cleanup: only what this script started ----------------------------------
+SRC_PID='' DST_PID='' NFS_STARTED=0 DISK=''
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    [ -z "$SRC_PID" ] || kill_pid "$SRC_PID" "$QCOMM" 10
+    [ -z "$DST_PID" ] || kill_pid "$DST_PID" "$QCOMM" 10
+    if [ "$NFS_STARTED" = 1 ] && [ "${NASDEDUP_KEEP_NFS:-0}" != 1 ]; then
+        "$NFS" stop || true
+    fi
+    [ -z "$DISK" ] || rm -f "$NASDEDUP_EXPORT_DIR/$DISK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'say "interrupted"; exit 130' INT TERM
+
+# --- assets, QEMU, export ------------------------------------------------------
+NASDEDUP_DATA_MB=$DATA_MB "$NASDEDUP_TOP/scripts/guest-assets.sh"
+wait_for_exe "$QEMU" "${NASDEDUP_QEMU_WAIT_S:-1800}" || die "$QEMU did not appear"
+say "$("$QEMU" --version | head -1)"
+mapfile -t FW < <(qemu_firmware_args "$QEMU")
+[ ${#FW[@]} -eq 0 ] || say "firmware not in QEMU's own search path, adding: ${FW[*]}"
+[ -f "$NASDEDUP_GUEST_DIR/data.$FMT" ] || die "no $NASDEDUP_GUEST_DIR/data.$FMT (qcow2 needs build/qemu/qemu-img)"
+
+if ! "$NFS" status >/dev/null 2>&1; then
+    "$NFS" start
+    NFS_STARTED=1
+fi
+mkdir -p "$RUN"
+rm -f "$RUN"/*.sock "$RUN"/*.log "$RUN"/*.json
+# A fresh copy under a new name each run: ganesha caches directory entries
+# and handles, so a file replaced by rename reads as NFS3ERR_STALE.
+rm -f "$NASDEDUP_EXPORT_DIR"/e2e-*.raw "$NASDEDUP_EXPORT_DIR"/e2e-*.qcow2
+DISK=e2e-$$.$FMT
+t0=$(now_ms)
+cp --sparse=always "$NASDEDUP_GUEST_DIR/data.$FMT" "$NASDEDUP_EXPORT_DIR/$DISK"
+say "fresh copy of data.$FMT in the export as $DISK ($(($(now_ms) - t0)) ms)"
+
+# --- QEMUs ---------------------------------------------------------------------
+APPEND="console=ttyS0 panic=-1 quiet nasdedup.read_mb=$READ_MB nasdedup.write_mb=$WRITE_MB nasdedup.dirty_mb=$DIRTY_MB nasdedup.churn_mb=$CHURN_MB nasdedup.sync=$SYNC"
+# -display none -nodefaults instead of -nographic: no monitor/serial on
+# stdio, no default NIC (whose option ROM q35 would need).
+read -r -a EXTRA <<<"${NASDEDUP_QEMU_ARGS:-}"
+# shellcheck disable=SC2054 # commas are QEMU option syntax
+QARGS=("${FW[@]}" -M q35 -accel tcg -m "$MEM" -smp 1 -display none -nodefaults -no-reboot
+    -kernel "$NASDEDUP_GUEST_DIR/vmlinuz" -initrd "$NASDEDUP_GUEST_DIR/initrd.gz"
+    -append "$APPEND"
+    -drive "file=nfs://127.0.0.1/export/$DISK,format=$FMT,if=none,id=disk0,cache.direct=on"
+    -device virtio-blk-pci,drive=disk0,id=vd0
+    "${EXTRA[@]}")
+
+# start_qemu NAME [ARGS...]: start a QEMU in the namespace; sets QEMU_PID.
+# Its serial console is $RUN/NAME-serial.sock (also logged to
+# $RUN/NAME-console.log), QMP $RUN/NAME-qmp.sock, output $RUN/NAME-qemu.log.
+start_qemu() {
+    local name=$1
+    shift
+    "$NFS" exec "$QEMU" "${QARGS[@]}" -name "$name" \
+        -chardev "socket,id=ser0,path=$RUN/$name-serial.sock,server=on,wait=off,logfile=$RUN/$name-console.log" \
+        -serial chardev:ser0 \
+        -qmp "unix:$RUN/$name-qmp.sock,server=on,wait=off" \
+        "$@" </dev/null >"$RUN/$name-qemu.log" 2>&1 &
+    QEMU_PID=$!
+    # nsenter execs QEMU, so $! is QEMU's PID once the exec happened.
+    wait_for 5 0.05 pid_alive "$QEMU_PID" "$QCOMM" || {
+        cat "$RUN/$name-qemu.log" >&2
+        die "$name QEMU did not start"
+    }
+}
+
+# The destination waits on -incoming; sets DST_PID.
+start_dst() {
+    start_qemu dst -incoming "tcp:127.0.0.1:$PORT"
+    DST_PID=$QEMU_PID
+    "$NASDEDUP_PYTHON" "$QMP_PY" wait-status "$RUN/dst-qmp.sock" inmigrate --timeout 30 >/dev/null ||
+        die "destination not in state inmigrate"
+}
+
+qmp() { "$NASDEDUP_PYTHON" "$QMP_PY" cmd "$@"; }
+
+# wait_console NAME PID REGEX TIMEOUT_S: wait for a console line matching
+# REGEX; fail early on a FAIL verdict or when QEMU exits.
+wait_console() {
+    local name=$1 pid=$2 re=$3 timeout=$4 log deadline
+    log=$RUN/$name-console.log
+    deadline=$(($(now_ms) + timeout * 1000))
+    while :; do
+        if grep -aEq "$re" "$log" 2>/dev/null; then
+            return 0
+        fi
+        if grep -aq 'NASDEDUP-VERDICT: FAIL' "$log" 2>/dev/null; then
+            grep -a 'NASDEDUP-VERDICT: FAIL' "$log" >&2
+            die "$name guest reported a failure (console: $log)"
+        fi
+        if ! pid_alive "$pid" "$QCOMM"; then
+            tail -20 "$log" "$RUN/$name-qemu.log" >&2 || true
+            die "$name QEMU exited while waiting for /$re/"
+        fi
+        [ "$(now_ms)" -lt "$deadline" ] || {
+            tail -20 "$log" >&2 || true
+            die "$name: no /$re/ within ${timeout}s (console: $log)"
+        }
+        sleep 0.1
+    done
+}
+
+say "source: -m $MEM, append '$APPEND', disk nfs://127.0.0.1/export/$DISK"
+t_launch=$(now_ms)
+start_qemu src
+SRC_PID=$QEMU_PID
+[ "$DST_EARLY" = 0 ] || start_dst
+wait_console src "$SRC_PID" 'nasdedup: init start' "$BOOT_TIMEOUT"
+t_init=$(now_ms)
+wait_console src "$SRC_PID" 'NASDEDUP-READY' "$BOOT_TIMEOUT"
+t_ready=$(now_ms)
+ready_line=$(grep -a 'NASDEDUP-READY' "$RUN/src-console.log" | head -1 | tr -d '\r')
+say "boot: /init after $((t_init - t_launch))ms, ready after $((t_ready - t_launch))ms: $ready_line"
+grep -a 'nasdedup: read ' "$RUN/src-console.log" | tr -d '\r' | sed 's/^/    /' >&2 || true
+sleep "$SETTLE_S"
+
+[ "$DST_EARLY" = 1 ] || start_dst
+
+if [ -n "$CAPS" ]; then
+    caps=$(for c in $CAPS; do printf '{"capability":"%s","state":true}\n' "$c"; done | paste -sd,)
+    for side in src dst; do
+        qmp "$RUN/$side-qmp.sock" migrate-set-capabilities "{\"capabilities\":[$caps]}" >/dev/null ||
+            die "migrate-set-capabilities $CAPS failed on $side"
+    done
+    say "capabilities on: $CAPS"
+fi
+if [ -n "$PARAMS" ]; then
+    qmp "$RUN/src-qmp.sock" migrate-set-parameters "$PARAMS" >/dev/null || die "migrate-set-parameters failed"
+fi
+say "source parameters: $(qmp "$RUN/src-qmp.sock" query-migrate-parameters |
+    "$NASDEDUP_PYTHON" -c 'import json,sys; p=json.load(sys.stdin); print("max-bandwidth=%d B/s downtime-limit=%d ms" % (p["max-bandwidth"], p["downtime-limit"]))')"
+
+say "migrating to tcp:127.0.0.1:$PORT"
+t_mig=$(now_ms)
+qmp "$RUN/src-qmp.sock" migrate "{\"uri\":\"tcp:127.0.0.1:$PORT\"}" >/dev/null
+if ! "$NASDEDUP_PYTHON" "$QMP_PY" wait-migration "$RUN/src-qmp.sock" --timeout "$MIGRATE_TIMEOUT" \
+    >"$RUN/query-migrate.json"; then
+    cat "$RUN/query-migrate.json" >&2
+    die "migration did not complete"
+fi
+t_migdone=$(now_ms)
+"$NASDEDUP_PYTHON" "$QMP_PY" wait-status "$RUN/dst-qmp.sock" running --timeout 60 >/dev/null ||
+    die "destination not running after migration"
+qmp "$RUN/dst-qmp.sock" query-migrate >"$RUN/query-migrate-dst.json" || true
+
+STATS=$("$NASDEDUP_PYTHON" - "$RUN/query-migrate.json" "$RUN/query-migrate-dst.json" <<'EOF'
+import json, sys
+m = json.load(open(sys.argv[1]))
+try:
+    dst = json.load(open(sys.argv[2]))
+except (OSError, ValueError):
+    dst = {}
+r = m.get("ram", {})
+MiB = 1 << 20
+print("total_ms=%d downtime_ms=%d setup_ms=%d ram_transferred_bytes=%d "
+      "ram_transferred_mib=%.1f downtime_bytes=%d ram_total_mib=%.0f normal_pages=%d "
+      "zero_pages=%d dirty_sync_count=%d mbps=%.1f" % (
+      m.get("total-time", -1), m.get("downtime", -1), m.get("setup-time", -1),
+      r.get("transferred", -1), r.get("transferred", 0) / MiB, r.get("downtime-bytes", -1),
+      r.get("total", 0) / MiB, r.get("normal", -1), r.get("duplicate", -1),
+      r.get("dirty-sync-count", -1), r.get("mbps", 0.0)), end="")
+# Statistics of the project's dedup-nas capability, when it is on.
+for side, info in (("src", m), ("dst", dst)):
+    for k, v in sorted(info.get("dedup-nas", {}).items()):
+        if v:
+            print(" %s_dedup_%s=%s" % (side, k.replace("-", "_"), v), end="")
+print()
+EOF
+)
+say "migration: $STATS (wall $((t_migdone - t_mig)) ms; full JSON: $RUN/query-migrate.json)"
+
+# --- verification on the destination -------------------------------------------
+verify() {
+    local cmd=$1 out
+    out=$("$NASDEDUP_PYTHON" "$QMP_PY" serial "$RUN/dst-serial.sock" --send "$cmd" \
+        --expect 'NASDEDUP-VERDICT' --timeout "$VERIFY_TIMEOUT") ||
+        die "no verdict for '$cmd' from the destination (console: $RUN/dst-console.log)"
+    out=$(printf '%s\n' "$out" | grep -a 'NASDEDUP-VERDICT' | tail -1 | tr -d '\r')
+    say "destination $cmd: $out"
+    VERDICT=$out
+}
+verify verify
+case $VERDICT in *"NASDEDUP-VERDICT: OK"*) ok=1 ;; *) ok=0 ;; esac
+DISK_VERDICT=skipped
+if [ "$ok" = 1 ] && [ "$VERIFY_DISK" = 1 ]; then
+    verify verify-disk
+    DISK_VERDICT=$VERDICT
+    case $VERDICT in *"NASDEDUP-VERDICT: OK"*) ;; *) ok=0 ;; esac
+fi
+"$NASDEDUP_PYTHON" "$QMP_PY" serial "$RUN/dst-serial.sock" --send poweroff \
+    --expect 'NASDEDUP-POWEROFF' --timeout 30 >/dev/null 2>&1 || true
+
+result="verdict=$([ "$ok" = 1 ] && echo OK || echo FAIL) mem=$MEM read_mb=$READ_MB write_mb=$WRITE_MB dirty_mb=$DIRTY_MB churn_mb=$CHURN_MB fmt=$FMT"
+result+=" boot_to_init_ms=$((t_init - t_launch)) boot_to_ready_ms=$((t_ready - t_launch)) migrate_wall_ms=$((t_migdone - t_mig)) $STATS"
+echo "E2E-RESULT $result"
+[ "$ok" = 1 ] || die "verification failed: $VERDICT / $DISK_VERDICT"
+say "OK"
