@@ -75,8 +75,9 @@ for r in rows:
 if len(rows) == 2 and all(r.get("verdict") == "OK" for r in rows):
     a, b = rows
     print()
-    print("dedup-nas vs pre-copy: %.1fx fewer RAM bytes on the wire, %.2fx the total time"
+    print("dedup-nas vs pre-copy: %.1fx fewer RAM bytes on the wire; total time %.2f s -> %.2f s (%.2fx)"
           % (num(a, "ram_transferred_bytes") / num(b, "ram_transferred_bytes"),
-             num(b, "total_ms") / num(a, "total_ms")))
+             num(a, "total_ms") / 1000, num(b, "total_ms") / 1000,
+             num(a, "total_ms") / num(b, "total_ms")))
 PY
 exit $status
