@@ -18,13 +18,18 @@
  * loading, fail the migration if any page is unresolved.
  *
  * Everything here runs in the main loop: the incoming coroutine and the
- * fetch coroutines it starts.
+ * fetch coroutines it starts.  Only the incoming coroutine writes to the
+ * return path: fetches queue their RESEND requests for it.  The return path
+ * is a non-blocking channel, so a writer yields when it is full, holding
+ * the (thread) mutex of the return path; a second coroutine writing then
+ * would block the main loop, and with it the first, for good.
  */
 #include "qemu/osdep.h"
 #include "qemu/coroutine.h"
 #include "qemu/cutils.h"
 #include "qemu/error-report.h"
 #include "qemu/main-loop.h"
+#include "qemu/memalign.h"
 #include "qapi/error.h"
 #include "system/block-backend.h"
 #include "exec/target_page.h"
@@ -43,6 +48,13 @@ typedef struct LoadDrive {
 } LoadDrive;
 
 typedef struct LoadState LoadState;
+
+/* Pages to ask from the source again, not asked yet. */
+typedef struct Resend {
+    RAMBlock *block;
+    ram_addr_t offset;
+    uint32_t npages;
+} Resend;
 
 typedef struct Fetch {
     LoadState *st;
@@ -68,6 +80,7 @@ struct LoadState {
     uint64_t awaiting;          /* of which asked from the source */
     unsigned inflight;
     CoQueue waitq;
+    GArray *resends;            /* Resend, queued by fetches */
     bool refs_seen;
     bool final_seen;
 };
@@ -78,6 +91,7 @@ static void load_state_free(LoadState *st)
 {
     g_hash_table_destroy(st->drives);
     g_hash_table_destroy(st->tickets);
+    g_array_free(st->resends, true);
     g_free(st);
 }
 
@@ -88,6 +102,7 @@ int nas_dedup_load_setup(Error **errp)
     st->drives = g_hash_table_new_full(NULL, NULL, NULL, g_free);
     st->tickets = g_hash_table_new_full(NULL, NULL, NULL, g_free);
     qemu_co_queue_init(&st->waitq);
+    st->resends = g_array_new(false, false, sizeof(Resend));
     nas_dedup_load_cleanup();
     load = st;
     nas_dedup_stats_reset(true);
@@ -138,19 +153,6 @@ static void ticket_clear(LoadState *st, uint32_t *t, unsigned long page)
     }
 }
 
-void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
-{
-    uint32_t *t;
-
-    if (!load || !load->pending) {
-        return;
-    }
-    t = tickets_of(load, block, false);
-    if (t) {
-        ticket_clear(load, t, offset >> TARGET_PAGE_BITS);
-    }
-}
-
 static void send_resend(RAMBlock *block, ram_addr_t offset, uint32_t npages)
 {
     MigrationIncomingState *mis = migration_incoming_get_current();
@@ -166,13 +168,47 @@ static void send_resend(RAMBlock *block, ram_addr_t offset, uint32_t npages)
     }
 }
 
+/*
+ * Send the RESEND requests the fetches queued.  May yield: only the
+ * incoming coroutine calls it (see the top of the file).  Fetches that
+ * complete meanwhile append to the queue, which the loop then sends too.
+ */
+static void flush_resends(LoadState *st)
+{
+    guint i;
+
+    if (!st->resends->len || !qemu_in_coroutine()) {
+        return;
+    }
+    for (i = 0; i < st->resends->len; i++) {
+        Resend r = g_array_index(st->resends, Resend, i);
+
+        send_resend(r.block, r.offset, r.npages);
+    }
+    g_array_set_size(st->resends, 0);
+}
+
+void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
+{
+    uint32_t *t;
+
+    if (!load || !load->pending) {
+        return;
+    }
+    flush_resends(load);
+    t = tickets_of(load, block, false);
+    if (t) {
+        ticket_clear(load, t, offset >> TARGET_PAGE_BITS);
+    }
+}
+
 static void coroutine_fn nas_dedup_fetch_co(void *opaque)
 {
     Fetch *fe = opaque;
     LoadState *st = fe->st;
     NasDedupRecord *rec = fe->rec;
     size_t len = (size_t)rec->npages * NAS_DEDUP_CHUNK;
-    g_autofree uint8_t *buf = qemu_try_blockalign(blk_bs(fe->drive->blk), len);
+    uint8_t *buf = qemu_try_blockalign(blk_bs(fe->drive->blk), len);
     unsigned long first = fe->offset >> TARGET_PAGE_BITS;
     uint32_t *t;
     uint32_t k, bad_start = 0, bad = 0;
@@ -221,12 +257,20 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
                 continue;
             }
         }
-        if (bad && !st->dead) {
-            send_resend(fe->block, fe->offset + bad_start * NAS_DEDUP_CHUNK,
-                        bad);
+        if (bad) {
+            if (!st->dead) {
+                Resend r = {
+                    .block = fe->block,
+                    .offset = fe->offset + bad_start * NAS_DEDUP_CHUNK,
+                    .npages = bad,
+                };
+
+                g_array_append_val(st->resends, r);
+            }
             bad = 0;
         }
     }
+    qemu_vfree(buf);
     g_free(rec);
     g_free(fe);
     if (--st->inflight == 0 && st->dead) {
@@ -337,6 +381,8 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
     while (load->inflight) {
         qemu_co_queue_wait(&load->waitq, NULL);
     }
+    /* Every RESEND goes before the SYNC_ACK that counts it. */
+    flush_resends(load);
     trace_nas_dedup_load_sync(rec->seq, rec->final, load->pending);
     if (rec->final) {
         load->final_seen = true;
@@ -369,6 +415,7 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
         g_free(rec);
         return -EINVAL;
     }
+    flush_resends(load);
     if (!nas_dedup_record_decode(qemufile_read, f, rec, &err)) {
         error_setg(errp, "dedup-nas: malformed record at %s 0x%" PRIx64
                    ": %s", block->idstr, (uint64_t)offset, err);

@@ -48,6 +48,13 @@ static struct {
     /* Pages the destination asked again: send them in full.  */
     QemuMutex noref_lock;
     GHashTable *noref;              /* RAMBlock * -> unsigned long bitmap */
+    /*
+     * Of those, the ones not dirtied again yet (NasDedupResend).  The return
+     * path thread must not take the bitmap mutex: the migration thread holds
+     * it while it blocks sending to a destination that may itself be blocked
+     * sending on the return path.  The migration thread dirties them.
+     */
+    GArray *redirty;
 
     /* SYNC_ACK from the return path thread. */
     QemuSemaphore ack_sem;
@@ -91,17 +98,25 @@ int nas_dedup_save_setup(Error **errp)
     memset(&save.run, 0, sizeof(save.run));
     save.run_block = NULL;
     save.f = NULL;
-    save.drive_sent = bitmap_new(NAS_DEDUP_MAX_DRIVES + 1);
     save.any_refs = false;
     save.injected = false;
     save.seq = 0;
     save.rounds = 0;
+    nas_dedup_stats_reset(false);
+    if (!migrate_get_current()->rp_state.rp_thread_created) {
+        /*
+         * No destination to read the disks and answer (savevm, a snapshot
+         * to a file): send every page in full.
+         */
+        return 0;
+    }
+    save.drive_sent = bitmap_new(NAS_DEDUP_MAX_DRIVES + 1);
     qemu_mutex_init(&save.noref_lock);
     save.noref = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    save.redirty = g_array_new(false, false, sizeof(NasDedupResend));
     qemu_sem_init(&save.ack_sem, 0);
     save.acked_seq = 0;
     save.acked_pending = 0;
-    nas_dedup_stats_reset(false);
     return 0;
 }
 
@@ -114,6 +129,8 @@ void nas_dedup_save_cleanup(void)
     save.drive_sent = NULL;
     g_hash_table_destroy(save.noref);
     save.noref = NULL;
+    g_array_free(save.redirty, true);
+    save.redirty = NULL;
     qemu_mutex_destroy(&save.noref_lock);
     qemu_sem_destroy(&save.ack_sem);
 }
@@ -176,8 +193,12 @@ static bool inject_malformed(void)
         } else if (how == INJECT_ABSURD_RUN) {
             buf->data[3] = 0xff;        /* npages = 0xffxx */
         } else {
-            /* Truncated: half a record, then the stream ends. */
+            /*
+             * Truncated: half a record, then the stream ends.  Flush first:
+             * once the file has an error, nothing buffered goes out.
+             */
             qemu_put_buffer(save.f, buf->data, buf->len / 2);
+            qemu_fflush(save.f);
             qemu_file_set_error(save.f, -EIO);
             return true;
         }
@@ -188,7 +209,8 @@ static bool inject_malformed(void)
     return true;
 }
 
-int nas_dedup_save_flush(void)
+/* Send the pending run; the bitmap mutex may be held. */
+static int flush_run(void)
 {
     size_t len;
 
@@ -207,6 +229,80 @@ int nas_dedup_save_flush(void)
     stat64_add(&nas_dedup_counters.ref_bytes, len);
     save.run.npages = 0;
     return qemu_file_get_error(save.f);
+}
+
+/*
+ * Dirty again the pages the destination asked for since the last call,
+ * unless they were sent in full meanwhile.  Returns how many pages it
+ * dirtied.  Migration thread, without the bitmap mutex (which is taken
+ * before noref_lock).
+ */
+static int redirty_requested(Error **errp)
+{
+    g_autoptr(GArray) asked = NULL;
+    g_autoptr(GArray) todo = g_array_new(false, false, sizeof(NasDedupResend));
+    int pages = 0;
+    guint i;
+
+    if (!save.noref) {
+        return 0;               /* not set up, or no return path */
+    }
+    WITH_QEMU_LOCK_GUARD(&save.noref_lock) {
+        if (!save.redirty->len) {
+            return 0;
+        }
+        asked = save.redirty;
+        save.redirty = g_array_new(false, false, sizeof(NasDedupResend));
+        RCU_READ_LOCK_GUARD();
+        for (i = 0; i < asked->len; i++) {
+            NasDedupResend *r = &g_array_index(asked, NasDedupResend, i);
+            RAMBlock *block = qemu_ram_block_by_name(r->id);
+            unsigned long *bmap = block ?
+                g_hash_table_lookup(save.noref, block) : NULL;
+            unsigned long first = r->offset >> TARGET_PAGE_BITS;
+            uint32_t k = 0, n;
+
+            while (bmap && k < r->npages) {
+                for (n = 0; k + n < r->npages &&
+                            test_bit(first + k + n, bmap); n++) {
+                    /* a run of pages still to be sent in full */
+                }
+                if (n) {
+                    NasDedupResend sub = *r;
+
+                    sub.offset = r->offset + (uint64_t)k * NAS_DEDUP_CHUNK;
+                    sub.npages = n;
+                    g_array_append_val(todo, sub);
+                }
+                k += n + 1;
+            }
+        }
+    }
+    for (i = 0; i < todo->len; i++) {
+        NasDedupResend *r = &g_array_index(todo, NasDedupResend, i);
+
+        if (ram_dedup_redirty(r->id, r->offset, r->npages, errp) < 0) {
+            return -EINVAL;
+        }
+        pages += r->npages;
+    }
+    return pages;
+}
+
+int nas_dedup_save_flush(void)
+{
+    Error *local_err = NULL;
+    int ret = flush_run();
+
+    if (ret < 0) {
+        return ret;
+    }
+    if (redirty_requested(&local_err) < 0) {
+        migrate_set_error(migrate_get_current(), local_err);
+        error_report_err(local_err);
+        return -EINVAL;
+    }
+    return 0;
 }
 
 /* True if the destination asked for this page: send it in full once. */
@@ -264,7 +360,7 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
          run->npages == NAS_DEDUP_REFS_MAX || run->drive != loc.drive ||
          offset != save.run_offset + run->npages * NAS_DEDUP_CHUNK ||
          loc.offset != run->disk_offset + run->npages * NAS_DEDUP_CHUNK)) {
-        int ret = nas_dedup_save_flush();
+        int ret = flush_run();
         if (ret < 0) {
             return ret;
         }
@@ -311,9 +407,14 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
     int64_t deadline;
     int ret;
 
-    ret = nas_dedup_save_flush();
+    ret = flush_run();
     if (ret < 0) {
         error_setg_errno(errp, -ret, "dedup-nas: failed to send references");
+        return ret;
+    }
+    /* Send the pages asked for so far before asking for the rest. */
+    ret = redirty_requested(errp);
+    if (ret) {
         return ret;
     }
     if (!save.any_refs) {
@@ -348,8 +449,9 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
         qemu_sem_timedwait(&save.ack_sem, 100);
     }
     if (save.acked_pending) {
-        /* Those pages are dirty again (RESEND came before the ACK). */
-        return 1;
+        /* RESEND came before the ACK: dirty those pages again. */
+        ret = redirty_requested(errp);
+        return ret < 0 ? ret : 1;
     }
     put_sync(f, put_header, opaque, true);
     return qemu_fflush(f) < 0 ? -EIO : 0;
@@ -376,6 +478,7 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     WITH_RCU_READ_LOCK_GUARD() {
         block = qemu_ram_block_by_name(r.id);
         if (!block || r.offset > block->used_length ||
+            !QEMU_IS_ALIGNED(r.offset, NAS_DEDUP_CHUNK) ||
             (uint64_t)r.npages * NAS_DEDUP_CHUNK >
                 block->used_length - r.offset) {
             error_setg(errp, "dedup-nas: resend request for %s 0x%" PRIx64
@@ -391,10 +494,11 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
             for (i = 0; i < r.npages; i++) {
                 set_bit((r.offset >> TARGET_PAGE_BITS) + i, bmap);
             }
+            g_array_append_val(save.redirty, r);
         }
     }
     stat64_add(&nas_dedup_counters.resent_pages, r.npages);
-    return ram_dedup_redirty(r.id, r.offset, r.npages, errp);
+    return 0;
 }
 
 int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,

@@ -39,7 +39,7 @@ if [ ! -f "$bld/build.ninja" ] || [ "$(cat "$bld/.nasdedup-configure" 2>/dev/nul
 fi
 
 TARGETS=(qemu-system-x86_64 qemu-img qemu-io
-         tests/qtest/migration-test "$@")
+         tests/qtest/migration-test tests/qtest/nas-dedup-test "$@")
 say "ninja ${TARGETS[*]}"
 ninja -C "$bld" "${TARGETS[@]}" >&2
 # Run from the build tree, QEMU looks for its data under qemu-bundle/<path>:

@@ -9,9 +9,10 @@
 #
 #   1. unit tests of the QEMU-independent core (standalone meson build)
 #   2. builds QEMU 10.0.x with our patch series
-#   3. upstream's migration qtests (the set meson runs without KVM) on it
+#   3. the dedup-nas qtests (tests/qtest/nas-dedup-test.c)
+#   4. upstream's migration qtests (the set meson runs without KVM) on it
 #
-# Environment: NASDEDUP_SKIP_UPSTREAM=1 skips step 3 (developer loop only).
+# Environment: NASDEDUP_SKIP_UPSTREAM=1 skips step 4 (developer loop only).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -88,7 +89,12 @@ export QTEST_QEMU_IMG="$top/build/qemu/qemu-img"
 export QTEST_QEMU_STORAGE_DAEMON_BINARY="$top/build/qemu/storage-daemon/qemu-storage-daemon"
 export PYTHON=/usr/bin/python3
 
-# 3. Upstream's migration qtests on the patched build.
+# 3. Our qtests: real AHCI DMA, byte-for-byte RAM comparison, races,
+#    malformed streams.
+run_tap nas-dedup-qtest timeout 900 \
+    sh -c 'cd build/qemu-src && exec ../qemu/tests/qtest/nas-dedup-test --tap -k'
+
+# 4. Upstream's migration qtests on the patched build.
 if [ "${NASDEDUP_SKIP_UPSTREAM:-0}" != 1 ]; then
     # Run from the source tree, as meson does (analyze-script needs it).
     run_tap upstream-migration-test timeout 1800 \

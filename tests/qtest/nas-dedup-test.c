@@ -1,0 +1,916 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * QTest of the dedup-nas migration capability
+ *
+ * The source fills guest RAM with real AHCI DMA reads from a raw image
+ * that the destination opens too (the shared disk), so that its block
+ * layer hook indexes those blocks; pre-copy then sends the DMA-filled
+ * pages as references, which the destination reads back from the image
+ * and verifies.  The tests that migrate compare destination RAM with
+ * source RAM byte for byte (the stopped source stays readable after
+ * migration), and the DMA buffers with what the image holds.
+ *
+ *  /nas-dedup/dma-refs     references are sent, verified, and save bytes
+ *                          against the same migration without dedup-nas
+ *  /nas-dedup/race         disk blocks overwritten behind the source's back,
+ *                          before and while migrating: the destination
+ *                          detects it and the source sends the pages again
+ *  /nas-dedup/malformed/N  a malformed reference run (x-dedup-nas-inject=N)
+ *                          fails the incoming migration with a message
+ *                          naming the problem; the source keeps running
+ *  /nas-dedup/malformed-exit  same, destination with the default
+ *                          exit-on-error: it exits with an error message
+ *  /nas-dedup/savevm       savevm and loadvm still work with dedup-nas on
+ *  /nas-dedup/caps         capability checks
+ */
+
+#include "qemu/osdep.h"
+#include "qemu/units.h"
+#include "qemu/bswap.h"
+#include "libqtest.h"
+#include "libqos/libqos-pc.h"
+#include "libqos/ahci.h"
+#include "qobject/qdict.h"
+#include "qobject/qlist.h"
+#include "qobject/qnum.h"
+#include "migration/migration-qmp.h"
+#include "migration/migration-util.h"
+
+#define CHUNK           4096            /* dedup-nas chunk = target page */
+#define RAM_BYTES       (128 * MiB)
+#define IMAGE_BYTES     (32 * MiB)
+#define IMAGE_BLOCKS    (IMAGE_BYTES / CHUNK)
+#define DMA_CMD_BYTES   (4 * MiB)       /* one READ DMA EXT command */
+#define DMA_PRD_BYTES   (64 * KiB)      /* one PRD entry */
+#define CMP_BYTES       (4 * MiB)       /* RAM compared this much at a time */
+/*
+ * libqtest receives a reply 1 KiB at a time and looks for its end from the
+ * start each time: read guest memory in pieces small enough for that.
+ */
+#define READ_PIECE      (16 * KiB)
+/* Guest RAM below 1 MiB that is RAM on q35 with no firmware run. */
+#define LOW_RAM_END     0xa0000
+#define HIGH_RAM_START  0x100000
+#define WAIT_SECONDS    120
+
+static char *tmpdir;
+static char *image_path;
+static char *mig_uri;
+static bool dst_direct_io;
+
+/*** Disk content ***/
+
+/*
+ * Generation @gen of disk block @block: non-zero, different for every
+ * block and generation.
+ */
+static void fill_block(uint8_t *buf, uint64_t block, uint32_t gen)
+{
+    uint64_t x = ((block + 1) * 0x9e3779b97f4a7c15ULL) ^
+                 ((uint64_t)gen << 40) ^ 0x2545f4914f6cdd1dULL;
+    size_t i;
+
+    x |= 1;
+    for (i = 0; i < CHUNK; i += 8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        stq_le_p(buf + i, x);
+    }
+    stq_le_p(buf, block);
+    stl_le_p(buf + 8, gen);
+    stl_le_p(buf + 12, 0x4e415344);     /* "DSAN" */
+}
+
+static void make_image(void)
+{
+    g_autofree uint8_t *buf = g_malloc(MiB);
+    int fd = open(image_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    uint64_t b, off;
+
+    g_assert(fd >= 0);
+    for (off = 0; off < IMAGE_BYTES; off += MiB) {
+        for (b = 0; b < MiB / CHUNK; b++) {
+            fill_block(buf + b * CHUNK, off / CHUNK + b, 0);
+        }
+        g_assert_cmpint(pwrite(fd, buf, MiB, off), ==, MiB);
+    }
+    g_assert_cmpint(fsync(fd), ==, 0);
+    close(fd);
+}
+
+/*
+ * Overwrite @count blocks, every @stride blocks from block @first, with
+ * generation @gen, as another host sharing the image would: the source
+ * QEMU does not see it.
+ */
+static void overwrite_blocks(uint64_t first, uint64_t count, uint64_t stride,
+                             uint32_t gen)
+{
+    uint8_t buf[CHUNK];
+    int fd = open(image_path, O_WRONLY);
+    uint64_t i;
+
+    g_assert(fd >= 0);
+    for (i = 0; i < count; i++) {
+        uint64_t b = first + i * stride;
+
+        g_assert_cmpuint(b, <, IMAGE_BLOCKS);
+        fill_block(buf, b, gen);
+        g_assert_cmpint(pwrite(fd, buf, CHUNK, b * CHUNK), ==, CHUNK);
+    }
+    g_assert_cmpint(fdatasync(fd), ==, 0);
+    close(fd);
+}
+
+static bool probe_direct_io(const char *path)
+{
+#ifdef O_DIRECT
+    int fd = open(path, O_RDONLY | O_DIRECT);
+    g_autofree uint8_t *buf = NULL;
+    bool ok;
+
+    if (fd < 0) {
+        return false;
+    }
+    buf = g_malloc(2 * CHUNK);
+    ok = pread(fd, (uint8_t *)QEMU_ALIGN_PTR_UP(buf, CHUNK), CHUNK, 0) == CHUNK;
+    close(fd);
+    return ok;
+#else
+    return false;
+#endif
+}
+
+/*** Machines ***/
+
+typedef struct Source {
+    AHCIQState *ahci;
+    QTestState *qts;
+    uint8_t port;
+} Source;
+
+/* The same drive and device, with the same id, on both sides. */
+static char *machine_args(bool dedup, bool direct, const char *extra)
+{
+    return g_strdup_printf("-M q35 -m %" PRIu64 "M -nodefaults "
+                           "-drive if=none,id=drive0,file=%s,format=raw,"
+                           "cache.direct=%s "
+                           "-device ide-hd,drive=drive0,bus=ide.0,id=disk0 "
+                           "-global migration.x-return-path=on "
+                           "-global migration.x-dedup-nas=%s %s",
+                           (uint64_t)(RAM_BYTES / MiB), image_path,
+                           direct ? "on" : "off", dedup ? "on" : "off",
+                           extra ? extra : "");
+}
+
+G_GNUC_PRINTF(1, 2)
+static QOSState *pc_boot(const char *fmt, ...)
+{
+    QOSState *qs;
+    va_list ap;
+
+    va_start(ap, fmt);
+    qs = qtest_pc_vboot(fmt, ap);
+    va_end(ap);
+    return qs;
+}
+
+/* Boot the source and bring up its AHCI HBA and the port of disk0. */
+static void source_boot(Source *src, bool dedup, unsigned inject)
+{
+    g_autofree char *extra = inject ? g_strdup_printf(
+        "-global migration.x-dedup-nas-inject=%u", inject) : NULL;
+    g_autofree char *args = machine_args(dedup, false, extra);
+    AHCIQState *ahci = g_new0(AHCIQState, 1);
+
+    ahci->parent = pc_boot("%s", args);
+    ahci->dev = get_ahci_device(ahci->parent->qts, &ahci->fingerprint);
+    ahci_pci_enable(ahci);
+    ahci_hba_enable(ahci);
+    src->port = ahci_port_select(ahci);
+    ahci_port_clear(ahci, src->port);
+    src->ahci = ahci;
+    src->qts = ahci->parent->qts;
+}
+
+static void source_shutdown(Source *src)
+{
+    QOSState *qs = src->ahci->parent;
+
+    ahci_clean_mem(src->ahci);
+    free_ahci_device(src->ahci->dev);
+    g_free(src->ahci);
+    qtest_shutdown(qs);
+    src->ahci = NULL;
+    src->qts = NULL;
+}
+
+/* Guest RAM for @bytes, 4 KiB aligned (the libqos PC allocator's pages). */
+static uint64_t guest_buf(Source *src, uint64_t bytes)
+{
+    uint64_t addr = ahci_alloc(src->ahci, bytes);
+
+    g_assert(addr);
+    g_assert_cmphex(addr & (CHUNK - 1), ==, 0);
+    g_assert_cmphex(addr + bytes, <=, RAM_BYTES);
+    return addr;
+}
+
+/* Real device DMA: READ DMA EXT of disk [@disk_off, +@bytes) to @gpa. */
+static void dma_read_disk(Source *src, uint64_t gpa, uint64_t disk_off,
+                          uint64_t bytes)
+{
+    uint64_t done, n;
+
+    g_assert_cmphex(disk_off & (CHUNK - 1), ==, 0);
+    g_assert_cmphex(gpa & (CHUNK - 1), ==, 0);
+    for (done = 0; done < bytes; done += n) {
+        AHCICommand *cmd = ahci_command_create(CMD_READ_DMA_EXT);
+
+        n = MIN(DMA_CMD_BYTES, bytes - done);
+        ahci_command_adjust(cmd, (disk_off + done) / AHCI_SECTOR_SIZE,
+                            gpa + done, n, DMA_PRD_BYTES);
+        ahci_command_commit(src->ahci, cmd, src->port);
+        ahci_command_issue(src->ahci, cmd);
+        ahci_command_verify(src->ahci, cmd);
+        ahci_command_free(cmd);
+    }
+}
+
+/* Fill guest RAM [@gpa, +@bytes) with pseudo-random data from the test. */
+static void write_random(QTestState *qts, uint64_t gpa, uint64_t bytes,
+                         uint32_t seed)
+{
+    g_autoptr(GRand) rand = g_rand_new_with_seed(seed);
+    g_autofree uint32_t *buf = g_malloc(MiB);
+    uint64_t off;
+    size_t i;
+
+    for (off = 0; off < bytes; off += MiB) {
+        size_t n = MIN(MiB, bytes - off);
+
+        for (i = 0; i < n / 4; i++) {
+            buf[i] = g_rand_int(rand);
+        }
+        qtest_bufwrite(qts, gpa + off, buf, n);
+    }
+}
+
+static QTestState *dest_boot(bool dedup, const char *extra)
+{
+    g_autofree char *args = machine_args(dedup, dst_direct_io, extra);
+
+    return qtest_init(args);
+}
+
+/*** Checks ***/
+
+static void read_guest(QTestState *qts, uint64_t gpa, void *buf, size_t len)
+{
+    size_t off, n;
+
+    for (off = 0; off < len; off += n) {
+        n = MIN(READ_PIECE, len - off);
+        qtest_bufread(qts, gpa + off, (uint8_t *)buf + off, n);
+    }
+}
+
+static void assert_ram_range_equal(QTestState *a, QTestState *b,
+                                   uint64_t start, uint64_t end)
+{
+    g_autofree uint8_t *ba = g_malloc(CMP_BYTES);
+    g_autofree uint8_t *bb = g_malloc(CMP_BYTES);
+    uint64_t addr, n, i;
+
+    for (addr = start; addr < end; addr += n) {
+        n = MIN(CMP_BYTES, end - addr);
+        read_guest(a, addr, ba, n);
+        read_guest(b, addr, bb, n);
+        if (memcmp(ba, bb, n)) {
+            for (i = 0; i < n && ba[i] == bb[i]; i++) {
+                /* find the first difference */
+            }
+            g_test_message("RAM differs at 0x%" PRIx64, addr + i);
+            g_assert_cmphex(addr + i, ==, UINT64_MAX);
+        }
+    }
+}
+
+/* Compare all guest RAM of the source and the destination. */
+static void assert_ram_equal(QTestState *a, QTestState *b)
+{
+    assert_ram_range_equal(a, b, 0, LOW_RAM_END);
+    assert_ram_range_equal(a, b, HIGH_RAM_START, RAM_BYTES);
+}
+
+/*
+ * Guest RAM [@gpa, +@nblocks blocks) holds disk blocks from @first_block,
+ * each of the generation @gen_of says (NULL: 0).
+ */
+static void assert_ram_holds_disk(QTestState *qts, uint64_t gpa,
+                                  uint64_t first_block, uint64_t nblocks,
+                                  uint32_t (*gen_of)(uint64_t block))
+{
+    g_autofree uint8_t *buf = g_malloc(MiB);
+    uint8_t expect[CHUNK];
+    uint64_t off, bytes = nblocks * CHUNK;
+    size_t i;
+
+    for (off = 0; off < bytes; off += MiB) {
+        size_t n = MIN(MiB, bytes - off);
+
+        read_guest(qts, gpa + off, buf, n);
+        for (i = 0; i < n; i += CHUNK) {
+            uint64_t b = first_block + (off + i) / CHUNK;
+
+            fill_block(expect, b, gen_of ? gen_of(b) : 0);
+            if (memcmp(buf + i, expect, CHUNK)) {
+                g_test_message("guest page 0x%" PRIx64 " does not hold disk "
+                               "block %" PRIu64, gpa + off + i, b);
+                g_assert_not_reached();
+            }
+        }
+    }
+}
+
+static uint64_t stat_u64(QDict *d, const char *key)
+{
+    QNum *n = qobject_to(QNum, qdict_get(d, key));
+    uint64_t v;
+
+    g_assert(n);
+    g_assert(qnum_get_try_uint(n, &v));
+    return v;
+}
+
+typedef struct DedupStats {
+    /* source */
+    uint64_t transferred;
+    uint64_t ref_pages;
+    uint64_t ref_bytes;
+    uint64_t bytes_saved;
+    uint64_t resent_pages;
+    uint64_t index_entries;
+    /* destination */
+    uint64_t fetched_blocks;
+    uint64_t fetched_bytes;
+    uint64_t verified_pages;
+    uint64_t mismatches;
+    uint64_t read_errors;
+    uint64_t resend_requests;
+} DedupStats;
+
+static void read_stats(QTestState *from, QTestState *to, bool dedup,
+                       DedupStats *st)
+{
+    QDict *rsp, *ram, *dn;
+
+    memset(st, 0, sizeof(*st));
+    rsp = migrate_query(from);
+    g_assert_cmpstr(qdict_get_str(rsp, "status"), ==, "completed");
+    ram = qdict_get_qdict(rsp, "ram");
+    g_assert(ram);
+    st->transferred = stat_u64(ram, "transferred");
+    dn = qdict_get_qdict(rsp, "dedup-nas");
+    g_assert(!dn == !dedup);
+    if (dn) {
+        st->ref_pages = stat_u64(dn, "ref-pages");
+        st->ref_bytes = stat_u64(dn, "ref-bytes");
+        st->bytes_saved = stat_u64(dn, "bytes-saved");
+        st->resent_pages = stat_u64(dn, "resent-pages");
+        st->index_entries = stat_u64(dn, "index-entries");
+    }
+    qobject_unref(rsp);
+
+    rsp = migrate_query(to);
+    g_assert_cmpstr(qdict_get_str(rsp, "status"), ==, "completed");
+    dn = qdict_get_qdict(rsp, "dedup-nas");
+    g_assert(!dn == !dedup);
+    if (dn) {
+        st->fetched_blocks = stat_u64(dn, "fetched-blocks");
+        st->fetched_bytes = stat_u64(dn, "fetched-bytes");
+        st->verified_pages = stat_u64(dn, "verified-pages");
+        st->mismatches = stat_u64(dn, "mismatches");
+        st->read_errors = stat_u64(dn, "read-errors");
+        st->resend_requests = stat_u64(dn, "resend-requests");
+    }
+    qobject_unref(rsp);
+
+    g_test_message("dedup-nas %s: transferred %" PRIu64 " ref-pages %" PRIu64
+                   " ref-bytes %" PRIu64 " bytes-saved %" PRIu64
+                   " resent-pages %" PRIu64 " index-entries %" PRIu64
+                   " | fetched-blocks %" PRIu64 " verified-pages %" PRIu64
+                   " mismatches %" PRIu64 " read-errors %" PRIu64
+                   " resend-requests %" PRIu64, dedup ? "on" : "off",
+                   st->transferred, st->ref_pages, st->ref_bytes,
+                   st->bytes_saved, st->resent_pages, st->index_entries,
+                   st->fetched_blocks, st->verified_pages, st->mismatches,
+                   st->read_errors, st->resend_requests);
+}
+
+/* Poll @who's query-migrate until its status is @goal; never 'completed'. */
+static QDict *wait_for_status(QTestState *who, const char *goal)
+{
+    g_autoptr(GTimer) timer = g_timer_new();
+
+    for (;;) {
+        QDict *rsp = migrate_query(who);
+        const char *status = qdict_get_str(rsp, "status");
+
+        if (!strcmp(status, goal)) {
+            return rsp;
+        }
+        g_assert_cmpstr(status, !=, "completed");
+        qobject_unref(rsp);
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+        g_usleep(10 * 1000);
+    }
+}
+
+static void assert_running(QTestState *who)
+{
+    QDict *rsp = qtest_qmp_assert_success_ref(who,
+                                              "{ 'execute': 'query-status' }");
+
+    g_assert(qdict_get_bool(rsp, "running"));
+    g_assert_cmpstr(qdict_get_str(rsp, "status"), ==, "running");
+    qobject_unref(rsp);
+}
+
+/*** Tests ***/
+
+/* Layout of the guest RAM the tests fill (all of it 4 KiB aligned). */
+typedef struct Guest {
+    Source src;
+    QTestState *dst;
+    uint64_t rand_addr, rand_bytes;
+    uint64_t dma_addr, dma_bytes;
+} Guest;
+
+/*
+ * Boot both sides; the source gets @rand_bytes of random data (low, so it
+ * is sent first) then @dma_bytes of disk from offset 0 read by DMA.
+ */
+static void guest_setup(Guest *g, bool dedup, unsigned inject,
+                        uint64_t rand_bytes, uint64_t dma_bytes)
+{
+    memset(g, 0, sizeof(*g));
+    make_image();
+    source_boot(&g->src, dedup, inject);
+    g->rand_bytes = rand_bytes;
+    if (rand_bytes) {
+        g->rand_addr = guest_buf(&g->src, rand_bytes);
+        write_random(g->src.qts, g->rand_addr, rand_bytes, 0x5eed);
+    }
+    g->dma_bytes = dma_bytes;
+    g->dma_addr = guest_buf(&g->src, dma_bytes);
+    dma_read_disk(&g->src, g->dma_addr, 0, dma_bytes);
+    /* The device did fill guest RAM with the disk. */
+    assert_ram_holds_disk(g->src.qts, g->dma_addr, 0, dma_bytes / CHUNK,
+                          NULL);
+
+    g->dst = dest_boot(dedup, "-incoming defer");
+    migrate_incoming_qmp(g->dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+}
+
+static void guest_teardown(Guest *g)
+{
+    source_shutdown(&g->src);
+    qtest_quit(g->dst);
+    g->dst = NULL;
+    unlink(image_path);
+    unlink(mig_uri + strlen("unix:"));
+}
+
+static void migrate_and_check(Guest *g, bool dedup, DedupStats *st)
+{
+    migrate_ensure_converge(g->src.qts);
+    migrate_qmp(g->src.qts, g->dst, mig_uri, NULL, "{}");
+    wait_for_migration_complete(g->src.qts);
+    wait_for_migration_complete(g->dst);
+    read_stats(g->src.qts, g->dst, dedup, st);
+    assert_ram_equal(g->src.qts, g->dst);
+}
+
+static void do_dma_refs(bool dedup, DedupStats *st)
+{
+    Guest g;
+    uint64_t dma_pages = 16 * MiB / CHUNK;
+    uint64_t half = 8 * MiB;
+
+    guest_setup(&g, dedup, 0, 4 * MiB, 16 * MiB);
+    /*
+     * Read again, the disk's second 16 MiB in both halves of the buffer,
+     * swapped: the runs of references start anew in mid-buffer.
+     */
+    dma_read_disk(&g.src, g.dma_addr, 16 * MiB + half, half);
+    dma_read_disk(&g.src, g.dma_addr + half, 16 * MiB, half);
+    migrate_and_check(&g, dedup, st);
+    assert_ram_holds_disk(g.dst, g.dma_addr, (16 * MiB + half) / CHUNK,
+                          half / CHUNK, NULL);
+    assert_ram_holds_disk(g.dst, g.dma_addr + half, 16 * MiB / CHUNK,
+                          half / CHUNK, NULL);
+
+    if (dedup) {
+        /* The DMA-filled pages went as references; nothing else did. */
+        g_assert_cmpuint(st->index_entries, >=, 2 * dma_pages);
+        g_assert_cmpuint(st->ref_pages, >=, dma_pages * 95 / 100);
+        g_assert_cmpuint(st->ref_pages, <=, dma_pages);
+        g_assert_cmpuint(st->bytes_saved, >, st->ref_pages * (CHUNK - 64));
+        g_assert_cmpuint(st->resent_pages, ==, 0);
+        /* ... and the destination read and verified every one of them. */
+        g_assert_cmpuint(st->fetched_blocks, ==, st->ref_pages);
+        g_assert_cmpuint(st->fetched_bytes, ==, st->ref_pages * CHUNK);
+        g_assert_cmpuint(st->verified_pages, ==, st->ref_pages);
+        g_assert_cmpuint(st->mismatches, ==, 0);
+        g_assert_cmpuint(st->read_errors, ==, 0);
+        g_assert_cmpuint(st->resend_requests, ==, 0);
+    }
+    guest_teardown(&g);
+}
+
+static void test_dma_refs(void)
+{
+    DedupStats off, on;
+    uint64_t dma_bytes = 16 * MiB;
+
+    do_dma_refs(false, &off);
+    do_dma_refs(true, &on);
+    /* The same guest RAM, with 90% of the DMA-filled bytes not sent. */
+    g_assert_cmpuint(off.transferred, >, dma_bytes);
+    g_assert_cmpuint(on.transferred, <, off.transferred - dma_bytes * 9 / 10);
+}
+
+/* Race: blocks rewritten since the source read them. */
+#define RACE_DMA_BYTES      (16 * MiB)
+#define RACE_DMA_BLOCKS     (RACE_DMA_BYTES / CHUNK)
+#define RACE_STRIDE         4
+/* Before migrating: every 4th block of the first half, from block 1. */
+#define RACE_BEFORE_FIRST   1
+/* While migrating: every 4th block of the second half, from block 2050. */
+#define RACE_DURING_FIRST   (RACE_DMA_BLOCKS / 2 + 2)
+#define RACE_COUNT          (RACE_DMA_BLOCKS / 2 / RACE_STRIDE)
+
+static uint32_t race_gen(uint64_t block)
+{
+    if (block % RACE_STRIDE == RACE_BEFORE_FIRST % RACE_STRIDE &&
+        block >= RACE_BEFORE_FIRST && block < RACE_DMA_BLOCKS / 2) {
+        return 1;
+    }
+    if (block % RACE_STRIDE == RACE_DURING_FIRST % RACE_STRIDE &&
+        block >= RACE_DURING_FIRST && block < RACE_DMA_BLOCKS) {
+        return 2;
+    }
+    return 0;
+}
+
+static void test_race(void)
+{
+    Guest g;
+    DedupStats st;
+    g_autofree gchar *image = NULL;
+    gsize image_len;
+    uint8_t expect[CHUNK];
+    uint64_t rand_bytes = 4 * MiB, transferred, b;
+    bool during_before_refs;
+    QDict *rsp;
+
+    guest_setup(&g, true, 0, rand_bytes, RACE_DMA_BYTES);
+
+    overwrite_blocks(RACE_BEFORE_FIRST, RACE_COUNT, RACE_STRIDE, 1);
+
+    /*
+     * Slowly: the random pages, sent before the DMA buffer, take about a
+     * second; overwrite the other blocks meanwhile.
+     */
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", 30 * 1000);
+    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 4 * MiB);
+    migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
+    rsp = wait_for_status(g.src.qts, "active");
+    qobject_unref(rsp);
+    overwrite_blocks(RACE_DURING_FIRST, RACE_COUNT, RACE_STRIDE, 2);
+    /*
+     * If the source had not sent all the random pages by then, it had
+     * sent no reference to the DMA buffer either.
+     */
+    transferred = read_ram_property_int(g.src.qts, "transferred");
+    during_before_refs = transferred < rand_bytes;
+    g_test_message("overwrote blocks while migrating after %" PRIu64
+                   " bytes: %s the references", transferred,
+                   during_before_refs ? "before" : "maybe after");
+    migrate_ensure_converge(g.src.qts);
+
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    read_stats(g.src.qts, g.dst, true, &st);
+    assert_ram_equal(g.src.qts, g.dst);
+
+    /* The destination holds what the device read, not the new blocks. */
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, RACE_DMA_BLOCKS, NULL);
+    /* ... and the image does hold the new blocks. */
+    g_assert(g_file_get_contents(image_path, &image, &image_len, NULL));
+    g_assert_cmpuint(image_len, ==, IMAGE_BYTES);
+    for (b = 0; b < RACE_DMA_BLOCKS; b++) {
+        fill_block(expect, b, race_gen(b));
+        g_assert(!memcmp(image + b * CHUNK, expect, CHUNK));
+    }
+
+    g_assert_cmpuint(st.ref_pages, >=, RACE_DMA_BLOCKS * 95 / 100);
+    g_assert_cmpuint(st.mismatches, >=, RACE_COUNT);
+    if (during_before_refs) {
+        g_assert_cmpuint(st.mismatches, >=, 2 * RACE_COUNT);
+    }
+    g_assert_cmpuint(st.mismatches, <=, 2 * RACE_COUNT);
+    g_assert_cmpuint(st.read_errors, ==, 0);
+    g_assert_cmpuint(st.resend_requests, ==, st.mismatches);
+    g_assert_cmpuint(st.resent_pages, ==, st.mismatches);
+    g_assert_cmpuint(st.verified_pages + st.mismatches, ==, st.ref_pages);
+    guest_teardown(&g);
+}
+
+typedef struct MalformedCase {
+    unsigned inject;
+    const char *name;
+    const char *expect;         /* in the destination's error */
+} MalformedCase;
+
+static const MalformedCase malformed_cases[] = {
+    { 1, "outside-ram", "outside RAMBlock" },
+    { 2, "undefined-drive", "never defined" },
+    { 3, "unknown-drive", "'no-such-drive', which this VM does not have" },
+    { 4, "past-disk-end", "past the end of drive" },
+    { 5, "bad-type", "unknown record type 127" },
+    { 6, "absurd-run", "REFS record: run of" },
+    { 7, "truncated", "truncated REFS record" },
+};
+
+/* The source, whose migration failed, runs on as if nothing happened. */
+static void assert_source_survived(QTestState *src)
+{
+    QDict *rsp = wait_for_status(src, "failed");
+
+    g_test_message("source: %s", qdict_haskey(rsp, "error-desc") ?
+                   qdict_get_str(rsp, "error-desc") : "(no error-desc)");
+    qobject_unref(rsp);
+    assert_running(src);
+}
+
+static void test_malformed(const void *opaque)
+{
+    const MalformedCase *c = opaque;
+    Guest g;
+    const char *desc;
+    QDict *rsp;
+
+    guest_setup(&g, true, c->inject, 0, 1 * MiB);
+    migrate_ensure_converge(g.src.qts);
+    migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
+
+    /* The destination failed the load, saying why. */
+    rsp = wait_for_status(g.dst, "failed");
+    g_assert(qdict_haskey(rsp, "error-desc"));
+    desc = qdict_get_str(rsp, "error-desc");
+    g_test_message("%s: destination: %s", c->name, desc);
+    g_assert(strstr(desc, "dedup-nas"));
+    g_assert(strstr(desc, c->expect));
+    qobject_unref(rsp);
+
+    assert_source_survived(g.src.qts);
+    guest_teardown(&g);
+}
+
+/*
+ * With -incoming on its command line (exit-on-error), the destination
+ * exits with status 1 and the reason on stderr.
+ */
+static void test_malformed_exit(void)
+{
+    const MalformedCase *c = &malformed_cases[3];
+    g_autofree char *log = g_build_filename(tmpdir, "dst.stderr", NULL);
+    g_autofree char *extra = g_strdup_printf("-incoming %s 2>%s", mig_uri,
+                                             log);
+    g_autofree char *err = NULL;
+    Source src;
+    QTestState *dst;
+
+    make_image();
+    source_boot(&src, true, c->inject);
+    dma_read_disk(&src, guest_buf(&src, 1 * MiB), 0, 1 * MiB);
+    dst = dest_boot(true, extra);
+
+    migrate_ensure_converge(src.qts);
+    migrate_qmp(src.qts, dst, mig_uri, NULL, "{}");
+    qtest_set_expected_status(dst, EXIT_FAILURE);
+    qtest_wait_qemu(dst);
+    assert_source_survived(src.qts);
+
+    g_assert(g_file_get_contents(log, &err, NULL, NULL));
+    g_test_message("destination stderr: %s", err);
+    g_assert(strstr(err, "dedup-nas"));
+    g_assert(strstr(err, c->expect));
+
+    qtest_quit(dst);
+    source_shutdown(&src);
+    unlink(log);
+    unlink(image_path);
+}
+
+/*
+ * A snapshot has no destination to read the disks: savevm must send every
+ * page in full, even with dedup-nas on and the page cache indexed.
+ */
+static void test_savevm(void)
+{
+    g_autofree char *qcow = g_build_filename(tmpdir, "overlay.qcow2", NULL);
+    g_autofree char *args = NULL;
+    g_autofree char *out = NULL;
+    g_autoptr(GError) gerr = NULL;
+    const char *qemu_img = getenv("QTEST_QEMU_IMG");
+    const char *argv[] = {
+        qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw",
+        "-b", image_path, qcow, NULL
+    };
+    AHCIQState *ahci;
+    Source src;
+    uint64_t buf;
+    int status;
+
+    if (!qemu_img) {
+        g_test_skip("QTEST_QEMU_IMG not set");
+        return;
+    }
+    make_image();
+    g_assert(g_spawn_sync(NULL, (char **)argv, NULL, G_SPAWN_DEFAULT, NULL,
+                          NULL, NULL, NULL, &status, &gerr));
+    g_assert(g_spawn_check_exit_status(status, &gerr));
+
+    /* The source, with the overlay (snapshots need qcow2) as its disk. */
+    args = g_strdup_printf("-M q35 -m %" PRIu64 "M -nodefaults "
+                           "-drive if=none,id=drive0,file=%s,format=qcow2 "
+                           "-device ide-hd,drive=drive0,bus=ide.0,id=disk0 "
+                           "-global migration.x-return-path=on "
+                           "-global migration.x-dedup-nas=on",
+                           (uint64_t)(RAM_BYTES / MiB), qcow);
+    ahci = g_new0(AHCIQState, 1);
+    ahci->parent = pc_boot("%s", args);
+    ahci->dev = get_ahci_device(ahci->parent->qts, &ahci->fingerprint);
+    ahci_pci_enable(ahci);
+    ahci_hba_enable(ahci);
+    src.ahci = ahci;
+    src.qts = ahci->parent->qts;
+    src.port = ahci_port_select(ahci);
+    ahci_port_clear(ahci, src.port);
+
+    buf = guest_buf(&src, 4 * MiB);
+    dma_read_disk(&src, buf, 0, 4 * MiB);
+
+    out = qtest_hmp(src.qts, "savevm s1");
+    g_test_message("savevm: '%s'", out);
+    g_assert_cmpstr(out, ==, "");
+    g_free(out);
+
+    /* Lose the page cache, then get it back from the snapshot. */
+    write_random(src.qts, buf, 4 * MiB, 0xbad);
+    out = qtest_hmp(src.qts, "loadvm s1");
+    g_test_message("loadvm: '%s'", out);
+    g_assert_cmpstr(out, ==, "");
+    assert_ram_holds_disk(src.qts, buf, 0, 4 * MiB / CHUNK, NULL);
+
+    source_shutdown(&src);
+    unlink(qcow);
+    unlink(image_path);
+}
+
+/* Setting capability @cap to @state fails with an error saying @expect. */
+static void assert_cap_fails(QTestState *qts, const char *cap, bool state,
+                             const char *expect)
+{
+    QDict *err = qtest_qmp_assert_failure_ref(
+        qts, "{ 'execute': 'migrate-set-capabilities',"
+        "   'arguments': { 'capabilities': ["
+        "       { 'capability': %s, 'state': %i } ] } }", cap, state);
+    const char *desc = qdict_get_str(err, "desc");
+
+    g_test_message("%s=%d: %s", cap, state, desc);
+    g_assert(strstr(desc, expect));
+    qobject_unref(err);
+}
+
+static bool cap_state(QTestState *qts, const char *cap)
+{
+    QDict *rsp = qtest_qmp(qts, "{ 'execute': 'query-migrate-capabilities' }");
+    QList *list = qdict_get_qlist(rsp, "return");
+    QListEntry *e;
+    bool found = false, state = false;
+
+    QLIST_FOREACH_ENTRY(list, e) {
+        QDict *d = qobject_to(QDict, qlist_entry_obj(e));
+
+        if (!strcmp(qdict_get_str(d, "capability"), cap)) {
+            found = true;
+            state = qdict_get_bool(d, "state");
+        }
+    }
+    g_assert(found);
+    qobject_unref(rsp);
+    return state;
+}
+
+static void test_caps(void)
+{
+    QTestState *qts = qtest_init("-M q35 -m 128M -nodefaults");
+    QDict *err;
+
+    assert_cap_fails(qts, "dedup-nas", true,
+                     "requires capability 'return-path'");
+    g_assert(!cap_state(qts, "dedup-nas"));
+
+    migrate_set_capability(qts, "return-path", true);
+    migrate_set_capability(qts, "dedup-nas", true);
+    g_assert(cap_state(qts, "dedup-nas"));
+
+    assert_cap_fails(qts, "return-path", false, "return-path");
+    assert_cap_fails(qts, "multifd", true, "not compatible with 'multifd'");
+    assert_cap_fails(qts, "postcopy-ram", true,
+                     "not compatible with 'postcopy-ram'");
+    assert_cap_fails(qts, "xbzrle", true, "not compatible with 'xbzrle'");
+    g_assert(cap_state(qts, "dedup-nas"));
+    g_assert(cap_state(qts, "return-path"));
+    g_assert(!cap_state(qts, "multifd"));
+
+    /* The other order: multifd first. */
+    migrate_set_capability(qts, "dedup-nas", false);
+    migrate_set_capability(qts, "multifd", true);
+    assert_cap_fails(qts, "dedup-nas", true, "not compatible with 'multifd'");
+    migrate_set_capability(qts, "multifd", false);
+
+    /* The index size is 0 (auto) or within bounds. */
+    err = qtest_qmp_assert_failure_ref(
+        qts, "{ 'execute': 'migrate-set-parameters',"
+        "   'arguments': { 'dedup-nas-index-size': 1 } }");
+    g_assert(strstr(qdict_get_str(err, "desc"), "dedup-nas-index-size"));
+    qobject_unref(err);
+    migrate_set_parameter_int(qts, "dedup-nas-index-size", 0);
+
+    qtest_quit(qts);
+}
+
+/* Remove the temporary files, also when an assertion fails. */
+static void cleanup(void *opaque)
+{
+    g_autoptr(GDir) dir = g_dir_open(tmpdir, 0, NULL);
+    const char *name;
+
+    while (dir && (name = g_dir_read_name(dir))) {
+        g_autofree char *path = g_build_filename(tmpdir, name, NULL);
+
+        unlink(path);
+    }
+    rmdir(tmpdir);
+}
+
+int main(int argc, char **argv)
+{
+    g_autoptr(GError) gerr = NULL;
+    size_t i;
+    int ret;
+
+    g_test_init(&argc, &argv, NULL);
+
+    if (!qtest_has_machine("q35")) {
+        g_test_skip("q35 machine not available");
+        return g_test_run();
+    }
+
+    tmpdir = g_dir_make_tmp("nas-dedup-test-XXXXXX", &gerr);
+    g_assert_no_error(gerr);
+    qtest_add_abrt_handler(cleanup, &tmpdir);
+    image_path = g_build_filename(tmpdir, "shared.raw", NULL);
+    mig_uri = g_strdup_printf("unix:%s/migsocket", tmpdir);
+    make_image();
+    dst_direct_io = probe_direct_io(image_path);
+    unlink(image_path);
+
+    g_test_add_func("/nas-dedup/caps", test_caps);
+    g_test_add_func("/nas-dedup/savevm", test_savevm);
+    g_test_add_func("/nas-dedup/dma-refs", test_dma_refs);
+    g_test_add_func("/nas-dedup/race", test_race);
+    for (i = 0; i < ARRAY_SIZE(malformed_cases); i++) {
+        g_autofree char *path = g_strdup_printf("/nas-dedup/malformed/%u",
+                                                malformed_cases[i].inject);
+
+        g_test_add_data_func(path, &malformed_cases[i], test_malformed);
+    }
+    g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
+
+    ret = g_test_run();
+
+    qtest_remove_abrt_handler(&tmpdir);
+    cleanup(NULL);
+    g_free(tmpdir);
+    g_free(image_path);
+    g_free(mig_uri);
+    return ret;
+}
