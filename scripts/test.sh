@@ -10,9 +10,10 @@
 #   1. unit tests of the QEMU-independent core (standalone meson build)
 #   2. builds QEMU 10.0.x with our patch series
 #   3. the dedup-nas qtests (tests/qtest/nas-dedup-test.c)
-#   4. upstream's migration qtests (the set meson runs without KVM) on it
+#   4. the functional test: Linux guest on an NFS export, pre-copy vs dedup-nas
+#   5. upstream's migration qtests (the set meson runs without KVM) on it
 #
-# Environment: NASDEDUP_SKIP_UPSTREAM=1 skips step 4 (developer loop only).
+# Environment: NASDEDUP_SKIP_UPSTREAM=1 skips step 5 (developer loop only).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -94,7 +95,11 @@ export PYTHON=/usr/bin/python3
 run_tap nas-dedup-qtest timeout 900 \
     sh -c 'cd build/qemu-src && exec ../qemu/tests/qtest/nas-dedup-test --tap -k'
 
-# 4. Upstream's migration qtests on the patched build.
+# 4. End to end on real shared storage: a Linux guest on an NFS export,
+#    pre-copy against dedup-nas (tests/functional/test_x86_64_nas_dedup.py).
+run_tap functional-nas-dedup timeout 1200 scripts/functional-test.sh
+
+# 5. Upstream's migration qtests on the patched build.
 if [ "${NASDEDUP_SKIP_UPSTREAM:-0}" != 1 ]; then
     # Run from the source tree, as meson does (analyze-script needs it).
     run_tap upstream-migration-test timeout 1800 \
