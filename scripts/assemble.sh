@@ -33,10 +33,7 @@ src="$top/build/qemu-src"
 git_() { git -C "$src" -c user.name=qemu-nas-dedup -c user.email=qemu-nas-dedup@localhost \
              -c core.autocrlf=false -c advice.detachedHead=false "$@"; }
 
-series_hash() {
-    (cd "$top/patches" && cat series && sed -e 's/#.*//' -e '/^\s*$/d' series |
-        while read -r p; do [ -f "$p" ] && cat "$p"; done) | sha256sum | cut -d' ' -f1
-}
+. "$top/scripts/lib/series.sh"
 
 if [ ! -d "$src/.git" ]; then
     say "creating $src from $upstream"
@@ -50,7 +47,7 @@ if [ ! -d "$src/.git" ]; then
 fi
 
 stamp="$src/.git/nasdedup-stamp"
-want=$(series_hash)
+want=$(series_hash "$top")
 have=$(sed -n 1p "$stamp" 2>/dev/null || true)
 have_head=$(sed -n 2p "$stamp" 2>/dev/null || true)
 
@@ -61,7 +58,7 @@ if [ "$want" != "$have" ]; then
         die "build/qemu-src has changes not exported to patches/ (commits or edits).
   Run scripts/export-patches.sh to keep them, or scripts/assemble.sh --force to drop them."
     fi
-    say "applying patch series ($(sed -e 's/#.*//' -e '/^\s*$/d' "$top/patches/series" | wc -l) patches)"
+    say "applying patch series ($(series_list "$top" | wc -l) patches)"
     git_ am --abort >/dev/null 2>&1 || true
     git_ reset -q --hard upstream
     while read -r p; do
@@ -74,7 +71,7 @@ if [ "$want" != "$have" ]; then
             die "patch '$p' does not apply to qemu $(cat "$top/build/debian-src/.version")"
         fi
         say "  applied $p"
-    done < <(sed -e 's/#.*//' -e '/^\s*$/d' "$top/patches/series")
+    done < <(series_list "$top")
     printf '%s\n%s\n' "$want" "$(git_ rev-parse HEAD)" > "$stamp"
 fi
 

@@ -6,6 +6,7 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 src="$top/build/qemu-src"
+. "$top/scripts/lib/series.sh"
 say() { printf '[export-patches] %s\n' "$*" >&2; }
 die() { printf '[export-patches] ERROR: %s\n' "$*" >&2; exit 1; }
 [ -d "$src/.git" ] || die "no assembled tree; run scripts/assemble.sh first"
@@ -25,7 +26,6 @@ rm -f "$top/patches/"*.patch
 } > "$top/patches/series"
 while read -r p; do cp "$tmp/$p" "$top/patches/$p"; done < "$tmp/series.list"
 # The tree now matches patches/: record it so assemble.sh keeps it as is.
-(cd "$top/patches" && cat series && sed -e 's/#.*//' -e '/^\s*$/d' series |
-    while read -r p; do cat "$p"; done) | sha256sum | cut -d' ' -f1 > "$src/.git/nasdedup-stamp"
+series_hash "$top" > "$src/.git/nasdedup-stamp"
 git -C "$src" rev-parse HEAD >> "$src/.git/nasdedup-stamp"
 say "exported $(wc -l < "$tmp/series.list") patches to patches/"
