@@ -35,6 +35,9 @@
 #   NASDEDUP_MIGRATE_PARAMS JSON for migrate-set-parameters on the source,
 #                           e.g. '{"max-bandwidth": 0}' (0 = unlimited;
 #                           QEMU's default is 128 MiB/s)            []
+#   NASDEDUP_MIGRATE_DST_PARAMS  JSON for migrate-set-parameters on the
+#                           destination, e.g. '{"multifd-compression":
+#                           "zstd"}' (must match the source)        []
 #   NASDEDUP_VERIFY_DISK    also run verify-disk on the destination [1]
 #   NASDEDUP_QEMU_ARGS      extra arguments for both QEMUs          []
 #                           dedup-nas must be on from the start to see
@@ -70,6 +73,7 @@ SYNC=${NASDEDUP_SYNC:-0}
 DST_EARLY=${NASDEDUP_DST_EARLY:-0}
 CAPS=${NASDEDUP_MIGRATE_CAPS:-}
 PARAMS=${NASDEDUP_MIGRATE_PARAMS:-}
+DST_PARAMS=${NASDEDUP_MIGRATE_DST_PARAMS:-}
 VERIFY_DISK=${NASDEDUP_VERIFY_DISK:-1}
 PORT=${NASDEDUP_PORT:-4444}
 BOOT_TIMEOUT=${NASDEDUP_BOOT_TIMEOUT:-300}
@@ -217,6 +221,10 @@ if [ -n "$CAPS" ]; then
 fi
 if [ -n "$PARAMS" ]; then
     qmp "$RUN/src-qmp.sock" migrate-set-parameters "$PARAMS" >/dev/null || die "migrate-set-parameters failed"
+fi
+if [ -n "$DST_PARAMS" ]; then
+    qmp "$RUN/dst-qmp.sock" migrate-set-parameters "$DST_PARAMS" >/dev/null ||
+        die "migrate-set-parameters failed on dst"
 fi
 say "source parameters: $(qmp "$RUN/src-qmp.sock" query-migrate-parameters |
     "$NASDEDUP_PYTHON" -c 'import json,sys; p=json.load(sys.stdin); print("max-bandwidth=%d B/s downtime-limit=%d ms" % (p["max-bandwidth"], p["downtime-limit"]))')"
