@@ -31,6 +31,7 @@
 #include "qemu/main-loop.h"
 #include "qemu/memalign.h"
 #include "qapi/error.h"
+#include "io/channel.h"
 #include "system/block-backend.h"
 #include "exec/target_page.h"
 #include "migration.h"
@@ -79,10 +80,12 @@ struct LoadState {
     uint64_t pending;           /* pages with a ticket */
     uint64_t awaiting;          /* of which asked from the source */
     unsigned inflight;
+    int64_t busy_since;         /* when inflight became non-zero, in us */
     CoQueue waitq;
     GArray *resends;            /* Resend, queued by fetches */
     bool refs_seen;
     bool final_seen;
+    bool rp_nodelay;
 };
 
 static LoadState *load;
@@ -153,6 +156,18 @@ static void ticket_clear(LoadState *st, uint32_t *t, unsigned long page)
     }
 }
 
+/*
+ * Our return path messages are small and the source may be waiting for
+ * them with the guest stopped: no Nagle on the return path.
+ */
+static void rp_nodelay(MigrationIncomingState *mis)
+{
+    if (load && !load->rp_nodelay && mis->to_src_file) {
+        qio_channel_set_delay(qemu_file_get_ioc(mis->to_src_file), false);
+        load->rp_nodelay = true;
+    }
+}
+
 static void send_resend(RAMBlock *block, ram_addr_t offset, uint32_t npages)
 {
     MigrationIncomingState *mis = migration_incoming_get_current();
@@ -162,6 +177,7 @@ static void send_resend(RAMBlock *block, ram_addr_t offset, uint32_t npages)
     pstrcpy(r.id, sizeof(r.id), block->idstr);
     nas_dedup_resend_encode(buf, &r);
     stat64_add(&nas_dedup_counters.resend_requests, npages);
+    rp_nodelay(mis);
     if (migrate_send_rp_dedup(mis, false, buf->data, buf->len) < 0) {
         error_report("dedup-nas: could not ask the source for %s 0x%"
                      PRIx64 " x%u", block->idstr, (uint64_t)offset, npages);
@@ -273,9 +289,13 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
     qemu_vfree(buf);
     g_free(rec);
     g_free(fe);
-    if (--st->inflight == 0 && st->dead) {
-        load_state_free(st);
-        return;
+    if (--st->inflight == 0) {
+        stat64_add(&nas_dedup_counters.fetch_time_us,
+                   g_get_monotonic_time() - st->busy_since);
+        if (st->dead) {
+            load_state_free(st);
+            return;
+        }
     }
     qemu_co_queue_restart_all(&st->waitq);
 }
@@ -368,7 +388,9 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     fe->offset = offset;
     fe->rec = rec;
     fe->ticket = ticket;
-    load->inflight++;
+    if (!load->inflight++) {
+        load->busy_since = g_get_monotonic_time();
+    }
     qemu_coroutine_enter(qemu_coroutine_create(nas_dedup_fetch_co, fe));
     return 0;
 }
@@ -396,6 +418,7 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
         return -EINVAL;
     }
     nas_dedup_sync_ack_encode(buf, rec->seq, load->awaiting);
+    rp_nodelay(mis);
     if (migrate_send_rp_dedup(mis, true, buf->data, buf->len) < 0) {
         error_setg(errp, "dedup-nas: cannot answer SYNC on the return path");
         return -EIO;
@@ -440,6 +463,14 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
     }
     g_free(rec);
     return ret;
+}
+
+uint64_t nas_dedup_load_busy_us(void)
+{
+    if (!load || !load->inflight) {
+        return 0;
+    }
+    return g_get_monotonic_time() - load->busy_since;
 }
 
 bool nas_dedup_load_check(void)

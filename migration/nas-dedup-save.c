@@ -16,6 +16,7 @@
 #include "qemu/error-report.h"
 #include "qemu/rcu.h"
 #include "qapi/error.h"
+#include "io/channel.h"
 #include "exec/target_page.h"
 #include "migration.h"
 #include "qemu-file.h"
@@ -29,6 +30,13 @@
 #define NAS_DEDUP_SYNC_TIMEOUT_MS (120 * 1000)
 /* Rounds of "resend, sync again" before giving up. */
 #define NAS_DEDUP_SYNC_ROUNDS 16
+/*
+ * Live SYNCs before switchover gives up waiting for a small backlog (the
+ * guest keeps the destination busy); the final SYNC still resolves all.
+ */
+#define NAS_DEDUP_LIVE_SYNCS 8
+/* How long one switchover check waits for an answer, not to spin. */
+#define NAS_DEDUP_LIVE_WAIT_MS 20
 
 static struct {
     /* The pending run of references; migration thread only. */
@@ -60,6 +68,18 @@ static struct {
     QemuSemaphore ack_sem;
     uint32_t acked_seq;
     uint32_t acked_pending;
+
+    /*
+     * Live SYNC: before switchover, while the guest still runs, let the
+     * destination catch up with its reads, so that the stopped guest only
+     * waits for the references of the last round.  Migration thread only.
+     */
+    uint64_t ref_pages;             /* pages sent as references */
+    uint64_t resolved_mark;         /* ref_pages when the acked SYNC went */
+    uint32_t live_seq;              /* live SYNC in flight, or 0 */
+    uint64_t live_mark;
+    unsigned live_syncs;
+    bool want_live_sync;
 } save;
 
 static GByteArray *nas_dedup_buf(void)
@@ -110,6 +130,14 @@ int nas_dedup_save_setup(Error **errp)
          */
         return 0;
     }
+    /*
+     * SYNC is a small record that the guest, stopped, waits on: do not let
+     * Nagle hold it back behind unacknowledged stream data.
+     */
+    if (migrate_get_current()->to_dst_file) {
+        qio_channel_set_delay(
+            qemu_file_get_ioc(migrate_get_current()->to_dst_file), false);
+    }
     save.drive_sent = bitmap_new(NAS_DEDUP_MAX_DRIVES + 1);
     qemu_mutex_init(&save.noref_lock);
     save.noref = g_hash_table_new_full(NULL, NULL, NULL, g_free);
@@ -117,6 +145,12 @@ int nas_dedup_save_setup(Error **errp)
     qemu_sem_init(&save.ack_sem, 0);
     save.acked_seq = 0;
     save.acked_pending = 0;
+    save.ref_pages = 0;
+    save.resolved_mark = 0;
+    save.live_seq = 0;
+    save.live_mark = 0;
+    save.live_syncs = 0;
+    save.want_live_sync = false;
     return 0;
 }
 
@@ -225,6 +259,7 @@ static int flush_run(void)
                               save.run.drive, save.run.disk_offset,
                               save.run.npages);
     len = put_record(save.run_block, save.run_offset, &save.run);
+    save.ref_pages += save.run.npages;
     stat64_add(&nas_dedup_counters.ref_pages, save.run.npages);
     stat64_add(&nas_dedup_counters.ref_bytes, len);
     save.run.npages = 0;
@@ -289,6 +324,9 @@ static int redirty_requested(Error **errp)
     return pages;
 }
 
+static void put_sync(QEMUFile *f, NasDedupPutHeader put_header, void *opaque,
+                     bool final);
+
 int nas_dedup_save_flush(void)
 {
     Error *local_err = NULL;
@@ -296,6 +334,13 @@ int nas_dedup_save_flush(void)
 
     if (ret < 0) {
         return ret;
+    }
+    if (save.want_live_sync && !save.live_seq && save.f) {
+        put_sync(save.f, save.put_header, save.opaque, false);
+        save.live_seq = save.seq;
+        save.live_mark = save.ref_pages;
+        save.live_syncs++;
+        save.want_live_sync = false;
     }
     if (redirty_requested(&local_err) < 0) {
         migrate_set_error(migrate_get_current(), local_err);
@@ -398,6 +443,39 @@ static void put_sync(QEMUFile *f, NasDedupPutHeader put_header, void *opaque,
     /* Any RAMBlock will do: the record is about all of them. */
     put_record(save.run_block, 0, rec);
     g_free(rec);
+}
+
+bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
+                                   uint64_t threshold_bytes)
+{
+    uint64_t backlog;
+
+    if (!migrate_dedup_nas() || !save.noref || !save.any_refs) {
+        return true;
+    }
+    if (save.live_seq &&
+        (int32_t)(qatomic_load_acquire(&save.acked_seq) - save.live_seq) >= 0) {
+        save.resolved_mark = save.live_mark;
+        save.live_seq = 0;
+    }
+    backlog = (save.ref_pages + save.run.npages - save.resolved_mark) *
+              NAS_DEDUP_CHUNK;
+    /*
+     * The stopped guest waits for the pages still to send and for the
+     * blocks still to read: together they must fit the downtime budget.
+     */
+    if (pending_bytes + backlog <= threshold_bytes ||
+        save.live_syncs >= NAS_DEDUP_LIVE_SYNCS) {
+        trace_nas_dedup_save_switchover(backlog, save.live_syncs);
+        return true;
+    }
+    if (save.live_seq) {
+        /* Answer pending: wait a little rather than spin on bitmap syncs. */
+        qemu_sem_timedwait(&save.ack_sem, NAS_DEDUP_LIVE_WAIT_MS);
+    } else {
+        save.want_live_sync = true;     /* sent by nas_dedup_save_flush() */
+    }
+    return false;
 }
 
 int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,

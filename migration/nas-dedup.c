@@ -159,6 +159,7 @@ void nas_dedup_stats_reset(bool incoming)
         stat64_set(&c->mismatches, 0);
         stat64_set(&c->read_errors, 0);
         stat64_set(&c->resend_requests, 0);
+        stat64_set(&c->fetch_time_us, 0);
     } else {
         stat64_set(&c->ref_pages, 0);
         stat64_set(&c->ref_bytes, 0);
@@ -182,6 +183,8 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
         st->mismatches = stat64_get(&c->mismatches);
         st->read_errors = stat64_get(&c->read_errors);
         st->resend_requests = stat64_get(&c->resend_requests);
+        st->fetch_time = (stat64_get(&c->fetch_time_us) +
+                          nas_dedup_load_busy_us()) / 1000;
         return;
     }
     st->ref_pages = stat64_get(&c->ref_pages);
@@ -225,7 +228,8 @@ void nas_dedup_hmp_info(Monitor *mon, const DedupNasStats *st)
     }
     if (st->fetched_blocks || st->mismatches || st->read_errors) {
         monitor_printf(mon, "dedup-nas fetched: %" PRIu64 " blocks, %" PRIu64
-                       " bytes\n", st->fetched_blocks, st->fetched_bytes);
+                       " bytes in %" PRIu64 " ms\n", st->fetched_blocks,
+                       st->fetched_bytes, st->fetch_time);
         monitor_printf(mon, "dedup-nas verified pages: %" PRIu64 "\n",
                        st->verified_pages);
         monitor_printf(mon, "dedup-nas mismatches: %" PRIu64

@@ -40,6 +40,7 @@ typedef struct NasDedupCounters {
     Stat64 mismatches;
     Stat64 read_errors;
     Stat64 resend_requests;
+    Stat64 fetch_time_us;       /* with at least one read in flight */
 } NasDedupCounters;
 extern NasDedupCounters nas_dedup_counters;
 
@@ -70,6 +71,14 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
 /* Send the pending run of references, if any. */
 int nas_dedup_save_flush(void);
 /*
+ * Migration thread, about to stop the guest with @pending_bytes left to
+ * send: false while that and the blocks of the references the destination
+ * has not resolved yet exceed @threshold_bytes (the downtime budget); a
+ * live SYNC then lets the destination catch up while the guest runs.
+ */
+bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
+                                   uint64_t threshold_bytes);
+/*
  * At switchover, with every page sent: make sure the destination verified
  * or got again every page sent as a reference.  Returns > 0 if pages were
  * re-dirtied and must be sent before calling it again, 0 when done.
@@ -95,5 +104,7 @@ void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset);
  * as a reference was neither verified nor sent again.
  */
 bool nas_dedup_load_check(void);
+/* Microseconds the reads in flight now have been running (main loop). */
+uint64_t nas_dedup_load_busy_us(void);
 
 #endif

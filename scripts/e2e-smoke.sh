@@ -46,6 +46,17 @@
 #                            -global migration.x-return-path=on"
 #                           (its query-migrate stats are printed as
 #                           src_dedup_* / dst_dedup_*)
+#   NASDEDUP_SNAPSHOT_DIR   if set: keep the destination paused at the
+#                           end of the migration (-S), save the stopped
+#                           source's RAM (pmemsave) as DIR/ram.bin and the
+#                           disk image as DIR/disk.raw, then let the
+#                           destination run; for benchmark floors   []
+#   NASDEDUP_IOBENCH_ROUNDS if set (N): no migration; instead time the
+#                           guest's iobench workload N times with the
+#                           dedup-nas capability off and N times on, in
+#                           alternating order ("IOBENCH ..." lines)  []
+#   NASDEDUP_IOBENCH_WRITE_MB  MiB each iobench round writes        [32]
+#   NASDEDUP_IOBENCH_READ_MB   MiB each iobench round reads        [all]
 #   NASDEDUP_PORT           migration port (inside the namespace)   [4444]
 #   NASDEDUP_KEEP_NFS       1: leave an export this script started  [0]
 #   NASDEDUP_BOOT_TIMEOUT / NASDEDUP_MIGRATE_TIMEOUT / NASDEDUP_VERIFY_TIMEOUT
@@ -161,7 +172,9 @@ start_qemu() {
 
 # The destination waits on -incoming; sets DST_PID.
 start_dst() {
-    start_qemu dst -incoming "tcp:127.0.0.1:$PORT"
+    local paused=()
+    [ -z "${NASDEDUP_SNAPSHOT_DIR:-}" ] || paused=(-S)
+    start_qemu dst -incoming "tcp:127.0.0.1:$PORT" "${paused[@]}"
     DST_PID=$QEMU_PID
     "$NASDEDUP_PYTHON" "$QMP_PY" wait-status "$RUN/dst-qmp.sock" inmigrate --timeout 30 >/dev/null ||
         die "destination not in state inmigrate"
@@ -209,6 +222,35 @@ say "boot: /init after $((t_init - t_launch))ms, ready after $((t_ready - t_laun
 grep -a 'nasdedup: read ' "$RUN/src-console.log" | tr -d '\r' | sed 's/^/    /' >&2 || true
 sleep "$SETTLE_S"
 
+# --- iobench: the guest's disk workload with tracking off and on -----------------
+if [ -n "${NASDEDUP_IOBENCH_ROUNDS:-}" ]; then
+    iobench() {    # on|off
+        local out
+        qmp "$RUN/src-qmp.sock" migrate-set-capabilities \
+            "{\"capabilities\":[{\"capability\":\"dedup-nas\",\"state\":$([ "$1" = on ] && echo true || echo false)}]}" \
+            >/dev/null || die "cannot turn dedup-nas $1"
+        out=$("$NASDEDUP_PYTHON" "$QMP_PY" serial "$RUN/src-serial.sock" \
+            --send "iobench ${NASDEDUP_IOBENCH_WRITE_MB:-32} ${NASDEDUP_IOBENCH_READ_MB:-}" \
+            --expect 'NASDEDUP-IOBENCH' --timeout "$VERIFY_TIMEOUT") ||
+            die "no iobench answer from the guest"
+        out=$(printf '%s\n' "$out" | grep -a 'NASDEDUP-IOBENCH' | tail -1 | tr -d '\r')
+        case $out in *FAIL*) die "guest: $out" ;; esac
+        echo "IOBENCH tracking=$1 ${out#NASDEDUP-IOBENCH }"
+    }
+    for ((i = 0; i < NASDEDUP_IOBENCH_ROUNDS; i++)); do
+        # off/on, then on/off: a drift of the machine hits both alike.
+        if ((i % 2 == 0)); then iobench off; iobench on; else iobench on; iobench off; fi
+    done
+    qmp "$RUN/src-qmp.sock" query-migrate >"$RUN/query-migrate.json" || true
+    "$NASDEDUP_PYTHON" - "$RUN/query-migrate.json" <<'EOF'
+import json, sys
+st = json.load(open(sys.argv[1])).get("dedup-nas", {})
+print("IOBENCH-INDEX " + " ".join("%s=%s" % (k.replace("-", "_"), v) for k, v in sorted(st.items())))
+EOF
+    say "iobench done"
+    exit 0
+fi
+
 [ "$DST_EARLY" = 1 ] || start_dst
 
 if [ -n "$CAPS" ]; then
@@ -238,6 +280,27 @@ if ! "$NASDEDUP_PYTHON" "$QMP_PY" wait-migration "$RUN/src-qmp.sock" --timeout "
     die "migration did not complete"
 fi
 t_migdone=$(now_ms)
+if [ -n "${NASDEDUP_SNAPSHOT_DIR:-}" ]; then
+    # Both VMs are stopped now: the source's RAM and the disk are as they
+    # were at switchover.
+    mkdir -p "$NASDEDUP_SNAPSHOT_DIR"
+    rm -f "$NASDEDUP_SNAPSHOT_DIR/ram.bin" "$NASDEDUP_SNAPSHOT_DIR/disk.raw"
+    "$NASDEDUP_PYTHON" "$QMP_PY" wait-status "$RUN/dst-qmp.sock" paused --timeout 60 >/dev/null ||
+        die "destination not paused after migration"
+    ram_bytes=$(qmp "$RUN/src-qmp.sock" query-memory-size-summary |
+        "$NASDEDUP_PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["base-memory"])')
+    qmp "$RUN/src-qmp.sock" pmemsave \
+        "{\"val\": 0, \"size\": $ram_bytes, \"filename\": \"$NASDEDUP_SNAPSHOT_DIR/ram.bin\"}" \
+        --timeout 300 >/dev/null || die "pmemsave failed"
+    if [ "$FMT" = raw ]; then
+        cp --sparse=always "$NASDEDUP_EXPORT_DIR/$DISK" "$NASDEDUP_SNAPSHOT_DIR/disk.raw"
+    else
+        "$(qemu_img)" convert -U -f "$FMT" -O raw "$NASDEDUP_EXPORT_DIR/$DISK" \
+            "$NASDEDUP_SNAPSHOT_DIR/disk.raw" || die "qemu-img convert failed"
+    fi
+    say "snapshot at switchover: $NASDEDUP_SNAPSHOT_DIR/{ram.bin,disk.raw}"
+    qmp "$RUN/dst-qmp.sock" cont >/dev/null || die "cont on the destination failed"
+fi
 "$NASDEDUP_PYTHON" "$QMP_PY" wait-status "$RUN/dst-qmp.sock" running --timeout 60 >/dev/null ||
     die "destination not running after migration"
 qmp "$RUN/dst-qmp.sock" query-migrate >"$RUN/query-migrate-dst.json" || true

@@ -49,6 +49,8 @@ PKGS=(
     # real shared storage and guest assets (end-to-end demo and tests)
     nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils
     busybox-static e2fsprogs cpio kmod iproute2 util-linux
+    # benchmark plot
+    python3-matplotlib
 )
 # Packages we need newer than bookworm has.
 BPO_PKGS=(meson python3-pycotap qemu-system-data)

@@ -69,7 +69,7 @@ def connect(path, timeout):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return QMP(path)
+            return QMP(path, max(10.0, timeout))
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() >= deadline:
                 raise

@@ -1,0 +1,502 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Benchmark dedup-nas against QEMU's own migration modes, side by side.
+
+Every run boots the test guest from the NFS export, fills its page cache,
+live-migrates it with one mode (scripts/e2e-smoke.sh does the run and the
+guest's verification) and records what query-migrate reports.  For each run
+the stopped source's RAM and the disk at switchover are saved and compared
+to compute the floor: what a migration must send at least when every page
+whose content is on the shared disk goes as a reference.
+
+    floor = 4096 * (non-zero pages whose content is on no disk block)
+          + REF_COST * (non-zero pages whose content is on the disk)
+
+REF_COST is 16 bytes, the XXH3-128 hash a verifiable reference carries;
+zero pages are counted as free.
+
+Matrices (--matrix):
+  smoke     one scenario, pre-copy and dedup-nas (part of the test command)
+  standard  the results page: page-cache share sweep on the 1 GbE model,
+            plus a dirtying workload, qcow2, an uncapped link and 2 GiB at
+            60 %; tracking overhead
+  full      every combination of RAM {1G, 2G} x page cache {0, 30, 60,
+            85 %} x workload {idle, busy} x format {raw, qcow2} x link
+            {1 GbE, uncapped} x mode (hours)
+
+Writes CSV, Markdown and a PNG plot to --out (build/bench/); with --doc,
+also the results page docs/benchmark.md (+ .csv, .png).  Prints a line per
+run while it goes.
+"""
+import argparse
+import csv
+import datetime
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+E2E = os.path.join(TOP, "scripts", "e2e-smoke.sh")
+PAGE = 4096
+REF_COST = 16
+LINK_1GBE = 125000000           # bytes/s: 1 Gbit/s
+
+MODES = {
+    # name: (caps on both sides, source params, destination params, QEMU args)
+    "pre-copy": ("", {}, {}, ""),
+    "xbzrle": ("xbzrle", {}, {}, ""),
+    "multifd+zstd": ("multifd",
+                     {"multifd-channels": 2, "multifd-compression": "zstd"},
+                     {"multifd-channels": 2, "multifd-compression": "zstd"}, ""),
+    "dedup-nas": ("", {}, {},
+                  "-global migration.x-dedup-nas=on -global migration.x-return-path=on"),
+}
+DEDUP_ARGS = MODES["dedup-nas"][3]
+WORKLOADS = {
+    # name: (write_mb, dirty_mb, churn_mb)
+    "idle": (0, 0, 0),
+    "busy": (16, 64, 8),
+}
+LINKS = {"1GbE": LINK_1GBE, "uncapped": 0}
+
+
+def scenario(mem, cache, work="idle", fmt="raw", link="1GbE"):
+    return {"mem": mem, "cache": cache, "work": work, "fmt": fmt, "link": link}
+
+
+def matrix(name):
+    all_modes = list(MODES)
+    runs = []
+    if name == "smoke":
+        runs.append((scenario("512M", 60), ["pre-copy", "dedup-nas"]))
+    elif name == "standard":
+        for cache in (0, 30, 60, 85):
+            runs.append((scenario("1G", cache), all_modes))
+        runs.append((scenario("1G", 60, work="busy"), all_modes))
+        runs.append((scenario("1G", 60, fmt="qcow2"), all_modes))
+        runs.append((scenario("1G", 60, link="uncapped"), all_modes))
+        runs.append((scenario("2G", 60), ["pre-copy", "dedup-nas"]))
+    elif name == "full":
+        for mem in ("1G", "2G"):
+            for cache in (0, 30, 60, 85):
+                for work in WORKLOADS:
+                    for fmt in ("raw", "qcow2"):
+                        for link in LINKS:
+                            runs.append((scenario(mem, cache, work, fmt, link), all_modes))
+    else:
+        raise SystemExit("unknown matrix %r" % name)
+    return runs
+
+
+def mem_mib(mem):
+    m = re.fullmatch(r"(\d+)([MG])", mem)
+    return int(m.group(1)) * (1024 if m.group(2) == "G" else 1)
+
+
+def read_mb(sc):
+    return mem_mib(sc["mem"]) * sc["cache"] // 100
+
+
+def say(msg):
+    print("[bench] %s" % msg, file=sys.stderr, flush=True)
+
+
+def parse_kv(line, prefix):
+    out = {}
+    for kv in line[len(prefix):].split():
+        if "=" in kv:
+            k, v = kv.split("=", 1)
+            out[k] = v
+    return out
+
+
+def run_e2e(env_extra, log_path, timeout):
+    env = dict(os.environ)
+    env.update(env_extra)
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([E2E], env=env, stdout=subprocess.PIPE, stderr=log,
+                             text=True, cwd=TOP)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.terminate()       # e2e-smoke.sh stops what it started
+            out, _ = p.communicate(timeout=60)
+            out += "\nTIMEOUT\n"
+    return p.returncode, out
+
+
+def floor_of(snap):
+    """Pages of the source's RAM at switchover: zero, on disk, other."""
+    zero = bytes(PAGE)
+    on_disk = set()
+    with open(os.path.join(snap, "disk.raw"), "rb") as f:
+        while True:
+            buf = f.read(PAGE * 256)
+            if not buf:
+                break
+            for i in range(0, len(buf) - PAGE + 1, PAGE):
+                b = buf[i:i + PAGE]
+                if b != zero:
+                    on_disk.add(hashlib.blake2b(b, digest_size=16).digest())
+    n_zero = n_disk = n_other = 0
+    with open(os.path.join(snap, "ram.bin"), "rb") as f:
+        while True:
+            buf = f.read(PAGE * 256)
+            if not buf:
+                break
+            for i in range(0, len(buf), PAGE):
+                b = buf[i:i + PAGE]
+                if b == zero:
+                    n_zero += 1
+                elif hashlib.blake2b(b, digest_size=16).digest() in on_disk:
+                    n_disk += 1
+                else:
+                    n_other += 1
+    return {"ram_zero_pages": n_zero, "ram_disk_pages": n_disk,
+            "ram_other_pages": n_other,
+            "floor_bytes": PAGE * n_other + REF_COST * n_disk}
+
+
+def num(r, k, default=0.0):
+    try:
+        return float(r.get(k, default))
+    except (TypeError, ValueError):
+        return default
+
+
+def one_run(args, sc, mode, idx, total):
+    caps, sparams, dparams, qargs = MODES[mode]
+    wmb, dmb, cmb = WORKLOADS[sc["work"]]
+    sparams = dict(sparams, **{"max-bandwidth": LINKS[sc["link"]]})
+    snap = os.path.join(args.out, "snapshot")
+    env = {
+        "NASDEDUP_MEM": sc["mem"], "NASDEDUP_READ_MB": str(read_mb(sc)),
+        "NASDEDUP_DATA_MB": str(args.data_mb),
+        "NASDEDUP_WRITE_MB": str(wmb), "NASDEDUP_DIRTY_MB": str(dmb),
+        "NASDEDUP_CHURN_MB": str(cmb), "NASDEDUP_DISK_FORMAT": sc["fmt"],
+        "NASDEDUP_MIGRATE_CAPS": caps,
+        "NASDEDUP_MIGRATE_PARAMS": _json(sparams),
+        "NASDEDUP_MIGRATE_DST_PARAMS": _json(dparams) if dparams else "",
+        "NASDEDUP_QEMU_ARGS": qargs, "NASDEDUP_VERIFY_DISK": "0",
+        "NASDEDUP_SNAPSHOT_DIR": snap, "NASDEDUP_KEEP_NFS": "1",
+    }
+    label = "%s %d%% %s %s %s" % (sc["mem"], sc["cache"], sc["work"], sc["fmt"], sc["link"])
+    say("run %d/%d: %s, %s" % (idx, total, label, mode))
+    log = os.path.join(args.out, "logs", "run%03d-%s.log" % (idx, mode.replace("+", "-")))
+    t0 = time.monotonic()
+    rc, out = run_e2e(env, log, args.run_timeout)
+    row = dict(sc, mode=mode, read_mb=read_mb(sc), verdict="FAIL", log=os.path.relpath(log, TOP))
+    res = [line for line in out.splitlines() if line.startswith("E2E-RESULT ")]
+    if res:
+        row.update(parse_kv(res[-1], "E2E-RESULT "))
+    if rc != 0:
+        row["verdict"] = "FAIL"
+    if rc == 0 and os.path.exists(os.path.join(snap, "ram.bin")):
+        row.update(floor_of(snap))
+    shutil.rmtree(snap, ignore_errors=True)
+    r = row
+    say("    %s: %.1f MB on the wire, %.1f MB from NFS, %.2f s, downtime %d ms, "
+        "%d ref pages, floor %.1f MB (%.0f s incl. boot)" % (
+            r["verdict"], num(r, "ram_transferred_bytes") / 1e6,
+            num(r, "dst_dedup_fetched_bytes") / 1e6, num(r, "total_ms") / 1e3,
+            num(r, "downtime_ms"), num(r, "src_dedup_ref_pages"),
+            num(r, "floor_bytes") / 1e6, time.monotonic() - t0))
+    return row
+
+
+def _json(d):
+    import json
+    return json.dumps(d)
+
+
+def iobench(args):
+    """Guest disk workload with dedup-nas tracking off and on."""
+    env = {
+        "NASDEDUP_MEM": "1G", "NASDEDUP_READ_MB": "0",
+        "NASDEDUP_DATA_MB": str(args.data_mb),
+        "NASDEDUP_WRITE_MB": "0", "NASDEDUP_DIRTY_MB": "0", "NASDEDUP_CHURN_MB": "0",
+        "NASDEDUP_QEMU_ARGS": DEDUP_ARGS, "NASDEDUP_KEEP_NFS": "1",
+        "NASDEDUP_IOBENCH_ROUNDS": str(args.iobench_rounds),
+        "NASDEDUP_IOBENCH_READ_MB": str(args.iobench_read_mb),
+        "NASDEDUP_IOBENCH_WRITE_MB": "32",
+    }
+    say("tracking overhead: %d rounds of the guest's iobench (read %d MiB, write 32 MiB), off and on"
+        % (args.iobench_rounds, args.iobench_read_mb))
+    log = os.path.join(args.out, "logs", "iobench.log")
+    rc, out = run_e2e(env, log, args.run_timeout * 2)
+    rounds = [parse_kv(l, "IOBENCH ") for l in out.splitlines() if l.startswith("IOBENCH ")]
+    index = [parse_kv(l, "IOBENCH-INDEX ") for l in out.splitlines() if l.startswith("IOBENCH-INDEX ")]
+    if rc != 0 or not rounds:
+        say("    iobench failed (log: %s)" % log)
+        return None
+    res = {"rounds": rounds, "index": index[-1] if index else {}}
+    for state in ("off", "on"):
+        rs = [r for r in rounds if r["tracking"] == state]
+        res[state + "_cs"] = sorted(int(r["read_cs"]) + int(r["write_cs"]) for r in rs)
+        res[state + "_read_cs"] = sorted(int(r["read_cs"]) for r in rs)
+        res[state + "_write_cs"] = sorted(int(r["write_cs"]) for r in rs)
+    res["read_bytes"] = int(rounds[0]["read_bytes"])
+    res["write_bytes"] = int(rounds[0]["write_bytes"])
+    med = lambda v: v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    res["off_med"], res["on_med"] = med(res["off_cs"]), med(res["on_cs"])
+    res["overhead"] = res["on_med"] / res["off_med"] - 1 if res["off_med"] else float("nan")
+    say("    total centiseconds off %s, on %s: overhead %+.1f %% (medians)"
+        % (res["off_cs"], res["on_cs"], 100 * res["overhead"]))
+    return res
+
+
+FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "mode", "verdict",
+          "ram_transferred_bytes", "dst_dedup_fetched_bytes", "total_ms", "downtime_ms",
+          "setup_ms", "src_dedup_ref_pages", "src_dedup_ref_bytes", "src_dedup_resent_pages",
+          "dst_dedup_mismatches", "dst_dedup_fetch_time", "src_dedup_index_size",
+          "src_dedup_index_entries", "src_dedup_index_capacity", "ram_zero_pages",
+          "ram_disk_pages", "ram_other_pages", "floor_bytes", "bytes_over_floor",
+          "bytes_vs_precopy", "time_vs_precopy", "dirty_sync_count", "normal_pages",
+          "zero_pages", "log"]
+
+
+def derive(rows):
+    """Ratios against the floor and against pre-copy of the same scenario."""
+    key = lambda r: (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
+    base = {key(r): r for r in rows if r["mode"] == "pre-copy" and r["verdict"] == "OK"}
+    for r in rows:
+        if r["verdict"] != "OK":
+            continue
+        wire = num(r, "ram_transferred_bytes")
+        if num(r, "floor_bytes"):
+            r["bytes_over_floor"] = "%.3f" % (wire / num(r, "floor_bytes"))
+        b = base.get(key(r))
+        if b and num(b, "ram_transferred_bytes") and num(b, "total_ms"):
+            r["bytes_vs_precopy"] = "%.3f" % (wire / num(b, "ram_transferred_bytes"))
+            r["time_vs_precopy"] = "%.3f" % (num(r, "total_ms") / num(b, "total_ms"))
+
+
+def scen_label(r):
+    return "%s, %s%% cache, %s, %s, %s" % (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
+
+
+def markdown(rows):
+    out = ["| scenario | mode | RAM on wire | from NFS | floor | wire/floor | wire vs pre-copy "
+           "| total time | time vs pre-copy | downtime | ref pages | resent | verdict |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        f = lambda k, fmt="%s", scale=1.0: (fmt % (num(r, k) / scale)) if r.get(k) not in (None, "") else "–"
+        out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            scen_label(r), r["mode"], f("ram_transferred_bytes", "%.1f MB", 1e6),
+            f("dst_dedup_fetched_bytes", "%.1f MB", 1e6) if r["mode"] == "dedup-nas" else "–",
+            f("floor_bytes", "%.1f MB", 1e6), f("bytes_over_floor", "%.2f×"),
+            f("bytes_vs_precopy", "%.2f×"), f("total_ms", "%.2f s", 1e3),
+            f("time_vs_precopy", "%.2f×"), f("downtime_ms", "%d ms"),
+            f("src_dedup_ref_pages", "%d") if r["mode"] == "dedup-nas" else "–",
+            f("src_dedup_resent_pages", "%d") if r["mode"] == "dedup-nas" else "–",
+            r["verdict"]))
+    return "\n".join(out)
+
+
+def extras(rows, io):
+    """Index memory, fetch throughput, tracking overhead."""
+    out = []
+    dd = [r for r in rows if r["mode"] == "dedup-nas" and r["verdict"] == "OK"]
+    if dd:
+        out += ["| scenario | guest RAM | index memory | index/RAM | entries | fetched | fetch busy "
+                "| fetch throughput | vs link |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in dd:
+            ram = mem_mib(r["mem"]) << 20
+            ft = num(r, "dst_dedup_fetch_time")
+            thr = num(r, "dst_dedup_fetched_bytes") / (ft / 1e3) if ft else 0
+            link = LINKS[r["link"]]
+            out.append("| %s | %d MiB | %.1f MiB | %.2f %% | %d | %.1f MB | %d ms | %.0f MB/s | %s |" % (
+                scen_label(r), ram >> 20, num(r, "src_dedup_index_size") / 2**20,
+                100 * num(r, "src_dedup_index_size") / ram, num(r, "src_dedup_index_entries"),
+                num(r, "dst_dedup_fetched_bytes") / 1e6, ft, thr / 1e6,
+                ("%.2f×" % (thr / link)) if link and thr else "uncapped"))
+    if io:
+        out += ["", "Tracking overhead (guest iobench: drop caches, read %.0f MB of files, write %.0f MB "
+                "and sync; centiseconds as the guest measured them, %d rounds each, alternating order):"
+                % (io["read_bytes"] / 1e6, io["write_bytes"] / 1e6, len(io["on_cs"])), "",
+                "| tracking | read (cs) | write (cs) | total (cs) | median total |",
+                "|---|---|---|---|---:|",
+                "| off | %s | %s | %s | %s |" % (io["off_read_cs"], io["off_write_cs"], io["off_cs"], io["off_med"]),
+                "| on | %s | %s | %s | %s |" % (io["on_read_cs"], io["on_write_cs"], io["on_cs"], io["on_med"]),
+                "", "Overhead of tracking (median on / median off − 1): **%+.1f %%**; index after the "
+                "rounds: %s entries in %.1f MiB." % (100 * io["overhead"],
+                                                      io["index"].get("index_entries", "?"),
+                                                      num(io["index"], "index_size") / 2**20)]
+    return "\n".join(out)
+
+
+def targets(rows, io):
+    """The issue's targets for the 60 % page-cache idle 1 GiB guest on 1 GbE."""
+    sel = {r["mode"]: r for r in rows if r["mem"] == "1G" and r["cache"] == 60 and r["work"] == "idle"
+           and r["fmt"] == "raw" and r["link"] == "1GbE" and r["verdict"] == "OK"}
+    if "pre-copy" not in sel or "dedup-nas" not in sel:
+        return ""
+    p, d = sel["pre-copy"], sel["dedup-nas"]
+    speed = num(p, "total_ms") / num(d, "total_ms")
+    of = num(d, "bytes_over_floor", float("nan"))
+    lines = ["| target (1 GiB, 60 % page cache, idle, raw, 1 GbE) | measured | met |", "|---|---|---|",
+             "| total time ≥ 2.5× shorter than pre-copy | %.2f× (%.2f s vs %.2f s) | %s |" % (
+                 speed, num(d, "total_ms") / 1e3, num(p, "total_ms") / 1e3, "yes" if speed >= 2.5 else "no"),
+             "| bytes within 1.1× of the floor | %.2f× | %s |" % (of, "yes" if of <= 1.1 else "no"),
+             "| downtime not above pre-copy's | %d ms vs %d ms | %s |" % (
+                 num(d, "downtime_ms"), num(p, "downtime_ms"),
+                 "yes" if num(d, "downtime_ms") <= num(p, "downtime_ms") else "no")]
+    if io:
+        lines.append("| tracking overhead ≤ 2 %% | %+.1f %% | %s |" % (
+            100 * io["overhead"], "yes" if io["overhead"] <= 0.02 else "no"))
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("python3-matplotlib missing: no plot")
+        return False
+    scens = []
+    for r in rows:
+        if scen_label(r) not in scens:
+            scens.append(scen_label(r))
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(scens)), 9), sharex=True)
+    w = 0.8 / max(1, len(modes))
+    for j, m in enumerate(modes):
+        xs, wire, tt = [], [], []
+        for i, s in enumerate(scens):
+            r = next((r for r in rows if scen_label(r) == s and r["mode"] == m and r["verdict"] == "OK"), None)
+            if r:
+                xs.append(i + (j - (len(modes) - 1) / 2) * w)
+                wire.append(num(r, "ram_transferred_bytes") / 1e6)
+                tt.append(num(r, "total_ms") / 1e3)
+        axes[0].bar(xs, wire, w, label=m)
+        axes[1].bar(xs, tt, w, label=m)
+    fl = [(i, num(r, "floor_bytes") / 1e6) for i, s in enumerate(scens)
+          for r in [next((r for r in rows if scen_label(r) == s and r.get("floor_bytes")), None)] if r]
+    if fl:
+        axes[0].scatter([i for i, _ in fl], [v for _, v in fl], marker="_", s=900, color="black",
+                        zorder=3, label="floor")
+    axes[0].set_ylabel("RAM bytes on the wire (MB)")
+    axes[1].set_ylabel("total migration time (s)")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("qemu-nas-dedup: live migration of a Linux guest on NFS (TCG, loopback)")
+    axes[1].set_xticks(range(len(scens)))
+    axes[1].set_xticklabels([s.replace(", ", "\n") for s in scens], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def machine():
+    def sh(cmd):
+        try:
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+    cpu = sh("lscpu | sed -n 's/^Model name: *//p' | head -1")
+    qemu = sh("'%s' --version | head -1" % os.path.join(TOP, "build", "qemu", "qemu-system-x86_64"))
+    return ("%s; %s CPUs (%s); %s GiB RAM; %s; %s; accelerator TCG (no KVM); NFS: nfs-ganesha (VFS) "
+            "on loopback in a network namespace, both QEMUs through libnfs" % (
+                platform.platform(), os.cpu_count(), cpu,
+                round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30), qemu,
+                sh("git -C '%s' log -1 --format='commit %%h'" % TOP)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--matrix", default="standard", choices=("smoke", "standard", "full"))
+    ap.add_argument("--modes", help="comma-separated subset of: " + ", ".join(MODES))
+    ap.add_argument("--out", default=os.path.join(TOP, "build", "bench"))
+    ap.add_argument("--doc", action="store_true", help="write docs/benchmark.{md,csv,png}")
+    ap.add_argument("--iobench-rounds", type=int, default=None,
+                    help="tracking-overhead rounds (standard/full: 5, smoke: 0)")
+    ap.add_argument("--iobench-read-mb", type=int, default=400)
+    ap.add_argument("--run-timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless every run's guest verdict is OK (smoke test)")
+    args = ap.parse_args()
+    runs = matrix(args.matrix)
+    if args.modes:
+        keep = args.modes.split(",")
+        bad = [m for m in keep if m not in MODES]
+        if bad:
+            ap.error("unknown mode(s) %s" % bad)
+        runs = [(sc, [m for m in ms if m in keep]) for sc, ms in runs]
+    if args.iobench_rounds is None:
+        args.iobench_rounds = 0 if args.matrix == "smoke" else 5
+    args.data_mb = max([400, args.iobench_read_mb if args.iobench_rounds else 0] +
+                       [read_mb(sc) for sc, _ in runs])
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+    total = sum(len(ms) for _, ms in runs)
+    say("matrix %s: %d runs; data disk %d MiB; output in %s" % (args.matrix, total, args.data_mb, args.out))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    rows, i = [], 0
+    for sc, ms in runs:
+        for m in ms:
+            i += 1
+            rows.append(one_run(args, sc, m, i, total))
+    io = iobench(args) if args.iobench_rounds else None
+    derive(rows)
+
+    csv_path = os.path.join(args.out, "bench.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    png = os.path.join(args.out, "bench.png")
+    have_png = plot(rows, png)
+    elapsed = datetime.datetime.now(datetime.timezone.utc) - started
+    md = ["# qemu-nas-dedup benchmark results", "",
+          "Generated by `scripts/bench.sh --matrix %s%s` on %s in %d min. Do not edit: run the command again."
+          % (args.matrix, " --doc" if args.doc else "", started.strftime("%Y-%m-%d %H:%M UTC"),
+             elapsed.total_seconds() // 60), "",
+          "Machine: " + machine() + ".", "",
+          "Every run boots the same Linux guest (Debian's kernel, busybox initramfs) with its data disk "
+          "on the NFS export, reads the given share of its RAM worth of files into the page cache, "
+          "then live-migrates it over loopback TCP with one mode; the destination guest checks every "
+          "file it read and wrote and all the memory it dirtied (verdict). 1GbE = `max-bandwidth` "
+          "125 MB/s; uncapped = `max-bandwidth` 0. *RAM on wire* is query-migrate's "
+          "`ram.transferred`; *from NFS* is what the dedup-nas destination read from shared storage. "
+          "The *floor* is computed from the stopped source's RAM and the disk at switchover: 4096 B per "
+          "non-zero page whose content is on no disk block + %d B per page whose content is. "
+          "xbzrle and multifd+zstd run with QEMU's defaults otherwise (64 MiB xbzrle cache; 2 "
+          "channels, zstd level 1). dedup-nas is refused together with xbzrle, multifd and postcopy "
+          "(see docs/devel/nas-dedup.rst), so it has no combined mode yet." % REF_COST, ""]
+    t = targets(rows, io)
+    if t:
+        md += ["## Targets", "", t, ""]
+    md += ["## Runs", "", markdown(rows), ""]
+    ex = extras(rows, io)
+    if ex:
+        md += ["## Index memory, fetch throughput, tracking overhead", "", ex, ""]
+    if have_png:
+        md += ["## Plot", "", "![bytes and time per scenario and mode](%s)" %
+               ("benchmark.png" if args.doc else "bench.png"), ""]
+    md_text = "\n".join(md)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(md_text)
+    if args.doc:
+        docs = os.path.join(TOP, "docs")
+        with open(os.path.join(docs, "benchmark.md"), "w") as f:
+            f.write(md_text)
+        shutil.copy(csv_path, os.path.join(docs, "benchmark.csv"))
+        if have_png:
+            shutil.copy(png, os.path.join(docs, "benchmark.png"))
+        say("results page: docs/benchmark.md")
+    print(md_text)
+    failed = [r for r in rows if r["verdict"] != "OK"]
+    say("%d runs, %d failed; CSV %s" % (len(rows), len(failed), csv_path))
+    if args.check and (failed or (args.iobench_rounds and not io)):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
