@@ -40,7 +40,20 @@
 #include "nas-dedup-wire.h"
 #include "trace.h"
 
-#define NAS_DEDUP_INFLIGHT 32
+/*
+ * Reads in flight.  The read of a run is up to 1 MiB; more than a few in
+ * flight only made them slower here (loopback nfs-ganesha on 2 cores:
+ * 4 and 8 best, 32 a third slower, 64 slower still).
+ */
+#define NAS_DEDUP_INFLIGHT 8
+/*
+ * REFS records waiting for a free read slot.  While the queue has room
+ * the incoming stream goes on at link speed; when it is full (~4 GiB of
+ * references queued, ~20 MiB of records), the stream waits.
+ */
+#define NAS_DEDUP_QUEUE_MAX 4096
+/* Read buffers are kept for the next fetch: fresh ones cost page faults. */
+#define NAS_DEDUP_BUF_SIZE (NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK)
 #define TICKET_AWAITING UINT32_MAX  /* asked from the source again */
 
 typedef struct LoadDrive {
@@ -79,10 +92,12 @@ struct LoadState {
     uint32_t next_ticket;
     uint64_t pending;           /* pages with a ticket */
     uint64_t awaiting;          /* of which asked from the source */
-    unsigned inflight;
+    unsigned inflight;          /* fetch coroutines */
+    GQueue queue;               /* Fetch, waiting for a fetch coroutine */
     int64_t busy_since;         /* when inflight became non-zero, in us */
     CoQueue waitq;
     GArray *resends;            /* Resend, queued by fetches */
+    GPtrArray *bufs;            /* free read buffers, NAS_DEDUP_BUF_SIZE */
     bool refs_seen;
     bool final_seen;
     bool rp_nodelay;
@@ -92,6 +107,13 @@ static LoadState *load;
 
 static void load_state_free(LoadState *st)
 {
+    Fetch *fe;
+
+    while ((fe = g_queue_pop_head(&st->queue))) {
+        g_free(fe->rec);
+        g_free(fe);
+    }
+    g_ptr_array_free(st->bufs, true);
     g_hash_table_destroy(st->drives);
     g_hash_table_destroy(st->tickets);
     g_array_free(st->resends, true);
@@ -105,7 +127,9 @@ int nas_dedup_load_setup(Error **errp)
     st->drives = g_hash_table_new_full(NULL, NULL, NULL, g_free);
     st->tickets = g_hash_table_new_full(NULL, NULL, NULL, g_free);
     qemu_co_queue_init(&st->waitq);
+    g_queue_init(&st->queue);
     st->resends = g_array_new(false, false, sizeof(Resend));
+    st->bufs = g_ptr_array_new_with_free_func(qemu_vfree);
     nas_dedup_load_cleanup();
     load = st;
     nas_dedup_stats_reset(true);
@@ -218,13 +242,11 @@ void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
     }
 }
 
-static void coroutine_fn nas_dedup_fetch_co(void *opaque)
+/* Read, verify and install one run; frees @fe.  @buf may be NULL. */
+static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
 {
-    Fetch *fe = opaque;
-    LoadState *st = fe->st;
     NasDedupRecord *rec = fe->rec;
     size_t len = (size_t)rec->npages * NAS_DEDUP_CHUNK;
-    uint8_t *buf = qemu_try_blockalign(blk_bs(fe->drive->blk), len);
     unsigned long first = fe->offset >> TARGET_PAGE_BITS;
     uint32_t *t;
     uint32_t k, bad_start = 0, bad = 0;
@@ -286,9 +308,30 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
             bad = 0;
         }
     }
-    qemu_vfree(buf);
     g_free(rec);
     g_free(fe);
+}
+
+/*
+ * A fetch coroutine: reads the run it was started for, then those queued
+ * meanwhile, with one buffer.
+ */
+static void coroutine_fn nas_dedup_fetch_co(void *opaque)
+{
+    Fetch *fe = opaque;
+    LoadState *st = fe->st;
+    uint8_t *buf = st->bufs->len ? g_ptr_array_steal_index_fast(st->bufs, 0) :
+                   qemu_try_blockalign(blk_bs(fe->drive->blk),
+                                       NAS_DEDUP_BUF_SIZE);
+
+    while (fe) {
+        fetch_one(st, fe, buf);
+        fe = st->dead ? NULL : g_queue_pop_head(&st->queue);
+        qemu_co_queue_restart_all(&st->waitq);  /* the queue has room */
+    }
+    if (buf) {
+        g_ptr_array_add(st->bufs, buf);
+    }
     if (--st->inflight == 0) {
         stat64_add(&nas_dedup_counters.fetch_time_us,
                    g_get_monotonic_time() - st->busy_since);
@@ -378,9 +421,6 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
         load->pending++;
     }
 
-    while (load->inflight >= NAS_DEDUP_INFLIGHT) {
-        qemu_co_queue_wait(&load->waitq, NULL);
-    }
     fe = g_new0(Fetch, 1);
     fe->st = load;
     fe->drive = d;
@@ -388,10 +428,17 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     fe->offset = offset;
     fe->rec = rec;
     fe->ticket = ticket;
-    if (!load->inflight++) {
-        load->busy_since = g_get_monotonic_time();
+    if (load->inflight < NAS_DEDUP_INFLIGHT) {
+        if (!load->inflight++) {
+            load->busy_since = g_get_monotonic_time();
+        }
+        qemu_coroutine_enter(qemu_coroutine_create(nas_dedup_fetch_co, fe));
+        return 0;
     }
-    qemu_coroutine_enter(qemu_coroutine_create(nas_dedup_fetch_co, fe));
+    g_queue_push_tail(&load->queue, fe);
+    while (load->queue.length >= NAS_DEDUP_QUEUE_MAX) {
+        qemu_co_queue_wait(&load->waitq, NULL);
+    }
     return 0;
 }
 
