@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Benchmark dedup-nas against QEMU's own migration modes, side by side.
 
@@ -230,11 +230,10 @@ def iobench(args):
     log = os.path.join(args.out, "logs", "iobench.log")
     rc, out = run_e2e(env, log, args.run_timeout * 2)
     rounds = [parse_kv(l, "IOBENCH ") for l in out.splitlines() if l.startswith("IOBENCH ")]
-    index = [parse_kv(l, "IOBENCH-INDEX ") for l in out.splitlines() if l.startswith("IOBENCH-INDEX ")]
     if rc != 0 or not rounds:
         say("    iobench failed (log: %s)" % log)
         return None
-    res = {"rounds": rounds, "index": index[-1] if index else {}}
+    res = {"rounds": rounds}
     for state in ("off", "on"):
         rs = [r for r in rounds if r["tracking"] == state]
         res[state + "_cs"] = sorted(int(r["read_cs"]) + int(r["write_cs"]) for r in rs)
@@ -324,10 +323,8 @@ def extras(rows, io):
                 "|---|---|---|---|---:|",
                 "| off | %s | %s | %s | %s |" % (io["off_read_cs"], io["off_write_cs"], io["off_cs"], io["off_med"]),
                 "| on | %s | %s | %s | %s |" % (io["on_read_cs"], io["on_write_cs"], io["on_cs"], io["on_med"]),
-                "", "Overhead of tracking (median on / median off − 1): **%+.1f %%**; index after the "
-                "rounds: %s entries in %.1f MiB." % (100 * io["overhead"],
-                                                      io["index"].get("index_entries", "?"),
-                                                      num(io["index"], "index_size") / 2**20)]
+                "", "Overhead of tracking (median on / median off − 1): **%+.1f %%**."
+                % (100 * io["overhead"])]
     return "\n".join(out)
 
 
@@ -366,29 +363,36 @@ def plot(rows, path):
         if scen_label(r) not in scens:
             scens.append(scen_label(r))
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(scens)), 9), sharex=True)
+    panels = (("ram_transferred_bytes", 1e6, "RAM bytes on the wire (MB)"),
+              ("total_ms", 1e3, "total migration time (s)"),
+              ("downtime_ms", 1, "downtime (ms)"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.7 * len(scens)), 11), sharex=True)
     w = 0.8 / max(1, len(modes))
+    floor_x, floor_y = [], []
     for j, m in enumerate(modes):
-        xs, wire, tt = [], [], []
+        xs, vals = [], [[] for _ in panels]
         for i, s in enumerate(scens):
             r = next((r for r in rows if scen_label(r) == s and r["mode"] == m and r["verdict"] == "OK"), None)
-            if r:
-                xs.append(i + (j - (len(modes) - 1) / 2) * w)
-                wire.append(num(r, "ram_transferred_bytes") / 1e6)
-                tt.append(num(r, "total_ms") / 1e3)
-        axes[0].bar(xs, wire, w, label=m)
-        axes[1].bar(xs, tt, w, label=m)
-    fl = [(i, num(r, "floor_bytes") / 1e6) for i, s in enumerate(scens)
-          for r in [next((r for r in rows if scen_label(r) == s and r.get("floor_bytes")), None)] if r]
-    if fl:
-        axes[0].scatter([i for i, _ in fl], [v for _, v in fl], marker="_", s=900, color="black",
-                        zorder=3, label="floor")
-    axes[0].set_ylabel("RAM bytes on the wire (MB)")
-    axes[1].set_ylabel("total migration time (s)")
+            if not r:
+                continue
+            x = i + (j - (len(modes) - 1) / 2) * w
+            xs.append(x)
+            for k, (key, scale, _) in enumerate(panels):
+                vals[k].append(num(r, key) / scale)
+            if r.get("floor_bytes"):
+                floor_x.append(x)
+                floor_y.append(num(r, "floor_bytes") / 1e6)
+        for k in range(len(panels)):
+            axes[k].bar(xs, vals[k], w, label=m)
+    if floor_x:
+        axes[0].scatter(floor_x, floor_y, marker="_", s=300, color="black", zorder=3,
+                        label="floor of the run")
+    for k, (_, _, label) in enumerate(panels):
+        axes[k].set_ylabel(label)
     axes[0].legend(fontsize=8)
     axes[0].set_title("qemu-nas-dedup: live migration of a Linux guest on NFS (TCG, loopback)")
-    axes[1].set_xticks(range(len(scens)))
-    axes[1].set_xticklabels([s.replace(", ", "\n") for s in scens], fontsize=7)
+    axes[-1].set_xticks(range(len(scens)))
+    axes[-1].set_xticklabels([s.replace(", ", "\n") for s in scens], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return True

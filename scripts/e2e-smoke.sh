@@ -241,12 +241,6 @@ if [ -n "${NASDEDUP_IOBENCH_ROUNDS:-}" ]; then
         # off/on, then on/off: a drift of the machine hits both alike.
         if ((i % 2 == 0)); then iobench off; iobench on; else iobench on; iobench off; fi
     done
-    qmp "$RUN/src-qmp.sock" query-migrate >"$RUN/query-migrate.json" || true
-    "$NASDEDUP_PYTHON" - "$RUN/query-migrate.json" <<'EOF'
-import json, sys
-st = json.load(open(sys.argv[1])).get("dedup-nas", {})
-print("IOBENCH-INDEX " + " ".join("%s=%s" % (k.replace("-", "_"), v) for k, v in sorted(st.items())))
-EOF
     say "iobench done"
     exit 0
 fi

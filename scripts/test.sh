@@ -11,9 +11,11 @@
 #   2. builds QEMU 10.0.x with our patch series
 #   3. the dedup-nas qtests (tests/qtest/nas-dedup-test.c)
 #   4. the functional test: Linux guest on an NFS export, pre-copy vs dedup-nas
-#   5. upstream's migration qtests (the set meson runs without KVM) on it
+#   5. the benchmark's smoke mode (one scenario, two modes, one round of the
+#      tracking-overhead workload; numbers in build/bench-smoke/bench.md)
+#   6. upstream's migration qtests (the set meson runs without KVM) on it
 #
-# Environment: NASDEDUP_SKIP_UPSTREAM=1 skips step 5 (developer loop only).
+# Environment: NASDEDUP_SKIP_UPSTREAM=1 skips step 6 (developer loop only).
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -46,6 +48,21 @@ run_tap() {    # name, command...
     "$@" > "$log" 2> "$log.stderr"
     rc=$?
     count_tap "$name" "$log" "$rc"
+}
+
+# A command that is one test case: passes if it exits 0.
+run_one() {    # name, command...
+    local name=$1; shift
+    local log="$logdir/$name.log"
+    say "running $name"
+    if "$@" > "$log" 2>&1; then
+        passed=$((passed + 1))
+        say "$name: passed"
+    else
+        failed=$((failed + 1))
+        say "$name: FAILED (log: $log)"
+        tail -15 "$log" | sed 's/^/[test]   /' >&2
+    fi
 }
 
 finish() {
@@ -99,7 +116,13 @@ run_tap nas-dedup-qtest timeout 900 \
 #    pre-copy against dedup-nas (tests/functional/test_x86_64_nas_dedup.py).
 run_tap functional-nas-dedup timeout 1200 scripts/functional-test.sh
 
-# 5. Upstream's migration qtests on the patched build.
+# 5. The benchmark command in its smoke mode: it must run end to end and
+#    every guest must verify (the numbers are reported, not asserted).
+run_one bench-smoke timeout 900 env NASDEDUP_SKIP_SETUP=1 scripts/bench.sh \
+    --matrix smoke --iobench-rounds 1 --iobench-read-mb 64 --check \
+    --out "$top/build/bench-smoke"
+
+# 6. Upstream's migration qtests on the patched build.
 if [ "${NASDEDUP_SKIP_UPSTREAM:-0}" != 1 ]; then
     # Run from the source tree, as meson does (analyze-script needs it).
     run_tap upstream-migration-test timeout 1800 \
