@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -115,17 +116,33 @@ def parse_kv(line, prefix):
     return out
 
 
+class Stop(Exception):
+    pass
+
+
+def _stop(signum, frame):
+    raise Stop("signal %d" % signum)
+
+
 def run_e2e(env_extra, log_path, timeout):
+    """Run scripts/e2e-smoke.sh in a process group of its own.  On timeout
+    or when we are told to stop, the whole group gets SIGTERM: the helper
+    the script waits on ends, and its trap stops the QEMUs it started."""
     env = dict(os.environ)
     env.update(env_extra)
     with open(log_path, "w") as log:
         p = subprocess.Popen([E2E], env=env, stdout=subprocess.PIPE, stderr=log,
-                             text=True, cwd=TOP)
+                             text=True, cwd=TOP, start_new_session=True)
         try:
             out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.terminate()       # e2e-smoke.sh stops what it started
-            out, _ = p.communicate(timeout=60)
+        except (subprocess.TimeoutExpired, Stop, KeyboardInterrupt) as e:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            out, _ = p.communicate(timeout=120)
+            if not isinstance(e, subprocess.TimeoutExpired):
+                raise
             out += "\nTIMEOUT\n"
     return p.returncode, out
 
@@ -426,6 +443,7 @@ def main():
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless every run's guest verdict is OK (smoke test)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _stop)
     runs = matrix(args.matrix)
     if args.modes:
         keep = args.modes.split(",")
@@ -503,4 +521,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (Stop, KeyboardInterrupt):
+        say("stopped")
+        sys.exit(130)

@@ -37,10 +37,15 @@ if [ "${NASDEDUP_SKIP_SETUP:-0}" != 1 ]; then
 fi
 
 NFS=$NASDEDUP_TOP/scripts/nfs-export.sh
-NFS_STARTED=0
+NFS_STARTED=0 BENCH_PID=''
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [ -n "$BENCH_PID" ] && kill -0 "$BENCH_PID" 2>/dev/null; then
+        # bench.py stops the run in progress (and its QEMUs) on SIGTERM.
+        kill -TERM "$BENCH_PID" 2>/dev/null || true
+        wait "$BENCH_PID" 2>/dev/null || true
+    fi
     [ "$NFS_STARTED" = 0 ] || "$NFS" stop || true
     exit "$rc"
 }
@@ -50,5 +55,10 @@ if ! "$NFS" status >/dev/null 2>&1; then
     "$NFS" start
     NFS_STARTED=1
 fi
-# Not exec: the trap stops the export.
-"$NASDEDUP_PYTHON" "$NASDEDUP_TOP/scripts/bench.py" "$@"
+# In the background, so that a signal reaches the trap at once.
+"$NASDEDUP_PYTHON" "$NASDEDUP_TOP/scripts/bench.py" "$@" &
+BENCH_PID=$!
+wait "$BENCH_PID"
+rc=$?
+BENCH_PID=''
+exit "$rc"
