@@ -51,9 +51,10 @@ MODES = {
     # name: (caps on both sides, source params, destination params, QEMU args)
     "pre-copy": ("", {}, {}, ""),
     "xbzrle": ("xbzrle", {}, {}, ""),
-    "multifd+zstd": ("multifd",
-                     {"multifd-channels": 2, "multifd-compression": "zstd"},
-                     {"multifd-channels": 2, "multifd-compression": "zstd"}, ""),
+    # multifd must be on before the destination's -incoming starts.
+    "multifd+zstd": ("", {}, {},
+                     "-global migration.x-multifd=on -global migration.multifd-channels=2 "
+                     "-global migration.multifd-compression=zstd"),
     "dedup-nas": ("", {}, {},
                   "-global migration.x-dedup-nas=on -global migration.x-return-path=on"),
 }
