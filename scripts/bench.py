@@ -267,6 +267,31 @@ def iobench(args):
     return res
 
 
+def core_bench():
+    """CPU cost of tracking and lookup, from the standalone core built
+    without sanitizers (tests/unit/bench-nas-dedup-index.c)."""
+    bdir = os.path.join(TOP, "build", "core-release")
+    try:
+        if not os.path.exists(os.path.join(bdir, "build.ninja")):
+            subprocess.run(["meson", "setup", bdir, "-Db_sanitize=none", "-Dbuildtype=release"],
+                           cwd=TOP, check=True, capture_output=True, timeout=300)
+        subprocess.run(["meson", "compile", "-C", bdir, "bench-nas-dedup-index"],
+                       cwd=TOP, check=True, capture_output=True, timeout=300)
+        out = subprocess.run([os.path.join(bdir, "bench-nas-dedup-index"), "256", "128"],
+                             check=True, capture_output=True, text=True, timeout=300).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        say("core microbenchmark failed: %s" % e)
+        return None
+    line = next((l for l in out.splitlines() if l.startswith("BENCH-INDEX ")), None)
+    if not line:
+        return None
+    res = parse_kv(line, "BENCH-INDEX ")
+    say("core: hash %s ns, tracking a read %s ns, lookup %s ns per 4 KiB block"
+        % (res.get("hash_ns_per_block"), res.get("note_read_ns_per_block"),
+           res.get("lookup_ns_per_page")))
+    return res
+
+
 FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "mode", "verdict",
           "ram_transferred_bytes", "dst_dedup_fetched_bytes", "total_ms", "downtime_ms",
           "setup_ms", "src_dedup_ref_pages", "src_dedup_ref_bytes", "src_dedup_resent_pages",
@@ -315,7 +340,7 @@ def markdown(rows):
     return "\n".join(out)
 
 
-def extras(rows, io):
+def extras(rows, io, core=None):
     """Index memory, fetch throughput, tracking overhead."""
     out = []
     dd = [r for r in rows if r["mode"] == "dedup-nas" and r["verdict"] == "OK"]
@@ -343,6 +368,20 @@ def extras(rows, io):
                 "| on | %s | %s | %s | %s |" % (io["on_read_cs"], io["on_write_cs"], io["on_cs"], io["on_med"]),
                 "", "Overhead of tracking (median on / median off − 1): **%+.1f %%**."
                 % (100 * io["overhead"])]
+    if core:
+        nsb = num(core, "note_read_ns_per_block")
+        out += ["", "CPU cost of tracking, from the core alone (`tests/unit/bench-nas-dedup-index.c`, "
+                "%s MiB of %s KiB reads, built without sanitizers): XXH3-128 of a 4 KiB block %s ns; "
+                "hashing and indexing a block read %s ns (%s MB/s of guest reads per host core); "
+                "hashing and looking up a page on the source %s ns." % (
+                    core.get("io_mib"), core.get("request_kib"), core.get("hash_ns_per_block"),
+                    core.get("note_read_ns_per_block"), core.get("note_read_mb_s"),
+                    core.get("lookup_ns_per_page"))]
+        if io and nsb and sum(io["off_read_cs"]):
+            rd_s = sum(io["off_read_cs"]) / len(io["off_read_cs"]) / 100
+            mbs = io["read_bytes"] / rd_s / 1e6
+            out.append("At the guest's mean read rate with tracking off (%.0f MB/s), tracking costs "
+                       "%.1f %% of one host core." % (mbs, 100 * mbs * 1e6 / PAGE * nsb / 1e9))
     return "\n".join(out)
 
 
@@ -466,6 +505,7 @@ def main():
             i += 1
             rows.append(one_run(args, sc, m, i, total))
     io = iobench(args) if args.iobench_rounds else None
+    core = core_bench() if args.iobench_rounds else None
     derive(rows)
 
     csv_path = os.path.join(args.out, "bench.csv")
@@ -496,7 +536,7 @@ def main():
     if t:
         md += ["## Targets", "", t, ""]
     md += ["## Runs", "", markdown(rows), ""]
-    ex = extras(rows, io)
+    ex = extras(rows, io, core)
     if ex:
         md += ["## Index memory, fetch throughput, tracking overhead", "", ex, ""]
     if have_png:
