@@ -49,12 +49,38 @@ struct NasDedupIndex {
     NasDedupIndexStats st;
 };
 
-void nas_dedup_hash_chunk(const void *buf, NasDedupHash *out)
+void nas_dedup_hash_chunk_generic(const void *buf, NasDedupHash *out)
 {
     XXH128_hash_t h = XXH3_128bits(buf, NAS_DEDUP_CHUNK);
 
     out->hi = h.high64;
     out->lo = h.low64;
+}
+
+#ifdef NAS_DEDUP_HASH_AVX2
+static bool hash_avx2;
+
+static void __attribute__((constructor)) nas_dedup_hash_init(void)
+{
+    __builtin_cpu_init();
+    hash_avx2 = __builtin_cpu_supports("avx2");
+}
+
+bool nas_dedup_hash_have_avx2(void)
+{
+    return hash_avx2;
+}
+#endif
+
+void nas_dedup_hash_chunk(const void *buf, NasDedupHash *out)
+{
+#ifdef NAS_DEDUP_HASH_AVX2
+    if (hash_avx2) {
+        nas_dedup_hash_chunk_avx2(buf, out);
+        return;
+    }
+#endif
+    nas_dedup_hash_chunk_generic(buf, out);
 }
 
 bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b)

@@ -51,6 +51,14 @@ typedef struct NasDedupIndex NasDedupIndex;
 
 /* Hash one NAS_DEDUP_CHUNK-sized buffer. */
 void nas_dedup_hash_chunk(const void *buf, NasDedupHash *out);
+/* The same, portable (libxxhash as built), and for CPUs with AVX2. */
+void nas_dedup_hash_chunk_generic(const void *buf, NasDedupHash *out);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NAS_DEDUP_HASH_AVX2
+void nas_dedup_hash_chunk_avx2(const void *buf, NasDedupHash *out);
+/* True if this CPU runs nas_dedup_hash_chunk_avx2(). */
+bool nas_dedup_hash_have_avx2(void);
+#endif
 bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b);
 /* True if the NAS_DEDUP_CHUNK bytes at @buf are all zero. */
 bool nas_dedup_chunk_is_zero(const void *buf);
