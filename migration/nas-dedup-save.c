@@ -521,7 +521,8 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
         }
         if (qemu_clock_get_ms(QEMU_CLOCK_REALTIME) > deadline) {
             error_setg(errp, "dedup-nas: destination did not resolve its "
-                       "references within %d s", NAS_DEDUP_SYNC_TIMEOUT_MS / 1000);
+                       "references within %d s",
+                       NAS_DEDUP_SYNC_TIMEOUT_MS / 1000);
             return -ETIMEDOUT;
         }
         qemu_sem_timedwait(&save.ack_sem, 100);

@@ -23,7 +23,8 @@ static double now_s(void)
 int main(int argc, char **argv)
 {
     uint64_t mib = argc > 1 ? g_ascii_strtoull(argv[1], NULL, 10) : 256;
-    uint64_t req = (argc > 2 ? g_ascii_strtoull(argv[2], NULL, 10) : 128) * 1024;
+    uint64_t req_kib = argc > 2 ? g_ascii_strtoull(argv[2], NULL, 10) : 128;
+    uint64_t req = req_kib * 1024;
     uint64_t bytes = mib * 1024 * 1024;
     uint64_t blocks = bytes / C, i, off, hits = 0;
     g_autofree uint8_t *data = NULL;
@@ -31,7 +32,7 @@ int main(int argc, char **argv)
     NasDedupLoc loc;
     NasDedupHash h;
     double t0, t_hash, t_note, t_lookup;
-    volatile uint64_t sink = 0;
+    uint64_t sink = 0;          /* printed, so the hashing is not elided */
 
     if (!mib || req < C || req % C || req > bytes) {
         g_printerr("usage: %s [MiB (>0)] [request KiB (multiple of 4)]\n",
@@ -71,10 +72,10 @@ int main(int argc, char **argv)
     printf("BENCH-INDEX io_mib=%" PRIu64 " request_kib=%" PRIu64
            " blocks=%" PRIu64 " hash_ns_per_block=%.0f"
            " note_read_ns_per_block=%.0f note_read_mb_s=%.0f"
-           " lookup_ns_per_page=%.0f lookup_hit_pct=%.1f\n",
+           " lookup_ns_per_page=%.0f lookup_hit_pct=%.1f sink=%" PRIx64 "\n",
            mib, req / 1024, blocks, t_hash * 1e9 / blocks,
            t_note * 1e9 / blocks, bytes / t_note / 1e6,
-           t_lookup * 1e9 / blocks, 100.0 * hits / blocks);
+           t_lookup * 1e9 / blocks, 100.0 * hits / blocks, sink);
     nas_dedup_index_free(idx);
-    return sink == 42 ? 1 : 0;
+    return 0;
 }
