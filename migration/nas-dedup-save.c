@@ -74,8 +74,7 @@ static struct {
      * destination catch up with its reads, so that the stopped guest only
      * waits for the references of the last round.  Migration thread only.
      */
-    uint64_t ref_pages;             /* pages sent as references */
-    uint64_t resolved_mark;         /* ref_pages when the acked SYNC went */
+    uint64_t resolved_mark;         /* ref-pages when the acked SYNC went */
     uint32_t live_seq;              /* live SYNC in flight, or 0 */
     uint64_t live_mark;
     unsigned live_syncs;
@@ -145,7 +144,6 @@ int nas_dedup_save_setup(Error **errp)
     qemu_sem_init(&save.ack_sem, 0);
     save.acked_seq = 0;
     save.acked_pending = 0;
-    save.ref_pages = 0;
     save.resolved_mark = 0;
     save.live_seq = 0;
     save.live_mark = 0;
@@ -259,7 +257,6 @@ static int flush_run(void)
                               save.run.drive, save.run.disk_offset,
                               save.run.npages);
     len = put_record(save.run_block, save.run_offset, &save.run);
-    save.ref_pages += save.run.npages;
     stat64_add(&nas_dedup_counters.ref_pages, save.run.npages);
     stat64_add(&nas_dedup_counters.ref_bytes, len);
     save.run.npages = 0;
@@ -325,7 +322,21 @@ static int redirty_requested(Error **errp)
 }
 
 static void put_sync(QEMUFile *f, NasDedupPutHeader put_header, void *opaque,
-                     bool final);
+                     bool final)
+{
+    NasDedupRecord *rec = g_new0(NasDedupRecord, 1);
+
+    save.f = f;
+    save.put_header = put_header;
+    save.opaque = opaque;
+    rec->type = NAS_DEDUP_REC_SYNC;
+    rec->seq = ++save.seq;
+    rec->final = final;
+    trace_nas_dedup_save_sync(rec->seq, final);
+    /* Any RAMBlock will do: the record is about all of them. */
+    put_record(save.run_block, 0, rec);
+    g_free(rec);
+}
 
 int nas_dedup_save_flush(void)
 {
@@ -338,7 +349,7 @@ int nas_dedup_save_flush(void)
     if (save.want_live_sync && !save.live_seq && save.f) {
         put_sync(save.f, save.put_header, save.opaque, false);
         save.live_seq = save.seq;
-        save.live_mark = save.ref_pages;
+        save.live_mark = stat64_get(&nas_dedup_counters.ref_pages);
         save.live_syncs++;
         save.want_live_sync = false;
     }
@@ -428,22 +439,6 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     return 1;
 }
 
-static void put_sync(QEMUFile *f, NasDedupPutHeader put_header, void *opaque,
-                     bool final)
-{
-    NasDedupRecord *rec = g_new0(NasDedupRecord, 1);
-
-    save.f = f;
-    save.put_header = put_header;
-    save.opaque = opaque;
-    rec->type = NAS_DEDUP_REC_SYNC;
-    rec->seq = ++save.seq;
-    rec->final = final;
-    trace_nas_dedup_save_sync(rec->seq, final);
-    /* Any RAMBlock will do: the record is about all of them. */
-    put_record(save.run_block, 0, rec);
-    g_free(rec);
-}
 
 bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
                                    uint64_t threshold_bytes)
@@ -458,8 +453,8 @@ bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
         save.resolved_mark = save.live_mark;
         save.live_seq = 0;
     }
-    backlog = (save.ref_pages + save.run.npages - save.resolved_mark) *
-              NAS_DEDUP_CHUNK;
+    backlog = (stat64_get(&nas_dedup_counters.ref_pages) + save.run.npages -
+               save.resolved_mark) * NAS_DEDUP_CHUNK;
     /*
      * The stopped guest waits for the pages still to send and for the
      * blocks still to read: together they must fit the downtime budget.
