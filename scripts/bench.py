@@ -32,6 +32,7 @@ import argparse
 import csv
 import datetime
 import hashlib
+import json
 import os
 import platform
 import re
@@ -148,33 +149,30 @@ def run_e2e(env_extra, log_path, timeout):
     return p.returncode, out
 
 
+def pages_of(path):
+    """The 4 KiB blocks of a file, in order (a short tail is left out)."""
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(PAGE * 256)
+            if not buf:
+                return
+            for i in range(0, len(buf) - PAGE + 1, PAGE):
+                yield buf[i:i + PAGE]
+
+
 def floor_of(snap):
     """Pages of the source's RAM at switchover: zero, on disk, other."""
     zero = bytes(PAGE)
-    on_disk = set()
-    with open(os.path.join(snap, "disk.raw"), "rb") as f:
-        while True:
-            buf = f.read(PAGE * 256)
-            if not buf:
-                break
-            for i in range(0, len(buf) - PAGE + 1, PAGE):
-                b = buf[i:i + PAGE]
-                if b != zero:
-                    on_disk.add(hashlib.blake2b(b, digest_size=16).digest())
+    digest = lambda b: hashlib.blake2b(b, digest_size=16).digest()
+    on_disk = {digest(b) for b in pages_of(os.path.join(snap, "disk.raw")) if b != zero}
     n_zero = n_disk = n_other = 0
-    with open(os.path.join(snap, "ram.bin"), "rb") as f:
-        while True:
-            buf = f.read(PAGE * 256)
-            if not buf:
-                break
-            for i in range(0, len(buf), PAGE):
-                b = buf[i:i + PAGE]
-                if b == zero:
-                    n_zero += 1
-                elif hashlib.blake2b(b, digest_size=16).digest() in on_disk:
-                    n_disk += 1
-                else:
-                    n_other += 1
+    for b in pages_of(os.path.join(snap, "ram.bin")):
+        if b == zero:
+            n_zero += 1
+        elif digest(b) in on_disk:
+            n_disk += 1
+        else:
+            n_other += 1
     return {"ram_zero_pages": n_zero, "ram_disk_pages": n_disk,
             "ram_other_pages": n_other,
             "floor_bytes": PAGE * n_other + REF_COST * n_disk}
@@ -198,8 +196,8 @@ def one_run(args, sc, mode, idx, total):
         "NASDEDUP_WRITE_MB": str(wmb), "NASDEDUP_DIRTY_MB": str(dmb),
         "NASDEDUP_CHURN_MB": str(cmb), "NASDEDUP_DISK_FORMAT": sc["fmt"],
         "NASDEDUP_MIGRATE_CAPS": caps,
-        "NASDEDUP_MIGRATE_PARAMS": _json(sparams),
-        "NASDEDUP_MIGRATE_DST_PARAMS": _json(dparams) if dparams else "",
+        "NASDEDUP_MIGRATE_PARAMS": json.dumps(sparams),
+        "NASDEDUP_MIGRATE_DST_PARAMS": json.dumps(dparams) if dparams else "",
         "NASDEDUP_QEMU_ARGS": qargs, "NASDEDUP_VERIFY_DISK": "0",
         "NASDEDUP_SNAPSHOT_DIR": snap, "NASDEDUP_KEEP_NFS": "1",
     }
@@ -225,11 +223,6 @@ def one_run(args, sc, mode, idx, total):
             num(r, "downtime_ms"), num(r, "src_dedup_ref_pages"),
             num(r, "floor_bytes") / 1e6, time.monotonic() - t0))
     return row
-
-
-def _json(d):
-    import json
-    return json.dumps(d)
 
 
 def iobench(args):
