@@ -1,7 +1,7 @@
 /*
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
- * dedup-nas: XXH3-128 of a chunk with AVX2
+ * dedup-nas: keyed XXH3-128 of a chunk with AVX2
  *
  * Debian's libxxhash is built for the x86-64 baseline (SSE2).  Every page
  * the source sends and every block the guest reads is hashed, so this
@@ -12,7 +12,7 @@
  * interoperate.
  */
 #include "qemu/osdep.h"
-#include "nas-dedup-index.h"
+#include "nas-dedup-hash.h"
 
 #ifdef NAS_DEDUP_HASH_AVX2
 #pragma GCC push_options
@@ -20,9 +20,12 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-void nas_dedup_hash_chunk_avx2(const void *buf, NasDedupHash *out)
+void nas_dedup_hash_chunk_avx2(const NasDedupKey *key, const void *buf,
+                               NasDedupHash *out)
 {
-    XXH128_hash_t h = XXH3_128bits(buf, NAS_DEDUP_CHUNK);
+    XXH128_hash_t h = XXH3_128bits_withSecret(buf, NAS_DEDUP_CHUNK,
+                                              key->secret,
+                                              NAS_DEDUP_KEY_SIZE);
 
     out->hi = h.high64;
     out->lo = h.low64;

@@ -3,7 +3,7 @@
  *
  * dedup-nas: bounded content index of guest disk blocks
  *
- * Maps the XXH3-128 hash of a 4 KiB disk chunk to where it lives on a
+ * Maps the keyed XXH3-128 hash of a 4 KiB disk chunk to where it lives on a
  * guest drive: (drive, chunk-aligned byte offset).  Filled from the guest's
  * own disk reads and writes; looked up when a RAM page is about to be sent.
  *
@@ -16,20 +16,19 @@
 #define MIGRATION_NAS_DEDUP_INDEX_H
 
 #include <sys/uio.h>
+#include "nas-dedup-hash.h"
 
-#define NAS_DEDUP_CHUNK_BITS 12
-#define NAS_DEDUP_CHUNK      (1u << NAS_DEDUP_CHUNK_BITS)
 /* Drive numbers fit in 15 bits (see the entry layout in the .c file). */
 #define NAS_DEDUP_MAX_DRIVES 32767
 /* Offsets are chunk-aligned and below 2^57 bytes (128 PiB). */
 #define NAS_DEDUP_MAX_OFFSET (1ull << 57)
+/*
+ * A content found at more places is indexed at this many of them only:
+ * one place is enough to send a reference.
+ */
+#define NAS_DEDUP_INDEX_MAX_COPIES 2
 /* Smallest index the budget may describe. */
 #define NAS_DEDUP_INDEX_MIN_BYTES (64 * 1024)
-
-typedef struct NasDedupHash {
-    uint64_t hi;
-    uint64_t lo;
-} NasDedupHash;
 
 typedef struct NasDedupLoc {
     uint16_t drive;
@@ -45,38 +44,50 @@ typedef struct NasDedupIndexStats {
     uint64_t misses;
     uint64_t evictions;
     uint64_t invalidations;
+    /*
+     * Work done under the lock, in steps: table slots probed, CLOCK hand
+     * moves, summary cells and entries examined.  For tests and tuning.
+     */
+    uint64_t steps;
 } NasDedupIndexStats;
 
 typedef struct NasDedupIndex NasDedupIndex;
 
-/* Hash one NAS_DEDUP_CHUNK-sized buffer. */
-void nas_dedup_hash_chunk(const void *buf, NasDedupHash *out);
-/* The same, portable (libxxhash as built), and for CPUs with AVX2. */
-void nas_dedup_hash_chunk_generic(const void *buf, NasDedupHash *out);
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NAS_DEDUP_HASH_AVX2
-void nas_dedup_hash_chunk_avx2(const void *buf, NasDedupHash *out);
-/* True if this CPU runs nas_dedup_hash_chunk_avx2(). */
-bool nas_dedup_hash_have_avx2(void);
-#endif
-bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b);
-/* True if the NAS_DEDUP_CHUNK bytes at @buf are all zero. */
-bool nas_dedup_chunk_is_zero(const void *buf);
-
 /*
- * Create an index using at most @max_bytes of memory (tables included).
- * Returns NULL if @max_bytes is below NAS_DEDUP_INDEX_MIN_BYTES.
+ * Create an index using at most @max_bytes of memory (tables included),
+ * whose hashes are keyed with (a copy of) @key.  Returns NULL if
+ * @max_bytes is below NAS_DEDUP_INDEX_MIN_BYTES.
  */
-NasDedupIndex *nas_dedup_index_new(uint64_t max_bytes);
+NasDedupIndex *nas_dedup_index_new(uint64_t max_bytes,
+                                   const NasDedupKey *key);
+/*
+ * The smallest budget for nas_dedup_index_new() whose index holds at least
+ * @entries entries, or as many as an index can (about 1.6 billion); at
+ * least NAS_DEDUP_INDEX_MIN_BYTES.
+ */
+uint64_t nas_dedup_index_bytes_for(uint64_t entries);
+/* The key the index hashes with. */
+const NasDedupKey *nas_dedup_index_key(NasDedupIndex *idx);
 void nas_dedup_index_free(NasDedupIndex *idx);
 
-/* Record that the chunk at @drive/@offset holds content @hash. */
+/*
+ * Record that the chunk at @drive/@offset holds content @hash: forget what
+ * it held before, and index it there unless @hash is indexed at
+ * NAS_DEDUP_INDEX_MAX_COPIES places already.
+ */
 void nas_dedup_index_insert(NasDedupIndex *idx, const NasDedupHash *hash,
                             uint16_t drive, uint64_t offset);
-/* Find a chunk with content @hash; counts a hit or a miss. */
+/*
+ * Find a chunk recorded with content @hash and not written or invalidated
+ * since; counts a hit or a miss.
+ */
 bool nas_dedup_index_lookup(NasDedupIndex *idx, const NasDedupHash *hash,
                             NasDedupLoc *loc);
-/* Forget every chunk overlapping [@offset, @offset + @bytes) of @drive. */
+/*
+ * Forget every chunk overlapping [@offset, @offset + @bytes) of @drive.
+ * Costs about the chunks it forgets, not the size of the range; a large
+ * range is done in batches, letting other threads in between.
+ */
 void nas_dedup_index_invalidate(NasDedupIndex *idx, uint16_t drive,
                                 uint64_t offset, uint64_t bytes);
 /* Forget everything about @drive (detached, truncated, ...). */
@@ -85,9 +96,10 @@ void nas_dedup_index_invalidate_drive(NasDedupIndex *idx, uint16_t drive);
 /*
  * Account for a completed guest I/O on @drive covering [@offset, +@bytes),
  * whose data is in @iov starting @iov_offset bytes in.  Reads index every
- * whole aligned non-zero chunk; writes do the same and also invalidate the
- * partially covered chunks at either end and the chunks that became zero.
- * A write with @iov == NULL (write-zeroes, discard) only invalidates.
+ * whole aligned non-zero chunk; writes first invalidate the whole range
+ * (so the partially covered chunks at either end and the chunks that
+ * became zero stay forgotten), then do the same.  A write with @iov ==
+ * NULL (write-zeroes, discard) only invalidates.
  */
 void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
                              uint64_t offset, uint64_t bytes,

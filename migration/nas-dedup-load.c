@@ -7,9 +7,17 @@
  * the same bytes on the source.  The loader starts an asynchronous read of
  * the blocks from this VM's own drive (the same shared image) and goes on
  * with the stream; up to NAS_DEDUP_INFLIGHT reads run at once.  When a read
- * completes, each block whose XXH3-128 matches goes into guest RAM, unless
- * newer data for that page arrived meanwhile; any other page is asked from
- * the source again on the return path.
+ * completes, each block whose keyed XXH3-128 (the key comes in the SETUP
+ * record) matches goes into guest RAM, unless newer data for that page
+ * arrived meanwhile; any other page is asked from the source again on the
+ * return path.  So is every page of a reference that this VM cannot
+ * resolve: a drive it does not have, a range past the end of its view of
+ * the drive.  Only protocol violations (malformed records, pages outside
+ * guest RAM, REFS before SETUP) fail the incoming migration.
+ *
+ * Reads go to the drive's node through a BlockBackend of our own: not
+ * throttled by the guest's iotune limits, and keeping the node alive if
+ * the device is unplugged while the migration comes in.
  *
  * Every page sent as a reference carries a ticket (its record's sequence
  * number) until it is resolved: verified, superseded by newer data, or
@@ -56,10 +64,27 @@
 #define NAS_DEDUP_BUF_SIZE (NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK)
 #define TICKET_AWAITING UINT32_MAX  /* asked from the source again */
 
-typedef struct LoadDrive {
+/*
+ * A read-only view of one of this VM's guest drives: a BlockBackend of
+ * our own on the drive's node.
+ */
+typedef struct LoadView {
+    char *id;                   /* the guest device's id or QOM path */
     BlockBackend *blk;
     uint64_t size;
+} LoadView;
+
+/* A drive number of the stream. */
+typedef struct LoadDrive {
+    BlockBackend *blk;          /* a view's; NULL: this VM has no such drive */
+    uint64_t size;              /* the smaller of what both sides know */
 } LoadDrive;
+
+/* The tickets of the pages of one RAMBlock. */
+typedef struct Tickets {
+    uint32_t *t;
+    unsigned long npages;
+} Tickets;
 
 typedef struct LoadState LoadState;
 
@@ -86,9 +111,15 @@ typedef struct Fetch {
 struct LoadState {
     bool dead;
     GHashTable *drives;         /* drive number -> LoadDrive */
-    GHashTable *tickets;        /* RAMBlock * -> uint32_t[pages] */
+    GPtrArray *views;           /* LoadView, made at the first DRIVE */
+    GHashTable *tickets;        /* RAMBlock * -> Tickets */
     RAMBlock *last_block;       /* cache for tickets_of() */
-    uint32_t *last_tickets;
+    Tickets *last_tickets;
+    bool have_setup;
+    NasDedupKey key;            /* from SETUP */
+    uint16_t resend_msg;        /* return-path numbers, from SETUP */
+    uint16_t sync_ack_msg;
+    bool resend_failed;         /* reported once */
     uint32_t next_ticket;
     uint64_t pending;           /* pages with a ticket */
     uint64_t awaiting;          /* of which asked from the source */
@@ -105,6 +136,53 @@ struct LoadState {
 
 static LoadState *load;
 
+static void views_free_bh(void *opaque)
+{
+    GPtrArray *views = opaque;
+    guint i;
+
+    for (i = 0; i < views->len; i++) {
+        LoadView *v = g_ptr_array_index(views, i);
+
+        blk_unref(v->blk);
+        g_free(v->id);
+        g_free(v);
+    }
+    g_ptr_array_free(views, true);
+}
+
+/*
+ * Let go of the views, once no fetch uses them: from a bottom half, as
+ * unref may need to change the block graph, which a coroutine (the
+ * incoming one, or the last fetch) must not do while it is in the middle
+ * of tearing the load down.  Until then, a view keeps the node alive and
+ * lets it move to another AioContext (an iothread started with the
+ * guest).
+ */
+static void views_drop(LoadState *st)
+{
+    GHashTableIter iter;
+    gpointer value;
+
+    if (!st->views) {
+        return;
+    }
+    g_hash_table_iter_init(&iter, st->drives);
+    while (g_hash_table_iter_next(&iter, NULL, &value)) {
+        ((LoadDrive *)value)->blk = NULL;
+    }
+    aio_bh_schedule_oneshot(qemu_get_aio_context(), views_free_bh, st->views);
+    st->views = NULL;
+}
+
+static void tickets_free(gpointer p)
+{
+    Tickets *t = p;
+
+    g_free(t->t);
+    g_free(t);
+}
+
 static void load_state_free(LoadState *st)
 {
     Fetch *fe;
@@ -114,6 +192,7 @@ static void load_state_free(LoadState *st)
         g_free(fe);
     }
     g_ptr_array_free(st->bufs, true);
+    views_drop(st);
     g_hash_table_destroy(st->drives);
     g_hash_table_destroy(st->tickets);
     g_array_free(st->resends, true);
@@ -125,7 +204,7 @@ int nas_dedup_load_setup(Error **errp)
     LoadState *st = g_new0(LoadState, 1);
 
     st->drives = g_hash_table_new_full(NULL, NULL, NULL, g_free);
-    st->tickets = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    st->tickets = g_hash_table_new_full(NULL, NULL, NULL, tickets_free);
     qemu_co_queue_init(&st->waitq);
     g_queue_init(&st->queue);
     st->resends = g_array_new(false, false, sizeof(Resend));
@@ -149,35 +228,53 @@ void nas_dedup_load_cleanup(void)
     load = NULL;
 }
 
-static uint32_t *tickets_of(LoadState *st, RAMBlock *block, bool create)
+/*
+ * The ticket array of @block, with room for at least its pages up to
+ * @end_page (created or grown to the RAMBlock's current length if
+ * @create).  A resizable RAMBlock can grow while the stream comes in
+ * (RAM_SAVE_FLAG_MEM_SIZE): the array follows.  NULL if there is none or
+ * it is too short.
+ */
+static Tickets *tickets_of(LoadState *st, RAMBlock *block,
+                           unsigned long end_page, bool create)
 {
-    uint32_t *t;
+    Tickets *t;
 
-    if (block == st->last_block) {
+    if (block == st->last_block && end_page <= st->last_tickets->npages) {
         return st->last_tickets;
     }
     t = g_hash_table_lookup(st->tickets, block);
-    if (!t && create) {
-        t = g_new0(uint32_t, block->used_length >> TARGET_PAGE_BITS);
-        g_hash_table_insert(st->tickets, block, t);
+    if (create && (!t || t->npages < end_page)) {
+        unsigned long n = MAX(end_page,
+                              block->used_length >> TARGET_PAGE_BITS);
+
+        if (!t) {
+            t = g_new0(Tickets, 1);
+            g_hash_table_insert(st->tickets, block, t);
+        }
+        t->t = g_renew(uint32_t, t->t, n);
+        memset(t->t + t->npages, 0, (n - t->npages) * sizeof(uint32_t));
+        t->npages = n;
     }
-    if (t) {
-        st->last_block = block;
-        st->last_tickets = t;
+    if (!t || t->npages < end_page) {
+        return NULL;
     }
+    st->last_block = block;
+    st->last_tickets = t;
     return t;
 }
 
 /* Forget the ticket of one page; the page is resolved. */
 static void ticket_clear(LoadState *st, uint32_t *t, unsigned long page)
 {
+    if (!t[page]) {
+        return;
+    }
     if (t[page] == TICKET_AWAITING) {
         st->awaiting--;
     }
-    if (t[page]) {
-        st->pending--;
-        t[page] = 0;
-    }
+    st->pending--;
+    t[page] = 0;
 }
 
 /*
@@ -192,7 +289,8 @@ static void rp_nodelay(MigrationIncomingState *mis)
     }
 }
 
-static void send_resend(RAMBlock *block, ram_addr_t offset, uint32_t npages)
+static void send_resend(LoadState *st, RAMBlock *block, ram_addr_t offset,
+                        uint32_t npages)
 {
     MigrationIncomingState *mis = migration_incoming_get_current();
     g_autoptr(GByteArray) buf = g_byte_array_new();
@@ -202,9 +300,16 @@ static void send_resend(RAMBlock *block, ram_addr_t offset, uint32_t npages)
     nas_dedup_resend_encode(buf, &r);
     stat64_add(&nas_dedup_counters.resend_requests, npages);
     rp_nodelay(mis);
-    if (migrate_send_rp_dedup(mis, false, buf->data, buf->len) < 0) {
+    if (migrate_send_rp_dedup(mis, st->resend_msg, buf->data,
+                              buf->len) < 0 && !st->resend_failed) {
+        /*
+         * The return path is broken: the final SYNC will not be answered
+         * and the load check fails; say it once, not once a run.
+         */
+        st->resend_failed = true;
         error_report("dedup-nas: could not ask the source for %s 0x%"
-                     PRIx64 " x%u", block->idstr, (uint64_t)offset, npages);
+                     PRIx64 " x%u (return path failed)", block->idstr,
+                     (uint64_t)offset, npages);
     }
 }
 
@@ -223,26 +328,52 @@ static void flush_resends(LoadState *st)
     for (i = 0; i < st->resends->len; i++) {
         Resend r = g_array_index(st->resends, Resend, i);
 
-        send_resend(r.block, r.offset, r.npages);
+        send_resend(st, r.block, r.offset, r.npages);
     }
     g_array_set_size(st->resends, 0);
 }
 
 void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
 {
-    uint32_t *t;
+    unsigned long page = offset >> TARGET_PAGE_BITS;
+    Tickets *t;
 
     if (!load || !load->pending) {
         return;
     }
     flush_resends(load);
-    t = tickets_of(load, block, false);
+    t = tickets_of(load, block, page + 1, false);
     if (t) {
-        ticket_clear(load, t, offset >> TARGET_PAGE_BITS);
+        ticket_clear(load, t->t, page);
     }
 }
 
-/* Read, verify and install one run; frees @fe.  @buf may be NULL. */
+/* Ask the source for the pages of @fe's run whose ticket is still @fe's. */
+static void resend_run(LoadState *st, Fetch *fe, uint32_t *t, uint32_t first,
+                       uint32_t k0, uint32_t n)
+{
+    Resend r = {
+        .block = fe->block,
+        .offset = fe->offset + (uint64_t)k0 * NAS_DEDUP_CHUNK,
+        .npages = n,
+    };
+    uint32_t k;
+
+    for (k = k0; k < k0 + n; k++) {
+        assert(t[first + k] == fe->ticket);
+        t[first + k] = TICKET_AWAITING;
+        st->awaiting++;
+    }
+    if (!st->dead) {
+        g_array_append_val(st->resends, r);
+    }
+}
+
+/*
+ * Read, verify and install one run; frees @fe.  @buf may be NULL (no
+ * memory: every page is asked again), and so may the drive's BlockBackend
+ * (this VM has no such drive).
+ */
 static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
 {
     NasDedupRecord *rec = fe->rec;
@@ -252,16 +383,20 @@ static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
     uint32_t k, bad_start = 0, bad = 0;
     int ret = -ENOMEM;
 
-    if (buf) {
+    if (!fe->drive->blk ||
+        rec->disk_offset + len > fe->drive->size) {
+        ret = -ENOENT;
+    } else if (buf) {
         ret = blk_co_pread(fe->drive->blk, rec->disk_offset, len, buf, 0);
+        trace_nas_dedup_load_fetch_done(rec->drive, rec->disk_offset,
+                                        rec->npages, ret);
+        if (ret >= 0) {
+            stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
+            stat64_add(&nas_dedup_counters.fetched_bytes, len);
+        }
     }
-    trace_nas_dedup_load_fetch_done(rec->drive, rec->disk_offset,
-                                    rec->npages, ret);
-    if (ret >= 0) {
-        stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
-        stat64_add(&nas_dedup_counters.fetched_bytes, len);
-    }
-    t = tickets_of(st, fe->block, true);
+    /* Created for this run by load_refs(); never shrinks. */
+    t = tickets_of(st, fe->block, first + rec->npages, false)->t;
     for (k = 0; k <= rec->npages; k++) {
         bool ok = false;
 
@@ -270,10 +405,15 @@ static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
 
             if (t[first + k] != fe->ticket) {
                 ok = true;      /* superseded by newer data: nothing to do */
+            } else if (st->dead) {
+                /* The load failed: guest RAM is no longer ours to write. */
+                ok = true;
+            } else if (ret == -ENOENT) {
+                /* not ours to read: asked again */
             } else if (ret < 0) {
                 stat64_add(&nas_dedup_counters.read_errors, 1);
             } else {
-                nas_dedup_hash_chunk(buf + k * NAS_DEDUP_CHUNK, &h);
+                nas_dedup_hash_chunk(&st->key, buf + k * NAS_DEDUP_CHUNK, &h);
                 if (nas_dedup_hash_equal(&h, &rec->hash[k])) {
                     memcpy(fe->block->host + fe->offset + k * NAS_DEDUP_CHUNK,
                            buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
@@ -287,8 +427,6 @@ static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
                 }
             }
             if (!ok) {
-                t[first + k] = TICKET_AWAITING;
-                st->awaiting++;
                 if (!bad++) {
                     bad_start = k;
                 }
@@ -296,15 +434,7 @@ static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
             }
         }
         if (bad) {
-            if (!st->dead) {
-                Resend r = {
-                    .block = fe->block,
-                    .offset = fe->offset + bad_start * NAS_DEDUP_CHUNK,
-                    .npages = bad,
-                };
-
-                g_array_append_val(st->resends, r);
-            }
+            resend_run(st, fe, t, first, bad_start, bad);
             bad = 0;
         }
     }
@@ -321,8 +451,8 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
     Fetch *fe = opaque;
     LoadState *st = fe->st;
     uint8_t *buf = st->bufs->len ? g_ptr_array_steal_index_fast(st->bufs, 0) :
-                   qemu_try_blockalign(blk_bs(fe->drive->blk),
-                                       NAS_DEDUP_BUF_SIZE);
+                   qemu_try_memalign(qemu_real_host_page_size(),
+                                     NAS_DEDUP_BUF_SIZE);
 
     while (fe) {
         fetch_one(st, fe, buf);
@@ -350,39 +480,76 @@ static bool qemufile_read(void *opaque, void *buf, size_t len)
     return qemu_get_buffer(f, buf, len) == len && !qemu_file_get_error(f);
 }
 
-static int load_drive(const NasDedupRecord *rec, Error **errp)
+/*
+ * Views of every drive attached to a guest device, made at once before
+ * the first fetch: making one takes the block graph's writer lock, which
+ * waits for every read in flight, and a read stuck on a stalled NAS would
+ * then stall the main loop.  Devices on -blockdev nodes have anonymous
+ * BlockBackends: walk them all.
+ */
+static void coroutine_fn make_views(LoadState *st)
+{
+    BlockBackend *blk;
+
+    st->views = g_ptr_array_new();
+    for (blk = blk_all_next(NULL); blk; blk = blk_all_next(blk)) {
+        Error *local_err = NULL;
+        LoadView *v;
+        int64_t len;
+
+        if (!blk_get_attached_dev(blk) || !blk_bs(blk)) {
+            continue;           /* not a guest drive, or no medium */
+        }
+        v = g_new0(LoadView, 1);
+        v->id = blk_get_attached_dev_id(blk);
+        v->blk = blk_co_new_with_bs(blk_bs(blk), BLK_PERM_CONSISTENT_READ,
+                                    BLK_PERM_ALL, &local_err);
+        if (!v->blk) {
+            warn_reportf_err(local_err, "dedup-nas: no view of drive '%s', "
+                             "its pages will be sent in full: ", v->id);
+            g_free(v->id);
+            g_free(v);
+            continue;
+        }
+        blk_set_allow_aio_context_change(v->blk, true);
+        len = blk_co_getlength(v->blk);
+        v->size = len < 0 ? 0 : len;
+        g_ptr_array_add(st->views, v);
+    }
+}
+
+static int coroutine_fn load_drive(const NasDedupRecord *rec, Error **errp)
 {
     LoadDrive *d = g_hash_table_lookup(load->drives,
                                        GUINT_TO_POINTER(rec->drive));
-    BlockBackend *blk;
-    int64_t len;
+    LoadView *v = NULL;
+    guint i;
 
     if (d) {
         error_setg(errp, "dedup-nas: drive %u defined twice", rec->drive);
         return -EINVAL;
     }
-    for (blk = blk_next(NULL); blk; blk = blk_next(blk)) {
-        g_autofree char *id = blk_get_attached_dev_id(blk);
-
-        if (!strcmp(id, rec->id)) {
-            break;
-        }
-    }
-    if (!blk) {
-        error_setg(errp, "dedup-nas: the source refers to drive '%s', which "
-                   "this VM does not have", rec->id);
-        return -ENOENT;
-    }
-    len = blk_getlength(blk);
-    if (len < 0) {
-        error_setg_errno(errp, -len, "dedup-nas: cannot get the size of "
-                         "drive '%s'", rec->id);
-        return len;
+    if (!load->views) {
+        make_views(load);
     }
     d = g_new0(LoadDrive, 1);
-    d->blk = blk;
-    d->size = MIN((uint64_t)len, rec->disk_size);
     g_hash_table_insert(load->drives, GUINT_TO_POINTER(rec->drive), d);
+    for (i = 0; i < load->views->len; i++) {
+        v = g_ptr_array_index(load->views, i);
+        if (!strcmp(v->id, rec->id)) {
+            break;
+        }
+        v = NULL;
+    }
+    if (!v) {
+        /* Not a protocol error: its references are asked again. */
+        warn_report("dedup-nas: the source refers to drive '%s', which this "
+                    "VM does not have (or has no medium in); its pages will "
+                    "be sent in full", rec->id);
+        return 0;
+    }
+    d->blk = v->blk;
+    d->size = MIN(v->size, rec->disk_size);
     trace_nas_dedup_drive_new(rec->drive, rec->id, d->size);
     return 0;
 }
@@ -397,12 +564,23 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     uint32_t *t, k, ticket;
     Fetch *fe;
 
+    if (TARGET_PAGE_SIZE != NAS_DEDUP_CHUNK) {
+        error_setg(errp, "dedup-nas: REFS record, but this VM's target pages "
+                   "are not %u bytes", NAS_DEDUP_CHUNK);
+        return -EINVAL;
+    }
+
+    if (!load->have_setup) {
+        error_setg(errp, "dedup-nas: REFS record before the SETUP record");
+        return -EINVAL;
+    }
     if (!d) {
         error_setg(errp, "dedup-nas: REFS record for drive %u, which the "
                    "source never defined", rec->drive);
         return -EINVAL;
     }
-    if (!nas_dedup_refs_check(rec, offset, block->used_length, d->size,
+    /* Pages outside guest RAM are a protocol error; disk ranges are not. */
+    if (!nas_dedup_refs_check(rec, offset, block->used_length, UINT64_MAX,
                               &err)) {
         error_setg(errp, "dedup-nas: %s (RAMBlock %s)", err, block->idstr);
         return -EINVAL;
@@ -414,7 +592,7 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
         load->next_ticket = 1;
     }
     ticket = load->next_ticket;
-    t = tickets_of(load, block, true);
+    t = tickets_of(load, block, first + rec->npages, true)->t;
     for (k = 0; k < rec->npages; k++) {
         ticket_clear(load, t, first + k);
         t[first + k] = ticket;
@@ -447,6 +625,10 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
     MigrationIncomingState *mis = migration_incoming_get_current();
     g_autoptr(GByteArray) buf = g_byte_array_new();
 
+    if (!load->have_setup) {
+        error_setg(errp, "dedup-nas: SYNC record before the SETUP record");
+        return -EINVAL;
+    }
     while (load->inflight) {
         qemu_co_queue_wait(&load->waitq, NULL);
     }
@@ -455,7 +637,8 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
     trace_nas_dedup_load_sync(rec->seq, rec->final, load->pending);
     if (rec->final) {
         load->final_seen = true;
-        return nas_dedup_load_check() ? 0 : -EINVAL;
+        views_drop(load);       /* no more reads */
+        return nas_dedup_load_check(errp) ? 0 : -EINVAL;
     }
     /* With no read in flight, every pending page awaits the source. */
     if (load->pending != load->awaiting) {
@@ -466,10 +649,31 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
     }
     nas_dedup_sync_ack_encode(buf, rec->seq, load->awaiting);
     rp_nodelay(mis);
-    if (migrate_send_rp_dedup(mis, true, buf->data, buf->len) < 0) {
+    if (migrate_send_rp_dedup(mis, load->sync_ack_msg, buf->data,
+                              buf->len) < 0) {
         error_setg(errp, "dedup-nas: cannot answer SYNC on the return path");
         return -EIO;
     }
+    return 0;
+}
+
+static int load_setup(const NasDedupRecord *rec, Error **errp)
+{
+    if (load->have_setup) {
+        error_setg(errp, "dedup-nas: SETUP record sent twice");
+        return -EINVAL;
+    }
+    if (!migrate_rp_dedup_msg_valid(rec->resend_msg) ||
+        !migrate_rp_dedup_msg_valid(rec->sync_ack_msg) ||
+        rec->resend_msg == rec->sync_ack_msg) {
+        error_setg(errp, "dedup-nas: SETUP record: bad return-path message "
+                   "numbers %u and %u", rec->resend_msg, rec->sync_ack_msg);
+        return -EINVAL;
+    }
+    load->key = rec->key;
+    load->resend_msg = rec->resend_msg;
+    load->sync_ack_msg = rec->sync_ack_msg;
+    load->have_setup = true;
     return 0;
 }
 
@@ -493,6 +697,9 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
         return -EINVAL;
     }
     switch (rec->type) {
+    case NAS_DEDUP_REC_SETUP:
+        ret = load_setup(rec, errp);
+        break;
     case NAS_DEDUP_REC_DRIVE:
         ret = load_drive(rec, errp);
         break;
@@ -520,19 +727,20 @@ uint64_t nas_dedup_load_busy_us(void)
     return g_get_monotonic_time() - load->busy_since;
 }
 
-bool nas_dedup_load_check(void)
+bool nas_dedup_load_check(Error **errp)
 {
     if (!load || !load->refs_seen) {
         return true;
     }
     if (load->inflight || load->pending) {
-        error_report("dedup-nas: %" PRIu64 " pages sent as references were "
-                     "neither verified nor sent again (%u reads in flight)",
-                     load->pending, load->inflight);
+        error_setg(errp, "dedup-nas: %" PRIu64 " pages sent as references "
+                   "were neither verified nor sent again (%u reads in "
+                   "flight)", load->pending, load->inflight);
         return false;
     }
     if (!load->final_seen) {
-        error_report("dedup-nas: the stream ended without the final SYNC");
+        error_setg(errp, "dedup-nas: the stream ended without the final "
+                   "SYNC");
         return false;
     }
     return true;

@@ -9,11 +9,15 @@
  * written as one REFS record.  At switchover, SYNC records and the
  * destination's answers on the return path make sure that every reference
  * was verified, and that every page it could not verify was sent again.
+ *
+ * No fault of the destination may freeze the stopped guest or the source
+ * QEMU: see "Bounds" in docs/devel/nas-dedup.rst, and the watchdog below.
  */
 #include "qemu/osdep.h"
 #include "qemu/bitmap.h"
 #include "qemu/cutils.h"
 #include "qemu/error-report.h"
+#include "qemu/host-utils.h"
 #include "qemu/rcu.h"
 #include "qapi/error.h"
 #include "io/channel.h"
@@ -26,8 +30,6 @@
 #include "options.h"
 #include "trace.h"
 
-/* How long the stopped source waits for the destination's answer. */
-#define NAS_DEDUP_SYNC_TIMEOUT_MS (120 * 1000)
 /* Rounds of "resend, sync again" before giving up. */
 #define NAS_DEDUP_SYNC_ROUNDS 16
 /*
@@ -37,9 +39,73 @@
 #define NAS_DEDUP_LIVE_SYNCS 8
 /* How long one switchover check waits for an answer, not to spin. */
 #define NAS_DEDUP_LIVE_WAIT_MS 20
+/*
+ * A live SYNC is answered once the destination has read every block
+ * referred to so far.  It may take a while for a large backlog, but not
+ * forever: the answer must come within NAS_DEDUP_LIVE_TIMEOUT_MS plus the
+ * time to read the backlog at NAS_DEDUP_MIN_FETCH_RATE, or the migration
+ * fails (the guest keeps running on the source).
+ */
+#define NAS_DEDUP_LIVE_TIMEOUT_MS 30000
+#define NAS_DEDUP_MIN_FETCH_RATE (8 * 1000 * 1000)      /* bytes a second */
+
+/* Pages the destination asked again, by RAMBlock. */
+typedef struct SaveBlock {
+    unsigned long *noref;       /* send in full, not as a reference */
+    unsigned long *asked;       /* of those, not dirtied again yet */
+    unsigned long *scratch;     /* for redirty_requested() */
+    unsigned long npages;
+} SaveBlock;
+
+typedef enum WatchKind {
+    WATCH_NONE,
+    WATCH_LIVE,                 /* a live SYNC is unanswered */
+    WATCH_SWITCHOVER,           /* the guest is stopped */
+} WatchKind;
 
 static struct {
-    /* The pending run of references; migration thread only. */
+    /*
+     * The return-path thread and the migration thread share what @lock
+     * protects.  The lock and @ack_sem live as long as QEMU
+     * (nas_dedup_save_init()), so that a message arriving before setup,
+     * after cleanup, or in a migration without dedup-nas finds them and
+     * fails that migration, never QEMU.  The return-path thread must not
+     * take ram.c's bitmap mutex: the migration thread holds it while it
+     * blocks sending to a destination that may itself be blocked sending
+     * on the return path.  So RESEND only marks pages in @blocks, and the
+     * migration thread dirties them (redirty_requested()).  Lock order:
+     * bitmap mutex, then @lock.
+     */
+    QemuMutex lock;
+    QemuSemaphore ack_sem;      /* posted on SYNC_ACK */
+    bool active;                /* set up, with a return path */
+    bool final_sent;            /* no more failing on our account */
+    GHashTable *blocks;         /* RAMBlock * -> SaveBlock */
+    unsigned long noref_pages;  /* bits set in the noref bitmaps */
+    unsigned long asked_pages;  /* bits set in the asked bitmaps */
+    uint32_t sent_seq;          /* last SYNC sent */
+    uint32_t acked_seq;         /* last SYNC answered */
+    uint32_t acked_pending;
+
+    /*
+     * The watchdog thread, one a migration with a return path.  Armed by
+     * the migration thread (@wd_kind, @wd_deadline_ms, @wd_live_seq under
+     * @wd_lock): when the deadline passes and, for a live SYNC, no answer
+     * came, it fails the migration by shutting its channels down, as
+     * migrate_cancel does, which also unblocks a migration thread stuck
+     * writing to a destination that stopped reading.
+     */
+    QemuThread wd_thread;
+    QemuMutex wd_lock;
+    QemuCond wd_cond;
+    bool wd_running;
+    bool wd_quit;
+    WatchKind wd_kind;
+    int64_t wd_deadline_ms;
+    uint32_t wd_live_seq;
+
+    /* Migration thread only from here on. */
+    /* The pending run of references. */
     NasDedupRecord run;
     RAMBlock *run_block;
     ram_addr_t run_offset;
@@ -48,31 +114,17 @@ static struct {
     void *opaque;
 
     unsigned long *drive_sent;      /* DRIVE records sent, by drive */
+    bool setup_sent;
     bool any_refs;
     bool injected;
     uint32_t seq;
     unsigned rounds;
-
-    /* Pages the destination asked again: send them in full.  */
-    QemuMutex noref_lock;
-    GHashTable *noref;              /* RAMBlock * -> unsigned long bitmap */
-    /*
-     * Of those, the ones not dirtied again yet (NasDedupResend).  The return
-     * path thread must not take the bitmap mutex: the migration thread holds
-     * it while it blocks sending to a destination that may itself be blocked
-     * sending on the return path.  The migration thread dirties them.
-     */
-    GArray *redirty;
-
-    /* SYNC_ACK from the return path thread. */
-    QemuSemaphore ack_sem;
-    uint32_t acked_seq;
-    uint32_t acked_pending;
+    int64_t deadline_ms;            /* of the switchover */
 
     /*
      * Live SYNC: before switchover, while the guest still runs, let the
      * destination catch up with its reads, so that the stopped guest only
-     * waits for the references of the last round.  Migration thread only.
+     * waits for the references of the last round.
      */
     uint64_t resolved_mark;         /* ref-pages when the acked SYNC went */
     uint32_t live_seq;              /* live SYNC in flight, or 0 */
@@ -107,22 +159,150 @@ static size_t put_record(RAMBlock *block, ram_addr_t offset,
     return len;
 }
 
+void nas_dedup_save_init(void)
+{
+    qemu_mutex_init(&save.lock);
+    qemu_sem_init(&save.ack_sem, 0);
+    qemu_mutex_init(&save.wd_lock);
+    qemu_cond_init(&save.wd_cond);
+}
+
+static void save_block_free(gpointer p)
+{
+    SaveBlock *sb = p;
+
+    g_free(sb->noref);
+    g_free(sb->asked);
+    g_free(sb->scratch);
+    g_free(sb);
+}
+
+/*
+ * Fail the migration with @err (taken) from any thread, unless the final
+ * SYNC went out: from then on the destination may complete and run the
+ * guest, and a source that resumed too would run it twice.  Shutting the
+ * channels down, as migrate_cancel does, also frees a migration thread
+ * blocked writing to a destination that stopped reading.
+ */
+static void fail_migration(MigrationState *s, const Error *err)
+{
+    /* Atomic with "the final SYNC goes out" (nas_dedup_save_complete()). */
+    QEMU_LOCK_GUARD(&save.lock);
+    if (save.final_sent) {
+        return;
+    }
+    migrate_set_error(s, err);
+    WITH_QEMU_LOCK_GUARD(&s->qemu_file_lock) {
+        if (s->rp_state.from_dst_file) {
+            qemu_file_shutdown(s->rp_state.from_dst_file);
+        }
+        if (s->to_dst_file) {
+            qemu_file_shutdown(s->to_dst_file);
+        }
+    }
+}
+
+static void *watchdog_thread(void *opaque)
+{
+    MigrationState *s = opaque;
+    Error *err = NULL;
+
+    qemu_mutex_lock(&save.wd_lock);
+    while (!save.wd_quit) {
+        int64_t left;
+
+        if (save.wd_kind == WATCH_NONE) {
+            qemu_cond_wait(&save.wd_cond, &save.wd_lock);
+            continue;
+        }
+        if (save.wd_kind == WATCH_LIVE &&
+            (int32_t)(qatomic_load_acquire(&save.acked_seq) -
+                      save.wd_live_seq) >= 0) {
+            save.wd_kind = WATCH_NONE;      /* answered */
+            continue;
+        }
+        left = save.wd_deadline_ms - qemu_clock_get_ms(QEMU_CLOCK_REALTIME);
+        if (left > 0) {
+            qemu_cond_timedwait(&save.wd_cond, &save.wd_lock,
+                                MIN(left, 1000));
+            continue;
+        }
+        if (save.wd_kind == WATCH_LIVE) {
+            error_setg(&err, "dedup-nas: the destination did not answer "
+                       "SYNC %u in time (its reads of shared storage are "
+                       "stalled?)", save.wd_live_seq);
+        } else {
+            error_setg(&err, "dedup-nas: switchover exceeded "
+                       "downtime-limit + dedup-nas-switchover-slack (%"
+                       PRIu64 " ms); the source resumes",
+                       migrate_downtime_limit() +
+                       migrate_dedup_nas_switchover_slack());
+        }
+        trace_nas_dedup_save_watchdog(save.wd_kind);
+        save.wd_kind = WATCH_NONE;
+        qemu_mutex_unlock(&save.wd_lock);
+        fail_migration(s, err);
+        error_free(err);
+        err = NULL;
+        qemu_mutex_lock(&save.wd_lock);
+    }
+    qemu_mutex_unlock(&save.wd_lock);
+    return NULL;
+}
+
+static void watch(WatchKind kind, int64_t deadline_ms, uint32_t live_seq)
+{
+    QEMU_LOCK_GUARD(&save.wd_lock);
+    save.wd_kind = kind;
+    save.wd_deadline_ms = deadline_ms;
+    save.wd_live_seq = live_seq;
+    qemu_cond_signal(&save.wd_cond);
+}
+
+static void watchdog_stop(void)
+{
+    if (!save.wd_running) {
+        return;
+    }
+    WITH_QEMU_LOCK_GUARD(&save.wd_lock) {
+        save.wd_quit = true;
+        qemu_cond_signal(&save.wd_cond);
+    }
+    qemu_thread_join(&save.wd_thread);
+    save.wd_running = false;
+}
+
 int nas_dedup_save_setup(Error **errp)
 {
+    MigrationState *s = migrate_get_current();
+
     if (migrate_rdma()) {
         error_setg(errp, "Capability 'dedup-nas' is not compatible with "
                    "RDMA migration");
         return -1;
     }
+    if (qemu_target_page_size() != NAS_DEDUP_CHUNK) {
+        error_setg(errp, "Capability 'dedup-nas' needs %u-byte target pages",
+                   NAS_DEDUP_CHUNK);
+        return -1;
+    }
+    nas_dedup_save_cleanup();
     memset(&save.run, 0, sizeof(save.run));
     save.run_block = NULL;
     save.f = NULL;
+    save.setup_sent = false;
     save.any_refs = false;
     save.injected = false;
     save.seq = 0;
     save.rounds = 0;
+    save.deadline_ms = 0;
+    save.resolved_mark = 0;
+    save.live_seq = 0;
+    save.live_mark = 0;
+    save.live_syncs = 0;
+    save.want_live_sync = false;
     nas_dedup_stats_reset(false);
-    if (!migrate_get_current()->rp_state.rp_thread_created) {
+    if (!s->rp_state.rp_thread_created) {
         /*
          * No destination to read the disks and answer (savevm, a snapshot
          * to a file): send every page in full.
@@ -133,38 +313,44 @@ int nas_dedup_save_setup(Error **errp)
      * SYNC is a small record that the guest, stopped, waits on: do not let
      * Nagle hold it back behind unacknowledged stream data.
      */
-    if (migrate_get_current()->to_dst_file) {
-        qio_channel_set_delay(
-            qemu_file_get_ioc(migrate_get_current()->to_dst_file), false);
+    if (s->to_dst_file) {
+        qio_channel_set_delay(qemu_file_get_ioc(s->to_dst_file), false);
     }
     save.drive_sent = bitmap_new(NAS_DEDUP_MAX_DRIVES + 1);
-    qemu_mutex_init(&save.noref_lock);
-    save.noref = g_hash_table_new_full(NULL, NULL, NULL, g_free);
-    save.redirty = g_array_new(false, false, sizeof(NasDedupResend));
-    qemu_sem_init(&save.ack_sem, 0);
-    save.acked_seq = 0;
-    save.acked_pending = 0;
-    save.resolved_mark = 0;
-    save.live_seq = 0;
-    save.live_mark = 0;
-    save.live_syncs = 0;
-    save.want_live_sync = false;
+    /* An answer to an earlier migration's SYNC must not count. */
+    while (qemu_sem_timedwait(&save.ack_sem, 0) == 0) {
+        /* drain */
+    }
+    WITH_QEMU_LOCK_GUARD(&save.lock) {
+        save.blocks = g_hash_table_new_full(NULL, NULL, NULL, save_block_free);
+        qatomic_set(&save.noref_pages, 0);
+        qatomic_set(&save.asked_pages, 0);
+        save.sent_seq = 0;
+        save.acked_seq = 0;
+        save.acked_pending = 0;
+        save.final_sent = false;
+        save.active = true;
+    }
+    save.wd_quit = false;
+    save.wd_kind = WATCH_NONE;
+    save.wd_running = true;
+    qemu_thread_create(&save.wd_thread, "mig/dedup-wd", watchdog_thread, s,
+                       QEMU_THREAD_JOINABLE);
     return 0;
 }
 
 void nas_dedup_save_cleanup(void)
 {
-    if (!save.noref) {
-        return;
+    watchdog_stop();
+    WITH_QEMU_LOCK_GUARD(&save.lock) {
+        save.active = false;
+        if (save.blocks) {
+            g_hash_table_destroy(save.blocks);
+            save.blocks = NULL;
+        }
     }
     g_free(save.drive_sent);
     save.drive_sent = NULL;
-    g_hash_table_destroy(save.noref);
-    save.noref = NULL;
-    g_array_free(save.redirty, true);
-    save.redirty = NULL;
-    qemu_mutex_destroy(&save.noref_lock);
-    qemu_sem_destroy(&save.ack_sem);
 }
 
 /*
@@ -267,56 +453,50 @@ static int flush_run(void)
  * Dirty again the pages the destination asked for since the last call,
  * unless they were sent in full meanwhile.  Returns how many pages it
  * dirtied.  Migration thread, without the bitmap mutex (which is taken
- * before noref_lock).
+ * before save.lock): a block's pages are moved to its scratch bitmap under
+ * save.lock, then dirtied under the bitmap mutex.  No memory is allocated
+ * on the way, however many requests came.
  */
-static int redirty_requested(Error **errp)
+static int64_t redirty_requested(Error **errp)
 {
-    g_autoptr(GArray) asked = NULL;
-    g_autoptr(GArray) todo = g_array_new(false, false, sizeof(NasDedupResend));
-    int pages = 0;
-    guint i;
+    GHashTableIter iter;
+    gpointer key, value;
+    int64_t pages = 0;
 
-    if (!save.noref) {
-        return 0;               /* not set up, or no return path */
+    if (!qatomic_read(&save.asked_pages)) {
+        return 0;
     }
-    WITH_QEMU_LOCK_GUARD(&save.noref_lock) {
-        if (!save.redirty->len) {
-            return 0;
-        }
-        asked = save.redirty;
-        save.redirty = g_array_new(false, false, sizeof(NasDedupResend));
-        RCU_READ_LOCK_GUARD();
-        for (i = 0; i < asked->len; i++) {
-            NasDedupResend *r = &g_array_index(asked, NasDedupResend, i);
-            RAMBlock *block = qemu_ram_block_by_name(r->id);
-            unsigned long *bmap = block ?
-                g_hash_table_lookup(save.noref, block) : NULL;
-            unsigned long first = r->offset >> TARGET_PAGE_BITS;
-            uint32_t k = 0, n;
-
-            while (bmap && k < r->npages) {
-                for (n = 0; k + n < r->npages &&
-                            test_bit(first + k + n, bmap); n++) {
-                    /* a run of pages still to be sent in full */
-                }
-                if (n) {
-                    NasDedupResend sub = *r;
-
-                    sub.offset = r->offset + (uint64_t)k * NAS_DEDUP_CHUNK;
-                    sub.npages = n;
-                    g_array_append_val(todo, sub);
-                }
-                k += n + 1;
-            }
-        }
+    QEMU_LOCK_GUARD(&save.lock);
+    if (!save.active) {
+        return 0;
     }
-    for (i = 0; i < todo->len; i++) {
-        NasDedupResend *r = &g_array_index(todo, NasDedupResend, i);
+    g_hash_table_iter_init(&iter, save.blocks);
+    while (g_hash_table_iter_next(&iter, &key, &value)) {
+        SaveBlock *sb = value;
+        unsigned long i, n = 0;
+        int64_t ret;
 
-        if (ram_dedup_redirty(r->id, r->offset, r->npages, errp) < 0) {
-            return -EINVAL;
+        for (i = 0; i < BITS_TO_LONGS(sb->npages); i++) {
+            /* Only those still to be sent in full. */
+            sb->scratch[i] = sb->asked[i] & sb->noref[i];
+            n += ctpopl(sb->asked[i]);
+            sb->asked[i] = 0;
         }
-        pages += r->npages;
+        if (!n) {
+            continue;
+        }
+        qatomic_set(&save.asked_pages, save.asked_pages - n);
+        /* The block mutex comes first: drop ours meanwhile. */
+        qemu_mutex_unlock(&save.lock);
+        ret = ram_dedup_redirty(key, sb->scratch, errp);
+        qemu_mutex_lock(&save.lock);
+        if (ret < 0) {
+            return ret;
+        }
+        pages += ret;
+        if (!save.active) {
+            break;
+        }
     }
     return pages;
 }
@@ -332,30 +512,38 @@ static void put_sync(QEMUFile *f, NasDedupPutHeader put_header, void *opaque,
     rec->type = NAS_DEDUP_REC_SYNC;
     rec->seq = ++save.seq;
     rec->final = final;
+    WITH_QEMU_LOCK_GUARD(&save.lock) {
+        save.sent_seq = rec->seq;
+    }
     trace_nas_dedup_save_sync(rec->seq, final);
     /* Any RAMBlock will do: the record is about all of them. */
     put_record(save.run_block, 0, rec);
     g_free(rec);
 }
 
-int nas_dedup_save_flush(void)
+int nas_dedup_save_flush(Error **errp)
 {
-    Error *local_err = NULL;
     int ret = flush_run();
 
     if (ret < 0) {
+        error_setg_errno(errp, -ret, "dedup-nas: failed to send references");
         return ret;
     }
     if (save.want_live_sync && !save.live_seq && save.f) {
+        uint64_t backlog;
+
         put_sync(save.f, save.put_header, save.opaque, false);
         save.live_seq = save.seq;
         save.live_mark = stat64_get(&nas_dedup_counters.ref_pages);
         save.live_syncs++;
         save.want_live_sync = false;
+        /* The answer must come in time, even if we block writing. */
+        backlog = (save.live_mark - save.resolved_mark) * NAS_DEDUP_CHUNK;
+        watch(WATCH_LIVE, qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+              NAS_DEDUP_LIVE_TIMEOUT_MS +
+              backlog * 1000 / NAS_DEDUP_MIN_FETCH_RATE, save.live_seq);
     }
-    if (redirty_requested(&local_err) < 0) {
-        migrate_set_error(migrate_get_current(), local_err);
-        error_report_err(local_err);
+    if (redirty_requested(errp) < 0) {
         return -EINVAL;
     }
     return 0;
@@ -364,11 +552,32 @@ int nas_dedup_save_flush(void)
 /* True if the destination asked for this page: send it in full once. */
 static bool take_noref(RAMBlock *block, ram_addr_t offset)
 {
-    unsigned long *bmap;
+    SaveBlock *sb;
 
-    QEMU_LOCK_GUARD(&save.noref_lock);
-    bmap = g_hash_table_lookup(save.noref, block);
-    return bmap && test_and_clear_bit(offset >> TARGET_PAGE_BITS, bmap);
+    if (!qatomic_read(&save.noref_pages)) {
+        return false;
+    }
+    QEMU_LOCK_GUARD(&save.lock);
+    sb = save.blocks ? g_hash_table_lookup(save.blocks, block) : NULL;
+    if (sb && test_and_clear_bit(offset >> TARGET_PAGE_BITS, sb->noref)) {
+        qatomic_set(&save.noref_pages, save.noref_pages - 1);
+        return true;
+    }
+    return false;
+}
+
+/* The SETUP record: protocol version, return-path numbering, hash key. */
+static void send_setup(RAMBlock *block, ram_addr_t offset,
+                       const NasDedupKey *key)
+{
+    g_autofree NasDedupRecord *rec = g_new0(NasDedupRecord, 1);
+
+    rec->type = NAS_DEDUP_REC_SETUP;
+    rec->version = NAS_DEDUP_WIRE_VERSION;
+    migrate_rp_dedup_msgs(&rec->resend_msg, &rec->sync_ack_msg);
+    rec->key = *key;
+    put_record(block, offset, rec);
+    save.setup_sent = true;
 }
 
 static int define_drive(RAMBlock *block, ram_addr_t offset, uint16_t drive)
@@ -398,7 +607,7 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     NasDedupHash hash;
     NasDedupLoc loc;
 
-    if (!save.noref || take_noref(block, offset)) {
+    if (!save.drive_sent || take_noref(block, offset)) {
         return 0;
     }
     RCU_READ_LOCK_GUARD();
@@ -406,8 +615,15 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     if (!idx) {
         return 0;
     }
-    nas_dedup_hash_chunk(block->host + offset, &hash);
+    nas_dedup_hash_chunk(nas_dedup_index_key(idx), block->host + offset,
+                         &hash);
     if (!nas_dedup_index_lookup(idx, &hash, &loc)) {
+        return 0;
+    }
+    if (!nas_dedup_drive_live(loc.drive)) {
+        /* Resized, ejected or unplugged since: forget that entry. */
+        nas_dedup_index_invalidate(idx, loc.drive, loc.offset,
+                                   NAS_DEDUP_CHUNK);
         return 0;
     }
 
@@ -425,6 +641,9 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     save.put_header = put_header;
     save.opaque = opaque;
     if (!run->npages) {
+        if (!save.setup_sent) {
+            send_setup(block, offset, nas_dedup_index_key(idx));
+        }
         if (define_drive(block, offset, loc.drive) < 0) {
             return 0;
         }
@@ -439,19 +658,29 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     return 1;
 }
 
+uint64_t nas_dedup_save_bytes_saved(void)
+{
+    uint64_t pages = stat64_get(&nas_dedup_counters.ref_pages);
+    uint64_t bytes = stat64_get(&nas_dedup_counters.ref_bytes);
+
+    return pages * NAS_DEDUP_CHUNK > bytes ? pages * NAS_DEDUP_CHUNK - bytes
+                                           : 0;
+}
 
 bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
                                    uint64_t threshold_bytes)
 {
     uint64_t backlog;
+    uint32_t acked;
 
-    if (!migrate_dedup_nas() || !save.noref || !save.any_refs) {
+    if (!migrate_dedup_nas() || !save.drive_sent || !save.any_refs) {
         return true;
     }
-    if (save.live_seq &&
-        (int32_t)(qatomic_load_acquire(&save.acked_seq) - save.live_seq) >= 0) {
+    acked = qatomic_load_acquire(&save.acked_seq);
+    if (save.live_seq && (int32_t)(acked - save.live_seq) >= 0) {
         save.resolved_mark = save.live_mark;
         save.live_seq = 0;
+        watch(WATCH_NONE, 0, 0);
     }
     backlog = (stat64_get(&nas_dedup_counters.ref_pages) + save.run.npages -
                save.resolved_mark) * NAS_DEDUP_CHUNK;
@@ -465,7 +694,10 @@ bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
         return true;
     }
     if (save.live_seq) {
-        /* Answer pending: wait a little rather than spin on bitmap syncs. */
+        /*
+         * Answer pending: wait a little rather than spin on bitmap syncs.
+         * The watchdog fails the migration if it does not come in time.
+         */
         qemu_sem_timedwait(&save.ack_sem, NAS_DEDUP_LIVE_WAIT_MS);
     } else {
         save.want_live_sync = true;     /* sent by nas_dedup_save_flush() */
@@ -473,12 +705,31 @@ bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
     return false;
 }
 
+void nas_dedup_save_switchover(void)
+{
+    MigrationState *s = migrate_get_current();
+
+    if (!save.drive_sent || !save.any_refs) {
+        return;
+    }
+    /*
+     * The guest stopped at downtime_start: from then on, what dedup-nas
+     * makes it wait for (the pages and references still to send to a
+     * destination that may have stopped reading, the handshake) must be
+     * over by downtime_start + downtime-limit + switchover slack.
+     */
+    save.deadline_ms = MAX(s->downtime_start,
+                           qemu_clock_get_ms(QEMU_CLOCK_REALTIME) - 1) +
+                       migrate_downtime_limit() +
+                       migrate_dedup_nas_switchover_slack();
+    watch(WATCH_SWITCHOVER, save.deadline_ms, 0);
+}
+
 int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
                             void *opaque, Error **errp)
 {
     MigrationState *s = migrate_get_current();
-    int64_t deadline;
-    int ret;
+    int64_t ret;
 
     ret = flush_run();
     if (ret < 0) {
@@ -488,9 +739,9 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
     /* Send the pages asked for so far before asking for the rest. */
     ret = redirty_requested(errp);
     if (ret) {
-        return ret;
+        return ret < 0 ? ret : 1;
     }
-    if (!save.any_refs) {
+    if (!save.any_refs || !save.drive_sent) {
         return 0;
     }
     if (++save.rounds > NAS_DEDUP_SYNC_ROUNDS) {
@@ -505,8 +756,6 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
         error_setg_errno(errp, -ret, "dedup-nas: failed to send SYNC");
         return ret;
     }
-    deadline = qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
-               NAS_DEDUP_SYNC_TIMEOUT_MS;
     while (qatomic_load_acquire(&save.acked_seq) != save.seq) {
         if (migrate_has_error(s) || qemu_file_get_error(f) ||
             !s->rp_state.rp_thread_created) {
@@ -514,21 +763,48 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
                        "for the destination to resolve references");
             return -EIO;
         }
-        if (qemu_clock_get_ms(QEMU_CLOCK_REALTIME) > deadline) {
-            error_setg(errp, "dedup-nas: destination did not resolve its "
-                       "references within %d s",
-                       NAS_DEDUP_SYNC_TIMEOUT_MS / 1000);
+        if (qemu_clock_get_ms(QEMU_CLOCK_REALTIME) >= save.deadline_ms) {
+            error_setg(errp, "dedup-nas: the destination did not resolve its "
+                       "references within downtime-limit + "
+                       "dedup-nas-switchover-slack (%" PRIu64 " ms); the "
+                       "source resumes", migrate_downtime_limit() +
+                       migrate_dedup_nas_switchover_slack());
             return -ETIMEDOUT;
         }
-        qemu_sem_timedwait(&save.ack_sem, 100);
+        qemu_sem_timedwait(&save.ack_sem,
+                           MIN(100, MAX(1, save.deadline_ms -
+                               qemu_clock_get_ms(QEMU_CLOCK_REALTIME))));
     }
-    if (save.acked_pending) {
+    if (qatomic_read(&save.acked_pending)) {
         /* RESEND came before the ACK: dirty those pages again. */
         ret = redirty_requested(errp);
         return ret < 0 ? ret : 1;
     }
+    /*
+     * Past the final SYNC, the destination may complete and start the
+     * guest: failing the migration (and resuming the source) from then on
+     * would run the guest twice.  So the watchdog stands down before it
+     * is sent, and nothing of ours fails the migration after it
+     * (fail_migration()).  Before it, the destination cannot complete
+     * (nas_dedup_load_check()), so failing was safe.
+     */
+    watch(WATCH_NONE, 0, 0);
+    WITH_QEMU_LOCK_GUARD(&save.lock) {
+        if (migrate_has_error(s)) {
+            error_setg(errp, "dedup-nas: migration failed during "
+                       "switchover");
+            return -EIO;
+        }
+        save.final_sent = true;
+    }
     put_sync(f, put_header, opaque, true);
-    return qemu_fflush(f) < 0 ? -EIO : 0;
+    ret = qemu_fflush(f);
+    if (ret < 0) {
+        error_setg_errno(errp, -ret, "dedup-nas: failed to send the final "
+                         "SYNC");
+        return ret;
+    }
+    return 0;
 }
 
 int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
@@ -537,41 +813,61 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     NasDedupResend r;
     g_autofree char *err = NULL;
     RAMBlock *block;
-    unsigned long *bmap;
+    SaveBlock *sb;
+    unsigned long first, n;
     uint32_t i;
 
-    if (!migrate_dedup_nas() || !save.noref) {
-        error_setg(errp, "dedup-nas: unexpected resend request");
-        return -EINVAL;
-    }
     if (!nas_dedup_resend_decode(buf, len, &r, &err)) {
         error_setg(errp, "dedup-nas: %s", err);
         return -EINVAL;
     }
     trace_nas_dedup_rp_resend(r.id, r.offset, r.npages);
-    WITH_RCU_READ_LOCK_GUARD() {
-        block = qemu_ram_block_by_name(r.id);
-        if (!block || r.offset > block->used_length ||
-            !QEMU_IS_ALIGNED(r.offset, NAS_DEDUP_CHUNK) ||
-            (uint64_t)r.npages * NAS_DEDUP_CHUNK >
-                block->used_length - r.offset) {
-            error_setg(errp, "dedup-nas: resend request for %s 0x%" PRIx64
-                       " x%u is outside guest RAM", r.id, r.offset, r.npages);
-            return -EINVAL;
+    RCU_READ_LOCK_GUARD();
+    QEMU_LOCK_GUARD(&save.lock);
+    if (save.final_sent) {
+        return 0;               /* too late to matter, not to fail */
+    }
+    if (!save.active) {
+        error_setg(errp, "dedup-nas: unexpected DEDUP_RESEND message: "
+                   "dedup-nas is not active in this migration");
+        return -EINVAL;
+    }
+    block = qemu_ram_block_by_name(r.id);
+    if (!block || r.offset > block->used_length ||
+        !QEMU_IS_ALIGNED(r.offset, NAS_DEDUP_CHUNK) ||
+        (uint64_t)r.npages * NAS_DEDUP_CHUNK >
+            block->used_length - r.offset) {
+        error_setg(errp, "dedup-nas: resend request for %s 0x%" PRIx64
+                   " x%u is outside guest RAM", r.id, r.offset, r.npages);
+        return -EINVAL;
+    }
+    /* Bounded: three bits a page of guest RAM, however many requests. */
+    sb = g_hash_table_lookup(save.blocks, block);
+    if (!sb) {
+        sb = g_new0(SaveBlock, 1);
+        sb->npages = block->used_length >> TARGET_PAGE_BITS;
+        sb->noref = bitmap_new(sb->npages);
+        sb->asked = bitmap_new(sb->npages);
+        sb->scratch = bitmap_new(sb->npages);
+        g_hash_table_insert(save.blocks, block, sb);
+    }
+    first = r.offset >> TARGET_PAGE_BITS;
+    if (first + r.npages > sb->npages) {
+        error_setg(errp, "dedup-nas: resend request for %s 0x%" PRIx64
+                   " x%u is outside the RAMBlock as migration started", r.id,
+                   r.offset, r.npages);
+        return -EINVAL;
+    }
+    for (i = 0, n = 0; i < r.npages; i++) {
+        if (!test_and_set_bit(first + i, sb->noref)) {
+            n++;
         }
-        WITH_QEMU_LOCK_GUARD(&save.noref_lock) {
-            bmap = g_hash_table_lookup(save.noref, block);
-            if (!bmap) {
-                bmap = bitmap_new(block->used_length >> TARGET_PAGE_BITS);
-                g_hash_table_insert(save.noref, block, bmap);
-            }
-            for (i = 0; i < r.npages; i++) {
-                set_bit((r.offset >> TARGET_PAGE_BITS) + i, bmap);
-            }
-            g_array_append_val(save.redirty, r);
+        if (!test_and_set_bit(first + i, sb->asked)) {
+            qatomic_set(&save.asked_pages, save.asked_pages + 1);
         }
     }
-    stat64_add(&nas_dedup_counters.resent_pages, r.npages);
+    qatomic_set(&save.noref_pages, save.noref_pages + n);
+    stat64_add(&nas_dedup_counters.resent_pages, n);
     return 0;
 }
 
@@ -586,8 +882,39 @@ int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
         return -EINVAL;
     }
     trace_nas_dedup_rp_sync_ack(seq, pending);
-    save.acked_pending = pending;
-    qatomic_store_release(&save.acked_seq, seq);
+    WITH_QEMU_LOCK_GUARD(&save.lock) {
+        if (save.final_sent) {
+            return 0;           /* too late to matter, not to fail */
+        }
+        if (!save.active) {
+            error_setg(errp, "dedup-nas: unexpected DEDUP_SYNC_ACK message: "
+                       "dedup-nas is not active in this migration");
+            return -EINVAL;
+        }
+        if (!seq || (int32_t)(seq - save.sent_seq) > 0 ||
+            (int32_t)(seq - save.acked_seq) <= 0) {
+            error_setg(errp, "dedup-nas: DEDUP_SYNC_ACK for SYNC %u, but the "
+                       "last SYNC sent is %u and the last answered %u", seq,
+                       save.sent_seq, save.acked_seq);
+            return -EINVAL;
+        }
+        qatomic_set(&save.acked_pending, pending);
+        qatomic_store_release(&save.acked_seq, seq);
+    }
     qemu_sem_post(&save.ack_sem);
+    /* A watchdog waiting for this answer stands down. */
+    WITH_QEMU_LOCK_GUARD(&save.wd_lock) {
+        qemu_cond_signal(&save.wd_cond);
+    }
     return 0;
+}
+
+void nas_dedup_rp_error(MigrationState *s, const Error *err)
+{
+    /*
+     * The return-path thread stops reading: the destination's next
+     * message would block it, and it would stop reading our stream.  Fail
+     * now rather than stall.
+     */
+    fail_migration(s, err);
 }

@@ -13,6 +13,15 @@
  * Drives are numbered in the order they are first seen.  Their wire
  * identity is the attached device's qdev id (or its QOM path), which both
  * command lines share.
+ *
+ * A drive that is resized (by the guest's device or by block_resize
+ * through another BlockBackend: the node tells every parent), loses its
+ * medium or is detached from its device (hot-unplug) is *retired*: its
+ * number is never used again, so everything the index knows of it is
+ * stale at once, in O(1), from the block layer's callback.  The source
+ * drops a retired drive's entries as it finds them (and CLOCK evicts the
+ * rest); the next I/O of the BlockBackend gives it a new number and learns
+ * its identity and size afresh.
  */
 #include "qemu/osdep.h"
 #include "qemu/rcu.h"
@@ -23,16 +32,24 @@
 #include "trace.h"
 
 typedef struct NasDedupDrive {
-    BlockBackend *blk;
+    BlockBackend *blk;          /* NULL once retired */
     char *id;
     uint64_t size;
 } NasDedupDrive;
 
 static struct {
     QemuMutex lock;
-    GHashTable *by_blk;         /* BlockBackend * -> drive number + 1 */
+    GHashTable *by_blk;         /* BlockBackend * -> live drive number + 1 */
     GArray *drives;             /* NasDedupDrive, by drive number */
+    /* Retired drive numbers, read without the lock. */
+    unsigned long retired[BITS_TO_LONGS(NAS_DEDUP_MAX_DRIVES + 1)];
 } track;
+
+bool nas_dedup_drive_live(uint16_t drive)
+{
+    return drive <= NAS_DEDUP_MAX_DRIVES &&
+           !(qatomic_read(&track.retired[BIT_WORD(drive)]) & BIT_MASK(drive));
+}
 
 static int coroutine_fn nas_dedup_drive_of(BlockBackend *blk)
 {
@@ -74,12 +91,33 @@ static int coroutine_fn nas_dedup_drive_of(BlockBackend *blk)
 bool nas_dedup_drive_info(uint16_t drive, char **id, uint64_t *size)
 {
     QEMU_LOCK_GUARD(&track.lock);
-    if (drive >= track.drives->len) {
+    if (drive >= track.drives->len ||
+        !g_array_index(track.drives, NasDedupDrive, drive).blk) {
         return false;
     }
     *id = g_strdup(g_array_index(track.drives, NasDedupDrive, drive).id);
     *size = g_array_index(track.drives, NasDedupDrive, drive).size;
     return true;
+}
+
+/* Forget @blk's drive number and everything indexed under it. */
+static void retire(BlockBackend *blk, int why)
+{
+    gpointer n;
+    int drive;
+
+    QEMU_LOCK_GUARD(&track.lock);
+    n = g_hash_table_lookup(track.by_blk, blk);
+    if (!n) {
+        return;                 /* never seen: nothing indexed */
+    }
+    drive = GPOINTER_TO_INT(n) - 1;
+    g_hash_table_remove(track.by_blk, blk);
+    g_array_index(track.drives, NasDedupDrive, drive).blk = NULL;
+    g_clear_pointer(&g_array_index(track.drives, NasDedupDrive, drive).id,
+                    g_free);
+    qatomic_or(&track.retired[BIT_WORD(drive)], BIT_MASK(drive));
+    trace_nas_dedup_drive_change(drive, why);
 }
 
 static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
@@ -104,12 +142,10 @@ static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
     if (drive < 0) {
         return;
     }
-    if (kind == BLK_IO_OBSERVE_INVALIDATE && bytes > 0 &&
-        offset + bytes == INT64_MAX) {
-        /* Truncated: the drive's size changed. */
-        WITH_QEMU_LOCK_GUARD(&track.lock) {
-            g_array_index(track.drives, NasDedupDrive, drive).size = offset;
-        }
+    if (kind == BLK_IO_OBSERVE_INVALIDATE &&
+        (uint64_t)offset + bytes > NAS_DEDUP_MAX_OFFSET) {
+        retire(blk, -1);        /* all of it, e.g. a failed zone append */
+        return;
     }
     if (!on || kind == BLK_IO_OBSERVE_INVALIDATE) {
         nas_dedup_index_invalidate(idx, drive, offset, bytes);
@@ -119,10 +155,24 @@ static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
                             qiov_offset, kind == BLK_IO_OBSERVE_WRITE);
 }
 
+/*
+ * The drive as a whole changed (main loop, or the resizing request's
+ * coroutine with the graph lock held): retire its number, in O(1).
+ */
+static void nas_dedup_observe_change(BlockBackend *blk, BlkChangeKind kind)
+{
+    retire(blk, kind);
+}
+
+static const BlkIOObserverOps nas_dedup_observer = {
+    .io = nas_dedup_observe,
+    .change = nas_dedup_observe_change,
+};
+
 void nas_dedup_track_init(void)
 {
     qemu_mutex_init(&track.lock);
     track.by_blk = g_hash_table_new(NULL, NULL);
     track.drives = g_array_new(false, true, sizeof(NasDedupDrive));
-    blk_set_io_observer(nas_dedup_observe);
+    blk_set_io_observer(&nas_dedup_observer);
 }

@@ -125,6 +125,13 @@ void nas_dedup_record_encode(GByteArray *out, const NasDedupRecord *rec)
         put_be32(out, rec->seq);
         put_u8(out, rec->final);
         break;
+    case NAS_DEDUP_REC_SETUP:
+        put_u8(out, rec->version);
+        put_be16(out, rec->resend_msg);
+        put_be16(out, rec->sync_ack_msg);
+        put_be16(out, sizeof(rec->key.secret));
+        g_byte_array_append(out, rec->key.secret, sizeof(rec->key.secret));
+        break;
     default:
         g_assert_not_reached();
     }
@@ -213,6 +220,31 @@ bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
             return false;
         }
         rec->final = b[4];
+        return true;
+    case NAS_DEDUP_REC_SETUP:
+        if (!read(opaque, b, 7)) {
+            *err = g_strdup("truncated SETUP record");
+            return false;
+        }
+        rec->version = b[0];
+        rec->resend_msg = get_be(b + 1, 2);
+        rec->sync_ack_msg = get_be(b + 3, 2);
+        if (rec->version != NAS_DEDUP_WIRE_VERSION) {
+            *err = g_strdup_printf("SETUP record: protocol version %u, this "
+                                   "QEMU speaks version %u", rec->version,
+                                   NAS_DEDUP_WIRE_VERSION);
+            return false;
+        }
+        if (get_be(b + 5, 2) != sizeof(rec->key.secret)) {
+            *err = g_strdup_printf("SETUP record: key of %u bytes (%zu "
+                                   "expected)", (unsigned)get_be(b + 5, 2),
+                                   sizeof(rec->key.secret));
+            return false;
+        }
+        if (!read(opaque, rec->key.secret, sizeof(rec->key.secret))) {
+            *err = g_strdup("truncated SETUP record");
+            return false;
+        }
         return true;
     default:
         *err = g_strdup_printf("unknown record type %u", rec->type);

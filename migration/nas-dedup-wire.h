@@ -7,6 +7,15 @@
  * (naming a RAMBlock and a page in it, as for any page) followed by:
  *
  *   u8 type
+ *   SETUP: u8 version, be16 resend_msg, be16 sync_ack_msg, be16 key_len,
+ *          key_len bytes key
+ *          Sent once, before the first REFS record.  @version is
+ *          NAS_DEDUP_WIRE_VERSION; the destination refuses any other.
+ *          @resend_msg and @sync_ack_msg are the return-path message
+ *          numbers the source expects RESEND and SYNC_ACK under (the
+ *          destination uses them, so the two sides need not agree on the
+ *          numbering at build time).  @key is the secret of the keyed hash
+ *          (NAS_DEDUP_KEY_SIZE bytes) that REFS hashes are computed with.
  *   DRIVE: be16 drive, u8 id_len, id_len bytes id, be64 disk_size
  *          Defines drive number @drive for later REFS records: the drive is
  *          the guest device whose id (qdev id or QOM path) is @id.
@@ -14,7 +23,7 @@
  *          npages x (be64 hash_hi, be64 hash_lo)
  *          Page k of the run (k = 0..npages-1) at the header's page address
  *          + k x 4 KiB holds the 4 KiB at disk_offset + k x 4 KiB of the
- *          drive, whose XXH3-128 is hash k.
+ *          drive, whose keyed XXH3-128 (SETUP's key) is hash k.
  *   SYNC:  be32 seq, u8 final
  *          Asks the destination to resolve every reference it has and to
  *          answer SYNC_ACK(seq) on the return path after any RESEND.
@@ -34,7 +43,10 @@ enum {
     NAS_DEDUP_REC_DRIVE = 1,
     NAS_DEDUP_REC_REFS = 2,
     NAS_DEDUP_REC_SYNC = 3,
+    NAS_DEDUP_REC_SETUP = 4,
 };
+
+#define NAS_DEDUP_WIRE_VERSION 1
 
 #define NAS_DEDUP_REFS_MAX     256     /* pages in one REFS run */
 #define NAS_DEDUP_ID_MAX       255     /* drive / RAMBlock id length */
@@ -48,6 +60,10 @@ typedef struct NasDedupRecord {
     uint64_t disk_offset;               /* REFS */
     uint32_t seq;                       /* SYNC */
     bool final;                         /* SYNC */
+    uint8_t version;                    /* SETUP */
+    uint16_t resend_msg;                /* SETUP */
+    uint16_t sync_ack_msg;              /* SETUP */
+    NasDedupKey key;                    /* SETUP */
     NasDedupHash hash[NAS_DEDUP_REFS_MAX]; /* REFS */
 } NasDedupRecord;
 

@@ -4,9 +4,11 @@
  * dedup-nas: capability checks, the disk content index, statistics
  */
 #include "qemu/osdep.h"
+#include "qemu/error-report.h"
 #include "qemu/rcu.h"
 #include "qemu/units.h"
 #include "qapi/error.h"
+#include "crypto/random.h"
 #include "exec/target_page.h"
 #include "hw/boards.h"
 #include "monitor/monitor.h"
@@ -20,11 +22,21 @@ NasDedupCounters nas_dedup_counters;
 static struct {
     QemuMutex lock;             /* serializes creation and resizing */
     void *index;                /* NasDedupIndex, RCU-protected */
+    /*
+     * The secret of the keyed hash, drawn once from the host's random
+     * source (never from the guest's), when the first index is made.
+     * Every index of this QEMU uses it; the destination gets it in the
+     * stream.  See the threat model in docs/devel/nas-dedup.rst.
+     */
+    NasDedupKey key;
+    bool have_key;
 } nas_dedup;
 
-static void __attribute__((constructor)) nas_dedup_init_globals(void)
+void nas_dedup_init(void)
 {
     qemu_mutex_init(&nas_dedup.lock);
+    nas_dedup_save_init();
+    nas_dedup_track_init();
 }
 
 bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
@@ -87,14 +99,24 @@ bool nas_dedup_index_size_check(uint64_t size, Error **errp)
     return true;
 }
 
+#define NAS_DEDUP_SLACK_MAX_MS 60000
+
+bool nas_dedup_switchover_slack_check(uint64_t ms, Error **errp)
+{
+    if (ms > NAS_DEDUP_SLACK_MAX_MS) {
+        error_setg(errp, "Parameter 'dedup-nas-switchover-slack' must be at "
+                   "most %u ms", NAS_DEDUP_SLACK_MAX_MS);
+        return false;
+    }
+    return true;
+}
+
 /* The budget for an index with one entry for every page of guest RAM. */
 static uint64_t nas_dedup_auto_size(void)
 {
     uint64_t ram = current_machine ? current_machine->ram_size : 0;
-    uint64_t n = MAX(ram / NAS_DEDUP_CHUNK, 1);
 
-    /* 24 bytes an entry, 2 x 4 bytes a table slot at load <= 3/4. */
-    return MAX(24 * n + 8 * pow2ceil(n * 4 / 3 + 1),
+    return MAX(nas_dedup_index_bytes_for(MAX(ram / NAS_DEDUP_CHUNK, 1)),
                (uint64_t)NAS_DEDUP_INDEX_MIN_BYTES);
 }
 
@@ -113,10 +135,22 @@ NasDedupIndex *nas_dedup_index_get(void)
         return idx;
     }
     QEMU_LOCK_GUARD(&nas_dedup.lock);
+    if (!nas_dedup.have_key) {
+        Error *err = NULL;
+
+        if (qcrypto_random_bytes(nas_dedup.key.secret,
+                                 sizeof(nas_dedup.key.secret), &err) < 0) {
+            error_prepend(&err, "dedup-nas: no key for the content hash, "
+                          "disk content is not tracked: ");
+            error_report_err(err);
+            return NULL;
+        }
+        nas_dedup.have_key = true;
+    }
     if (!nas_dedup.index) {
         uint64_t budget = nas_dedup_index_budget();
 
-        idx = nas_dedup_index_new(budget);
+        idx = nas_dedup_index_new(budget, &nas_dedup.key);
         trace_nas_dedup_index_new(budget);
         qatomic_rcu_set(&nas_dedup.index, idx);
     }
@@ -142,7 +176,8 @@ void nas_dedup_index_resize(Error **errp)
             return;
         }
         qatomic_rcu_set(&nas_dedup.index,
-                        nas_dedup_index_new(nas_dedup_index_budget()));
+                        nas_dedup_index_new(nas_dedup_index_budget(),
+                                            &nas_dedup.key));
     }
     synchronize_rcu();
     nas_dedup_index_free(old);

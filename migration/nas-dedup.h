@@ -10,6 +10,7 @@
 #include "qapi/qapi-types-migration.h"
 #include "qemu/stats64.h"
 #include "exec/ramblock.h"
+#include "nas-dedup-hash.h"
 #include "nas-dedup-index.h"
 
 typedef struct QEMUFile QEMUFile;
@@ -17,7 +18,10 @@ typedef struct MigrationIncomingState MigrationIncomingState;
 typedef struct MigrationState MigrationState;
 
 /* nas-dedup.c: capability, parameters, index, statistics */
+/* Once, at start-up (migration_object_init()). */
+void nas_dedup_init(void);
 bool nas_dedup_caps_check(const bool *new_caps, Error **errp);
+bool nas_dedup_switchover_slack_check(uint64_t ms, Error **errp);
 bool nas_dedup_index_size_check(uint64_t size, Error **errp);
 void nas_dedup_index_resize(Error **errp);
 /* The index, created on first use; call within an RCU read section. */
@@ -51,6 +55,11 @@ void nas_dedup_track_init(void);
  * number @drive, as the index knows it.  False if there is no such drive.
  */
 bool nas_dedup_drive_info(uint16_t drive, char **id, uint64_t *size);
+/*
+ * False once drive number @drive was resized, lost its medium or was
+ * detached: its index entries are stale.  Lock-free.
+ */
+bool nas_dedup_drive_live(uint16_t drive);
 
 /* nas-dedup-save.c: source side, called from ram.c */
 /*
@@ -59,6 +68,7 @@ bool nas_dedup_drive_info(uint16_t drive, char **id, uint64_t *size);
  */
 typedef size_t (*NasDedupPutHeader)(void *opaque, QEMUFile *f,
                                     RAMBlock *block, ram_addr_t offset_flags);
+void nas_dedup_save_init(void);
 int nas_dedup_save_setup(Error **errp);
 void nas_dedup_save_cleanup(void);
 /*
@@ -68,8 +78,16 @@ void nas_dedup_save_cleanup(void);
  */
 int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
                         void *opaque, RAMBlock *block, ram_addr_t offset);
-/* Send the pending run of references, if any. */
-int nas_dedup_save_flush(void);
+/*
+ * Send the pending run of references, if any, and a live SYNC if one is
+ * due; dirty again the pages the destination asked for.
+ */
+int nas_dedup_save_flush(Error **errp);
+/*
+ * Bytes that references saved on the wire so far (what the pages would
+ * have taken in full, less what the references took).
+ */
+uint64_t nas_dedup_save_bytes_saved(void);
 /*
  * Migration thread, about to stop the guest with @pending_bytes left to
  * send: false while that and the blocks of the references the destination
@@ -78,6 +96,11 @@ int nas_dedup_save_flush(void);
  */
 bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
                                    uint64_t threshold_bytes);
+/*
+ * The guest just stopped for switchover (top of ram_save_complete()): arm
+ * the bound on how long dedup-nas may keep it stopped.
+ */
+void nas_dedup_save_switchover(void);
 /*
  * At switchover, with every page sent: make sure the destination verified
  * or got again every page sent as a reference.  Returns > 0 if pages were
@@ -90,6 +113,8 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
                         Error **errp);
 int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
                           Error **errp);
+/* A return-path handler above failed with @err: fail the migration now. */
+void nas_dedup_rp_error(MigrationState *s, const Error *err);
 
 /* nas-dedup-load.c: destination side, called from ram.c */
 int nas_dedup_load_setup(Error **errp);
@@ -100,10 +125,10 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
 /* Newer data for the page at @offset of @block has arrived. */
 void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset);
 /*
- * At the end of loading: false (and an error reported) if any page sent
- * as a reference was neither verified nor sent again.
+ * At the end of loading: false (and @errp set) if any page sent as a
+ * reference was neither verified nor sent again.
  */
-bool nas_dedup_load_check(void);
+bool nas_dedup_load_check(Error **errp);
 /* Microseconds the reads in flight now have been running (main loop). */
 uint64_t nas_dedup_load_busy_us(void);
 

@@ -21,13 +21,34 @@
  *                          naming the problem; the source keeps running
  *  /nas-dedup/malformed-exit  same, destination with the default
  *                          exit-on-error: it exits with an error message
+ *  /nas-dedup/unresolvable/N  references the destination cannot resolve
+ *                          (a drive it lacks, a range past its end of the
+ *                          disk): asked again, RAM identical
+ *  /nas-dedup/collision    a disk block and a RAM page that collide under
+ *                          XXH3 with its published secret: RAM identical
+ *  /nas-dedup/rp/...       a destination that sends unexpected or bad
+ *                          return-path messages: the migration fails, the
+ *                          source runs on
+ *  /nas-dedup/switchover-bound  the destination never answers the final
+ *                          SYNC: the stopped guest resumes after
+ *                          downtime-limit + dedup-nas-switchover-slack,
+ *                          and a second migration succeeds
+ *  /nas-dedup/throttled-dest  the destination's drive has iotune limits:
+ *                          fetches are not throttled by them
+ *  /nas-dedup/resize       block_resize through another BlockBackend
+ *                          drops what the index knew of the drive
+ *  /nas-dedup/drive-del    so does removing the drive's medium
  *  /nas-dedup/savevm       savevm and loadvm still work with dedup-nas on
  *  /nas-dedup/caps         capability checks
  */
 
 #include "qemu/osdep.h"
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <poll.h>
 #include "qemu/units.h"
 #include "qemu/bswap.h"
+#include "qemu/cutils.h"
 #include "libqtest.h"
 #include "libqos/libqos-pc.h"
 #include "libqos/ahci.h"
@@ -178,10 +199,11 @@ static QOSState *pc_boot(const char *fmt, ...)
 }
 
 /* Boot the source and bring up its AHCI HBA and the port of disk0. */
-static void source_boot(Source *src, bool dedup, unsigned inject)
+static void source_boot_args(Source *src, bool dedup, unsigned inject,
+                             const char *more)
 {
-    g_autofree char *extra = inject ? g_strdup_printf(
-        "-global migration.x-dedup-nas-inject=%u", inject) : NULL;
+    g_autofree char *extra = g_strdup_printf(
+        "-global migration.x-dedup-nas-inject=%u %s", inject, more ? more : "");
     g_autofree char *args = machine_args(dedup, false, extra);
     AHCIQState *ahci = g_new0(AHCIQState, 1);
 
@@ -193,6 +215,11 @@ static void source_boot(Source *src, bool dedup, unsigned inject)
     ahci_port_clear(ahci, src->port);
     src->ahci = ahci;
     src->qts = ahci->parent->qts;
+}
+
+static void source_boot(Source *src, bool dedup, unsigned inject)
+{
+    source_boot_args(src, dedup, inject, NULL);
 }
 
 static void source_shutdown(Source *src)
@@ -639,11 +666,18 @@ typedef struct MalformedCase {
 static const MalformedCase malformed_cases[] = {
     { 1, "outside-ram", "outside RAMBlock" },
     { 2, "undefined-drive", "never defined" },
-    { 3, "unknown-drive", "'no-such-drive', which this VM does not have" },
-    { 4, "past-disk-end", "past the end of drive" },
     { 5, "bad-type", "unknown record type 127" },
     { 6, "absurd-run", "REFS record: run of" },
     { 7, "truncated", "truncated REFS record" },
+};
+
+/*
+ * Not protocol errors: references this destination cannot resolve.  Their
+ * pages are asked again and the migration completes.
+ */
+static const MalformedCase unresolvable_cases[] = {
+    { 3, "unknown-drive", NULL },
+    { 4, "past-disk-end", NULL },
 };
 
 /* The source, whose migration failed, runs on as if nothing happened. */
@@ -681,13 +715,30 @@ static void test_malformed(const void *opaque)
     guest_teardown(&g);
 }
 
+static void test_unresolvable(const void *opaque)
+{
+    const MalformedCase *c = opaque;
+    DedupStats st;
+    Guest g;
+
+    guest_setup(&g, true, c->inject, 0, 1 * MiB);
+    migrate_and_check(&g, true, &st);
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, 1 * MiB / CHUNK, NULL);
+    /* The first run was asked again, not fetched. */
+    g_assert_cmpuint(st.resend_requests, >=, 1);
+    g_assert_cmpuint(st.resent_pages, ==, st.resend_requests);
+    g_assert_cmpuint(st.mismatches, ==, 0);
+    g_assert_cmpuint(st.read_errors, ==, 0);
+    guest_teardown(&g);
+}
+
 /*
  * With -incoming on its command line (exit-on-error), the destination
  * exits with status 1 and the reason on stderr.
  */
 static void test_malformed_exit(void)
 {
-    const MalformedCase *c = &malformed_cases[3];
+    const MalformedCase *c = &malformed_cases[0];
     g_autofree char *log = g_build_filename(tmpdir, "dst.stderr", NULL);
     g_autofree char *extra = g_strdup_printf("-incoming %s 2>%s", mig_uri,
                                              log);
@@ -857,6 +908,456 @@ static void test_caps(void)
     qtest_quit(qts);
 }
 
+/*
+ * Collision: XXH3 adds, for each 8-byte lane d of a 64-byte stripe with
+ * secret word k, lo32(d ^ k) * hi32(d ^ k) to one accumulator and d to its
+ * neighbour.  Lane 0 of stripes 0 and 1 (secret words at 0 and 8): with
+ * lo32(d ^ k) = 0 the product is 0 whatever the high half, so moving
+ * 2^32 * c from one lane to the other keeps both sums: two different
+ * blocks, one XXH3-128 under the published secret (tests/unit/
+ * test-nas-dedup-hash.c checks the construction against libxxhash).  A
+ * guest can put one on disk and the other in RAM.
+ */
+static const uint8_t xxh3_ksecret_head[16] = {
+    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe,
+    0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+};
+#define COLL_BLOCK 100
+
+static void make_collision(uint8_t *a, uint8_t *b)
+{
+    uint64_t k0 = ldq_le_p(xxh3_ksecret_head);
+    uint64_t k1 = ldq_le_p(xxh3_ksecret_head + 8);
+    uint64_t v0 = (0x1234567ull << 32) | (uint32_t)k0;
+    uint64_t v1 = (0x7654321ull << 32) | (uint32_t)k1;
+    uint64_t delta = 0x1000ull << 32;
+
+    fill_block(a, COLL_BLOCK, 7);
+    stq_le_p(a, v0);
+    stq_le_p(a + 64, v1);
+    memcpy(b, a, CHUNK);
+    stq_le_p(b, v0 + delta);
+    stq_le_p(b + 64, v1 - delta);
+}
+
+static void test_collision(void)
+{
+    uint8_t a[CHUNK], b[CHUNK], got[CHUNK];
+    DedupStats st;
+    uint64_t pa, pb;
+    Guest g;
+    int fd;
+
+    make_collision(a, b);
+    g_assert(memcmp(a, b, CHUNK));
+    guest_setup(&g, true, 0, 0, 1 * MiB);
+    /* Block A on the disk, read into the page cache by the device ... */
+    fd = open(image_path, O_WRONLY);
+    g_assert(fd >= 0);
+    g_assert_cmpint(pwrite(fd, a, CHUNK, COLL_BLOCK * CHUNK), ==, CHUNK);
+    close(fd);
+    pa = guest_buf(&g.src, CHUNK);
+    dma_read_disk(&g.src, pa, COLL_BLOCK * CHUNK, CHUNK);
+    /* ... and page B in RAM, written by the guest. */
+    pb = guest_buf(&g.src, CHUNK);
+    qtest_bufwrite(g.src.qts, pb, b, CHUNK);
+
+    migrate_and_check(&g, true, &st);
+    read_guest(g.dst, pa, got, CHUNK);
+    g_assert(!memcmp(got, a, CHUNK));
+    read_guest(g.dst, pb, got, CHUNK);
+    g_assert(!memcmp(got, b, CHUNK));
+    g_assert_cmpuint(st.mismatches, ==, 0);
+    guest_teardown(&g);
+}
+
+/*** A proxy between source and destination, or a fake destination ***/
+
+#define MIG_RP_MSG_DEDUP_RESEND     8
+#define MIG_RP_MSG_DEDUP_SYNC_ACK   9
+#define INJECT_AFTER                (64 * KiB)
+
+typedef enum ProxyMode {
+    PROXY_FAKE_DEST,    /* no destination: drain the stream, and send
+                           @inject on the return path once the source has
+                           sent INJECT_AFTER bytes (set up by then) */
+    PROXY_HOLD_ACKS,    /* forward, but never a DEDUP_SYNC_ACK */
+} ProxyMode;
+
+typedef struct Proxy {
+    ProxyMode mode;
+    const uint8_t *inject;
+    size_t inject_len;
+    char *path;             /* the source migrates to unix:@path */
+    char *dst_path;         /* the destination listens there */
+    int lfd;
+    int quit[2];
+    GThread *thread;
+    unsigned acks_held;
+    /* Return-path message being parsed (destination to source). */
+    uint8_t msg[4 + 65536];
+    size_t msg_len;
+} Proxy;
+
+static bool write_all(int fd, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+
+    while (len) {
+        ssize_t n = write(fd, p, len);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return false;
+        }
+        p += n;
+        len -= n;
+    }
+    return true;
+}
+
+/* Forward whole return-path messages, except those the mode holds. */
+static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len)
+{
+    size_t i;
+
+    for (i = 0; i < len; i++) {
+        size_t want;
+
+        px->msg[px->msg_len++] = buf[i];
+        if (px->msg_len < 4) {
+            continue;
+        }
+        want = 4 + lduw_be_p(px->msg + 2);
+        if (px->msg_len < want) {
+            continue;
+        }
+        if (px->mode == PROXY_HOLD_ACKS &&
+            lduw_be_p(px->msg) == MIG_RP_MSG_DEDUP_SYNC_ACK) {
+            px->acks_held++;
+        } else if (!write_all(s, px->msg, px->msg_len)) {
+            return false;
+        }
+        px->msg_len = 0;
+    }
+    return true;
+}
+
+static gpointer proxy_thread(gpointer opaque)
+{
+    Proxy *px = opaque;
+    struct pollfd pf[3] = { { .fd = px->lfd, .events = POLLIN },
+                            { .fd = px->quit[0], .events = POLLIN } };
+    uint8_t *buf = g_malloc(64 * KiB);
+    uint64_t from_src = 0;
+    bool injected = false;
+    int s = -1, d = -1;
+
+    if (poll(pf, 2, -1) < 0 || !(pf[0].revents & POLLIN)) {
+        goto out;
+    }
+    s = accept(px->lfd, NULL, NULL);
+    g_assert(s >= 0);
+    if (px->mode != PROXY_FAKE_DEST) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+
+        d = socket(AF_UNIX, SOCK_STREAM, 0);
+        g_assert(d >= 0);
+        pstrcpy(sa.sun_path, sizeof(sa.sun_path), px->dst_path);
+        g_assert_cmpint(connect(d, (struct sockaddr *)&sa, sizeof(sa)), ==,
+                        0);
+    }
+    for (;;) {
+        struct pollfd p[3] = { { .fd = s, .events = POLLIN },
+                               { .fd = px->quit[0], .events = POLLIN },
+                               { .fd = d, .events = POLLIN } };
+        ssize_t n;
+
+        if (poll(p, d >= 0 ? 3 : 2, -1) < 0 || p[1].revents) {
+            break;
+        }
+        if (p[0].revents) {
+            n = read(s, buf, 64 * KiB);
+            if (n <= 0 || (d >= 0 && !write_all(d, buf, n))) {
+                break;
+            }
+            from_src += n;
+            if (px->mode == PROXY_FAKE_DEST && !injected &&
+                from_src >= INJECT_AFTER) {
+                g_assert(write_all(s, px->inject, px->inject_len));
+                injected = true;
+            }
+        }
+        if (d >= 0 && p[2].revents) {
+            n = read(d, buf, 64 * KiB);
+            if (n <= 0 || !proxy_rp(px, s, buf, n)) {
+                break;
+            }
+        }
+    }
+out:
+    if (s >= 0) {
+        close(s);
+    }
+    if (d >= 0) {
+        close(d);
+    }
+    g_free(buf);
+    return NULL;
+}
+
+static Proxy *proxy_start(ProxyMode mode, const uint8_t *inject,
+                          size_t inject_len)
+{
+    Proxy *px = g_new0(Proxy, 1);
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+
+    px->mode = mode;
+    px->inject = inject;
+    px->inject_len = inject_len;
+    px->path = g_build_filename(tmpdir, "proxysocket", NULL);
+    px->dst_path = g_strdup(mig_uri + strlen("unix:"));
+    unlink(px->path);
+    px->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    g_assert(px->lfd >= 0);
+    pstrcpy(sa.sun_path, sizeof(sa.sun_path), px->path);
+    g_assert_cmpint(bind(px->lfd, (struct sockaddr *)&sa, sizeof(sa)), ==, 0);
+    g_assert_cmpint(listen(px->lfd, 1), ==, 0);
+    g_assert_cmpint(pipe(px->quit), ==, 0);
+    px->thread = g_thread_new("nas-dedup-proxy", proxy_thread, px);
+    return px;
+}
+
+static char *proxy_uri(Proxy *px)
+{
+    return g_strdup_printf("unix:%s", px->path);
+}
+
+static void proxy_stop(Proxy *px)
+{
+    g_assert_cmpint(write(px->quit[1], "q", 1), ==, 1);
+    g_thread_join(px->thread);
+    close(px->quit[0]);
+    close(px->quit[1]);
+    close(px->lfd);
+    unlink(px->path);
+    g_free(px->path);
+    g_free(px->dst_path);
+    g_free(px);
+}
+
+/*
+ * A destination that sends return-path messages the source must reject:
+ * the migration fails with an error naming the message, the source runs
+ * on, whether dedup-nas is on or not (libvirt turns return-path on for
+ * every migration).
+ */
+typedef struct RpCase {
+    const char *name;
+    bool dedup;
+    uint8_t msg[32];
+    size_t len;
+    const char *expect;
+} RpCase;
+
+static const RpCase rp_cases[] = {
+    { "sync-ack-dedup-off", false,
+      { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0 }, 12,
+      "unexpected DEDUP_SYNC_ACK" },
+    { "resend-dedup-off", false,
+      { 0, MIG_RP_MSG_DEDUP_RESEND, 0, 14, 1, 'x',
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 }, 18,
+      "unexpected DEDUP_RESEND" },
+    { "sync-ack-never-sent", true,
+      { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 8, 0, 0, 0, 5, 0, 0, 0, 0 }, 12,
+      "DEDUP_SYNC_ACK for SYNC 5" },
+    { "resend-outside-ram", true,
+      { 0, MIG_RP_MSG_DEDUP_RESEND, 0, 14, 1, 'x',
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 }, 18,
+      "outside guest RAM" },
+    { "sync-ack-short", true,
+      { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 4, 0, 0, 0, 1 }, 8,
+      "DEDUP_SYNC_ACK" },
+};
+
+static void test_rp(const void *opaque)
+{
+    const RpCase *c = opaque;
+    Source src;
+    Proxy *px;
+    g_autofree char *uri = NULL;
+    QDict *rsp;
+    const char *desc;
+
+    make_image();
+    source_boot(&src, c->dedup, 0);
+    dma_read_disk(&src, guest_buf(&src, 1 * MiB), 0, 1 * MiB);
+    px = proxy_start(PROXY_FAKE_DEST, c->msg, c->len);
+    uri = proxy_uri(px);
+    migrate_qmp(src.qts, NULL, uri, NULL, "{}");
+    rsp = wait_for_status(src.qts, "failed");
+    desc = qdict_haskey(rsp, "error-desc") ?
+           qdict_get_str(rsp, "error-desc") : "";
+    g_test_message("%s: source: %s", c->name, desc);
+    g_assert(strstr(desc, c->expect));
+    qobject_unref(rsp);
+    assert_running(src.qts);
+    proxy_stop(px);
+    source_shutdown(&src);
+    unlink(image_path);
+}
+
+/*
+ * The destination's answers to SYNC never reach the source (a stalled
+ * NAS, a destination that hangs).  At switchover (@live false: the
+ * downtime budget holds every reference, so the guest stops at once), the
+ * stopped guest resumes after downtime-limit + dedup-nas-switchover-slack,
+ * not minutes.  Before it (@live: the backlog exceeds the budget, so the
+ * source asks a live SYNC first), the running source gives up after its
+ * live-SYNC bound (30 s + the backlog at 8 MB/s) instead of waiting
+ * forever.  Either way the source runs on, and the next migration
+ * succeeds with RAM identical.
+ */
+#define BOUND_DOWNTIME_MS   300
+#define BOUND_SLACK_MS      1000
+
+static void test_sync_bound(bool live)
+{
+    g_autofree char *uri = NULL;
+    g_autoptr(GTimer) timer = g_timer_new();
+    DedupStats st;
+    QDict *rsp;
+    Proxy *px;
+    Guest g;
+    double secs;
+
+    guest_setup(&g, true, 0, 4 * MiB, 16 * MiB);
+    migrate_ensure_converge(g.src.qts);
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", BOUND_DOWNTIME_MS);
+    migrate_set_parameter_int(g.src.qts, "dedup-nas-switchover-slack",
+                              BOUND_SLACK_MS);
+    /*
+     * The downtime budget is avail-switchover-bandwidth x downtime-limit:
+     * 300 MB holds every page and reference; 1 MB does not.
+     */
+    migrate_set_parameter_int(g.src.qts, "avail-switchover-bandwidth",
+                              live ? 1000 * 1000 * 1000 / 300
+                                   : 1000ull * 1000 * 1000);
+    px = proxy_start(PROXY_HOLD_ACKS, NULL, 0);
+    uri = proxy_uri(px);
+    migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
+    rsp = wait_for_status(g.src.qts, "failed");
+    secs = g_timer_elapsed(timer, NULL);
+    g_test_message("source failed after %.1f s (%u SYNC_ACK held): %s", secs,
+                   px->acks_held, qdict_get_try_str(rsp, "error-desc"));
+    g_assert(strstr(qdict_get_try_str(rsp, "error-desc") ?: "",
+                    live ? "did not answer SYNC 1"
+                         : "dedup-nas-switchover-slack"));
+    qobject_unref(rsp);
+    g_assert_cmpuint(px->acks_held, >=, 1);
+    /*
+     * Not a timing test: the bounds are 1.3 s and 32 s, the old waits
+     * 120 s and forever; a loaded machine gets plenty of margin.
+     */
+    g_assert_cmpfloat(secs, <, live ? 100 : 30);
+    assert_running(g.src.qts);
+    proxy_stop(px);
+
+    /* A new destination; this time the answers get through. */
+    qtest_quit(g.dst);
+    unlink(mig_uri + strlen("unix:"));
+    g.dst = dest_boot(true, "-incoming defer");
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", 30 * 1000);
+    migrate_set_parameter_int(g.src.qts, "avail-switchover-bandwidth", 0);
+    migrate_and_check(&g, true, &st);
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, 16 * MiB / CHUNK, NULL);
+    g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
+    g_assert_cmpuint(st.ref_pages, >=, 16 * MiB / CHUNK * 95 / 100);
+    guest_teardown(&g);
+}
+
+static void test_switchover_bound(void)
+{
+    test_sync_bound(false);
+}
+
+static void test_live_sync_bound(void)
+{
+    test_sync_bound(true);
+}
+
+/*
+ * iotune limits of the destination's guest drive do not slow the fetches:
+ * at 4 KiB/s, 16 MiB of references would take more than an hour.
+ */
+static void test_throttled_dest(void)
+{
+    DedupStats st;
+    Guest g;
+
+    memset(&g, 0, sizeof(g));
+    make_image();
+    source_boot(&g.src, true, 0);
+    g.dma_bytes = 16 * MiB;
+    g.dma_addr = guest_buf(&g.src, g.dma_bytes);
+    dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
+    g.dst = dest_boot(true, "-incoming defer "
+                      "-set drive.drive0.throttling.bps-total=4096");
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    migrate_and_check(&g, true, &st);
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, g.dma_bytes / CHUNK, NULL);
+    g_assert_cmpuint(st.ref_pages, >=, g.dma_bytes / CHUNK * 95 / 100);
+    g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
+    guest_teardown(&g);
+}
+
+/*
+ * block_resize goes through a BlockBackend of its own, not the guest
+ * device's: the index must still forget the drive's blocks (the size it
+ * sends in DRIVE records would be wrong, and a shrink cuts blocks).
+ */
+static void test_resize(void)
+{
+    DedupStats st;
+    Guest g;
+
+    guest_setup(&g, true, 0, 0, 4 * MiB);
+    qtest_qmp_assert_success(g.src.qts,
+                             "{ 'execute': 'block_resize', 'arguments': "
+                             "{ 'device': 'drive0', 'size': %" PRIu64 " } }",
+                             (uint64_t)IMAGE_BYTES + 1 * MiB);
+    /* The destination opens the image as it is now. */
+    qtest_quit(g.dst);
+    unlink(mig_uri + strlen("unix:"));
+    g.dst = dest_boot(true, "-incoming defer");
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    migrate_and_check(&g, true, &st);
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, 4 * MiB / CHUNK, NULL);
+    g_assert_cmpuint(st.index_entries, ==, 0);
+    g_assert_cmpuint(st.ref_pages, ==, 0);
+    guest_teardown(&g);
+}
+
+/*
+ * drive_del takes the medium away from the guest device: whatever the
+ * index knew of it is gone with it, and no reference names it.
+ */
+static void test_drive_del(void)
+{
+    DedupStats st;
+    Guest g;
+
+    guest_setup(&g, true, 0, 0, 4 * MiB);
+    qtest_hmp(g.src.qts, "drive_del drive0");
+    migrate_and_check(&g, true, &st);
+    g_assert_cmpuint(st.index_entries, ==, 0);
+    g_assert_cmpuint(st.ref_pages, ==, 0);
+    guest_teardown(&g);
+}
+
 /* Remove the temporary files, also when an assertion fails. */
 static void cleanup(void *opaque)
 {
@@ -904,6 +1405,24 @@ int main(int argc, char **argv)
         g_test_add_data_func(path, &malformed_cases[i], test_malformed);
     }
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
+    for (i = 0; i < ARRAY_SIZE(unresolvable_cases); i++) {
+        g_autofree char *path = g_strdup_printf("/nas-dedup/unresolvable/%s",
+                                                unresolvable_cases[i].name);
+
+        g_test_add_data_func(path, &unresolvable_cases[i], test_unresolvable);
+    }
+    g_test_add_func("/nas-dedup/collision", test_collision);
+    for (i = 0; i < ARRAY_SIZE(rp_cases); i++) {
+        g_autofree char *path = g_strdup_printf("/nas-dedup/rp/%s",
+                                                rp_cases[i].name);
+
+        g_test_add_data_func(path, &rp_cases[i], test_rp);
+    }
+    g_test_add_func("/nas-dedup/switchover-bound", test_switchover_bound);
+    g_test_add_func("/nas-dedup/live-sync-bound", test_live_sync_bound);
+    g_test_add_func("/nas-dedup/throttled-dest", test_throttled_dest);
+    g_test_add_func("/nas-dedup/resize", test_resize);
+    g_test_add_func("/nas-dedup/drive-del", test_drive_del);
 
     ret = g_test_run();
 

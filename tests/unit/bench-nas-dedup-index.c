@@ -8,6 +8,12 @@
  * reports it next to the guest-level overhead measurement.  Not a test:
  * it asserts nothing about speed.
  *
+ * Also times the index alone in three cases that once cost far more than
+ * the rest (ns and index steps per operation): inserting 60k chunks of one
+ * content at distinct places (same_insert_*), overwriting indexed chunks of
+ * a full index of ~1M entries (overwrite_*), and discarding 2 GiB of a drive
+ * with nothing indexed while the index is full (discard2g_empty_*).
+ *
  * Usage: bench-nas-dedup-index [MiB of guest I/O (256)] [request KiB (128)]
  */
 #include "qemu/osdep.h"
@@ -18,6 +24,104 @@
 static double now_s(void)
 {
     return g_get_monotonic_time() / 1e6;
+}
+
+static uint64_t steps_of(NasDedupIndex *idx)
+{
+    NasDedupIndexStats st;
+
+    nas_dedup_index_get_stats(idx, &st);
+    return st.steps;
+}
+
+/* Well-spread 128-bit values, as keyed hashes are. */
+static NasDedupHash mix_hash(uint64_t n)
+{
+    uint64_t z = n * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
+
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (NasDedupHash){ .hi = z ^ n, .lo = z ^ (z >> 31) };
+}
+
+typedef struct SlowCases {
+    double same_ns, same_steps;
+    uint64_t full_entries;
+    double overwrite_ns, overwrite_steps;
+    double discard_ns, discard_steps;
+} SlowCases;
+
+/*
+ * Repeat @op until @max_ops or @max_s seconds; ns and steps per call.
+ * @op gets the call number.
+ */
+static void time_ops(NasDedupIndex *idx, void (*op)(NasDedupIndex *, uint64_t),
+                     uint64_t max_ops, double max_s, double *ns,
+                     double *steps)
+{
+    uint64_t s0 = steps_of(idx), i;
+    double t0 = now_s(), t;
+
+    for (i = 0; i < max_ops; i++) {
+        op(idx, i);
+        if ((i & 15) == 15 && now_s() - t0 > max_s) {
+            i++;
+            break;
+        }
+    }
+    t = now_s() - t0;
+    *ns = t * 1e9 / i;
+    *steps = (double)(steps_of(idx) - s0) / i;
+}
+
+static uint64_t full_n;
+
+static void op_same(NasDedupIndex *idx, uint64_t i)
+{
+    NasDedupHash h = mix_hash(1);
+
+    nas_dedup_index_insert(idx, &h, 3, i * C);
+}
+
+static void op_overwrite(NasDedupIndex *idx, uint64_t i)
+{
+    NasDedupHash h = mix_hash(full_n + i);
+    /* A pseudo-random indexed chunk of drive 0. */
+    uint64_t c = mix_hash(~i).lo % full_n;
+
+    nas_dedup_index_insert(idx, &h, 0, c * C);
+}
+
+static void op_discard(NasDedupIndex *idx, uint64_t i)
+{
+    nas_dedup_index_note_io(idx, 1, (i % 64) << 31, 1ull << 31, NULL, 0, 0,
+                            true);
+}
+
+static void slow_cases(const NasDedupKey *key, SlowCases *r)
+{
+    /* ~1M entries: 24 bytes each, 2 x 4 bytes per slot of 2^21, slack. */
+    NasDedupIndex *idx = nas_dedup_index_new(24 * (1 << 20) + 8 * (2 << 20) +
+                                             (4 << 20), key);
+    NasDedupIndexStats st;
+    uint64_t i;
+
+    time_ops(idx, op_same, 60000, 30, &r->same_ns, &r->same_steps);
+    nas_dedup_index_invalidate_drive(idx, 3);
+
+    nas_dedup_index_get_stats(idx, &st);
+    full_n = st.capacity;
+    for (i = 0; i < full_n; i++) {
+        NasDedupHash h = mix_hash(i);
+
+        nas_dedup_index_insert(idx, &h, 0, i * C);
+    }
+    nas_dedup_index_get_stats(idx, &st);
+    r->full_entries = st.entries;
+    time_ops(idx, op_overwrite, 1000000, 1.0, &r->overwrite_ns,
+             &r->overwrite_steps);
+    time_ops(idx, op_discard, 100000, 1.0, &r->discard_ns, &r->discard_steps);
+    nas_dedup_index_free(idx);
 }
 
 int main(int argc, char **argv)
@@ -32,7 +136,9 @@ int main(int argc, char **argv)
     NasDedupLoc loc;
     NasDedupHash h;
     double t0, t_hash, t_note, t_lookup;
+    NasDedupKey key;
     uint64_t sink = 0;          /* printed, so the hashing is not elided */
+    SlowCases slow;
 
     if (!mib || req < C || req % C || req > bytes) {
         g_printerr("usage: %s [MiB (>0)] [request KiB (multiple of 4)]\n",
@@ -44,12 +150,16 @@ int main(int argc, char **argv)
     for (i = 0; i < bytes / 8; i++) {
         ((uint64_t *)data)[i] = (i + 1) * 0x9E3779B97F4A7C15ull ^ (i >> 7);
     }
+    for (i = 0; i < sizeof(key.secret); i++) {
+        key.secret[i] = g_random_int();
+    }
     /* Room for every block, as the default budget (1% of RAM) allows. */
-    idx = nas_dedup_index_new(MAX(NAS_DEDUP_INDEX_MIN_BYTES, bytes / 100));
+    idx = nas_dedup_index_new(MAX(NAS_DEDUP_INDEX_MIN_BYTES, bytes / 100),
+                              &key);
 
     t0 = now_s();
     for (i = 0; i < blocks; i++) {
-        nas_dedup_hash_chunk(data + i * C, &h);
+        nas_dedup_hash_chunk(&key, data + i * C, &h);
         sink += h.lo;
     }
     t_hash = now_s() - t0;
@@ -64,18 +174,27 @@ int main(int argc, char **argv)
 
     t0 = now_s();
     for (i = 0; i < blocks; i++) {
-        nas_dedup_hash_chunk(data + i * C, &h);
+        nas_dedup_hash_chunk(&key, data + i * C, &h);
         hits += nas_dedup_index_lookup(idx, &h, &loc);
     }
     t_lookup = now_s() - t0;
+    nas_dedup_index_free(idx);
+
+    slow_cases(&key, &slow);
 
     printf("BENCH-INDEX io_mib=%" PRIu64 " request_kib=%" PRIu64
            " blocks=%" PRIu64 " hash_ns_per_block=%.0f"
            " note_read_ns_per_block=%.0f note_read_mb_s=%.0f"
-           " lookup_ns_per_page=%.0f lookup_hit_pct=%.1f sink=%" PRIx64 "\n",
+           " lookup_ns_per_page=%.0f lookup_hit_pct=%.1f"
+           " same_insert_ns=%.0f same_insert_steps=%.1f"
+           " full_entries=%" PRIu64 " overwrite_ns=%.0f overwrite_steps=%.1f"
+           " discard2g_empty_ns=%.0f discard2g_empty_steps=%.1f"
+           " sink=%" PRIx64 "\n",
            mib, req / 1024, blocks, t_hash * 1e9 / blocks,
            t_note * 1e9 / blocks, bytes / t_note / 1e6,
-           t_lookup * 1e9 / blocks, 100.0 * hits / blocks, sink);
-    nas_dedup_index_free(idx);
+           t_lookup * 1e9 / blocks, 100.0 * hits / blocks,
+           slow.same_ns, slow.same_steps, slow.full_entries,
+           slow.overwrite_ns, slow.overwrite_steps, slow.discard_ns,
+           slow.discard_steps, sink);
     return 0;
 }

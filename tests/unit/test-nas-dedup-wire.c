@@ -35,11 +35,13 @@ static bool decode(const uint8_t *data, size_t len, NasDedupRecord *rec,
     return ok;
 }
 
+#define NRECS 4
+
 static void sample_records(NasDedupRecord *recs)
 {
     uint32_t k;
 
-    memset(recs, 0, 3 * sizeof(*recs));
+    memset(recs, 0, NRECS * sizeof(*recs));
     recs[0].type = NAS_DEDUP_REC_DRIVE;
     recs[0].drive = 7;
     strcpy(recs[0].id, "/machine/peripheral/vd0/virtio-backend");
@@ -56,16 +58,24 @@ static void sample_records(NasDedupRecord *recs)
     recs[2].type = NAS_DEDUP_REC_SYNC;
     recs[2].seq = 0xdeadbeef;
     recs[2].final = true;
+
+    recs[3].type = NAS_DEDUP_REC_SETUP;
+    recs[3].version = NAS_DEDUP_WIRE_VERSION;
+    recs[3].resend_msg = 0x0a;
+    recs[3].sync_ack_msg = 0x10b;
+    for (k = 0; k < NAS_DEDUP_KEY_SIZE; k++) {
+        recs[3].key.secret[k] = k * 7 + 1;
+    }
 }
 
 static void test_round_trip(void)
 {
-    NasDedupRecord *in = g_new0(NasDedupRecord, 3);
+    NasDedupRecord *in = g_new0(NasDedupRecord, NRECS);
     NasDedupRecord *out = g_new0(NasDedupRecord, 1);
     int i;
 
     sample_records(in);
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < NRECS; i++) {
         g_autoptr(GByteArray) a = g_byte_array_new();
         g_autofree char *err = NULL;
         size_t left;
@@ -94,6 +104,15 @@ static void test_round_trip(void)
             g_assert_cmpuint(out->seq, ==, 0xdeadbeef);
             g_assert_true(out->final);
             break;
+        case NAS_DEDUP_REC_SETUP:
+            g_assert_cmpuint(out->version, ==, NAS_DEDUP_WIRE_VERSION);
+            g_assert_cmpuint(out->resend_msg, ==, 0x0a);
+            g_assert_cmpuint(out->sync_ack_msg, ==, 0x10b);
+            g_assert_cmpmem(out->key.secret, NAS_DEDUP_KEY_SIZE,
+                            in[i].key.secret, NAS_DEDUP_KEY_SIZE);
+            /* 1 type + 1 version + 2 + 2 msg numbers + 2 len + key */
+            g_assert_cmpuint(a->len, ==, 8 + NAS_DEDUP_KEY_SIZE);
+            break;
         }
     }
     g_free(in);
@@ -103,12 +122,12 @@ static void test_round_trip(void)
 /* Every strict prefix of every record fails to decode, with a message. */
 static void test_truncated(void)
 {
-    NasDedupRecord *in = g_new0(NasDedupRecord, 3);
+    NasDedupRecord *in = g_new0(NasDedupRecord, NRECS);
     NasDedupRecord *out = g_new0(NasDedupRecord, 1);
     int i;
 
     sample_records(in);
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < NRECS; i++) {
         g_autoptr(GByteArray) a = g_byte_array_new();
         size_t cut;
 
@@ -168,6 +187,11 @@ static void test_malformed(void)
                   13, "bad disk offset");
     /* SYNC: bad final flag */
     expect_reject((const uint8_t[]){ 3, 0, 0, 0, 1, 2 }, 6, "final flag");
+    /* SETUP: unknown version, wrong key length */
+    expect_reject((const uint8_t[]){ 4, 2, 0, 9, 0, 10, 0, 192 }, 8,
+                  "protocol version 2");
+    expect_reject((const uint8_t[]){ 4, 1, 0, 9, 0, 10, 0, 16 }, 8,
+                  "key of 16 bytes");
 }
 
 static void test_refs_check(void)

@@ -33,4 +33,8 @@
 #define ARRAY_SIZE(x) (sizeof(x) / sizeof((x)[0]))
 #endif
 
+#ifndef QEMU_BUILD_BUG_ON
+#define QEMU_BUILD_BUG_ON(x) _Static_assert(!(x), #x)
+#endif
+
 #endif

@@ -1,0 +1,66 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: keyed content hash of a 4 KiB chunk (see nas-dedup-hash.h)
+ */
+#include "qemu/osdep.h"
+#include <xxhash.h>
+#include "nas-dedup-hash.h"
+
+QEMU_BUILD_BUG_ON(NAS_DEDUP_KEY_SIZE < XXH3_SECRET_SIZE_MIN);
+
+void nas_dedup_hash_chunk_generic(const NasDedupKey *key, const void *buf,
+                                  NasDedupHash *out)
+{
+    XXH128_hash_t h = XXH3_128bits_withSecret(buf, NAS_DEDUP_CHUNK,
+                                              key->secret,
+                                              NAS_DEDUP_KEY_SIZE);
+
+    out->hi = h.high64;
+    out->lo = h.low64;
+}
+
+#ifdef NAS_DEDUP_HASH_AVX2
+static bool hash_avx2;
+
+static void __attribute__((constructor)) nas_dedup_hash_init(void)
+{
+    __builtin_cpu_init();
+    hash_avx2 = __builtin_cpu_supports("avx2");
+}
+
+bool nas_dedup_hash_have_avx2(void)
+{
+    return hash_avx2;
+}
+#endif
+
+void nas_dedup_hash_chunk(const NasDedupKey *key, const void *buf,
+                          NasDedupHash *out)
+{
+#ifdef NAS_DEDUP_HASH_AVX2
+    if (hash_avx2) {
+        nas_dedup_hash_chunk_avx2(key, buf, out);
+        return;
+    }
+#endif
+    nas_dedup_hash_chunk_generic(key, buf, out);
+}
+
+bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b)
+{
+    return a->hi == b->hi && a->lo == b->lo;
+}
+
+bool nas_dedup_chunk_is_zero(const void *buf)
+{
+    const uint64_t *p = buf;
+    size_t i;
+
+    for (i = 0; i < NAS_DEDUP_CHUNK / sizeof(uint64_t); i += 4) {
+        if (p[i] | p[i + 1] | p[i + 2] | p[i + 3]) {
+            return false;
+        }
+    }
+    return true;
+}
