@@ -51,6 +51,9 @@ PKGS=(
     busybox-static e2fsprogs cpio kmod iproute2 util-linux
     # benchmark plot
     python3-matplotlib
+    # fuzzing (scripts/fuzz.sh): clang, its libFuzzer/sanitizer runtimes,
+    # llvm-symbolizer for the reports
+    clang libclang-rt-dev llvm
 )
 # Packages we need newer than bookworm has.
 BPO_PKGS=(meson python3-pycotap qemu-system-data)

@@ -7,7 +7,8 @@
 # counted over the individual test cases of all suites.  Exit status is
 # non-zero if anything failed or could not run.
 #
-#   1. unit tests of the QEMU-independent core (standalone meson build)
+#   1. unit tests of the QEMU-independent core (standalone meson build),
+#      and 60 s of fuzzing of its decoders
 #   2. builds QEMU 10.0.x with our patch series
 #   3. the dedup-nas qtests (tests/qtest/nas-dedup-test.c)
 #   4. the functional test: Linux guest on an NFS export, pre-copy vs dedup-nas
@@ -93,6 +94,10 @@ else
     say "core build failed"
     failed=$((failed + 1))
 fi
+
+# 1b. Fuzzing of every decoder of bytes from the peer (libFuzzer, ASan,
+#     UBSan), for a bounded time; longer on demand: scripts/fuzz.sh SECONDS.
+run_tap fuzz-nas-dedup-wire timeout 300 scripts/fuzz.sh 60
 
 # 2. QEMU with the series.
 if ! scripts/build.sh > "$logdir/qemu-build.log" 2>&1; then
