@@ -7,17 +7,13 @@
 #include <xxhash.h>
 #include "nas-dedup-hash.h"
 
-QEMU_BUILD_BUG_ON(NAS_DEDUP_KEY_SIZE < XXH3_SECRET_SIZE_MIN);
+QEMU_BUILD_BUG_ON(NAS_DEDUP_SECRET_SIZE < XXH3_SECRET_SIZE_MIN);
 
-void nas_dedup_hash_chunk_generic(const NasDedupKey *key, const void *buf,
-                                  NasDedupHash *out)
+uint64_t nas_dedup_hash64_generic(const NasDedupKey *key, int which,
+                                  const void *buf)
 {
-    XXH128_hash_t h = XXH3_128bits_withSecret(buf, NAS_DEDUP_CHUNK,
-                                              key->secret,
-                                              NAS_DEDUP_KEY_SIZE);
-
-    out->hi = h.high64;
-    out->lo = h.low64;
+    return XXH3_64bits_withSecret(buf, NAS_DEDUP_CHUNK, key->secret[which],
+                                  NAS_DEDUP_SECRET_SIZE);
 }
 
 #ifdef NAS_DEDUP_HASH_AVX2
@@ -35,16 +31,21 @@ bool nas_dedup_hash_have_avx2(void)
 }
 #endif
 
-void nas_dedup_hash_chunk(const NasDedupKey *key, const void *buf,
-                          NasDedupHash *out)
+uint64_t nas_dedup_hash64(const NasDedupKey *key, int which, const void *buf)
 {
 #ifdef NAS_DEDUP_HASH_AVX2
     if (hash_avx2) {
-        nas_dedup_hash_chunk_avx2(key, buf, out);
-        return;
+        return nas_dedup_hash64_avx2(key, which, buf);
     }
 #endif
-    nas_dedup_hash_chunk_generic(key, buf, out);
+    return nas_dedup_hash64_generic(key, which, buf);
+}
+
+void nas_dedup_hash_chunk(const NasDedupKey *key, const void *buf,
+                          NasDedupHash *out)
+{
+    out->hi = nas_dedup_hash64(key, 0, buf);
+    out->lo = nas_dedup_hash64(key, 1, buf);
 }
 
 bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b)

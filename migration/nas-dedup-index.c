@@ -7,7 +7,7 @@
  *
  * - entries: a fixed array of 24-byte entries (hash + packed location).  An
  *   entry is in use (LOC_VALID), or free: on the free list of dropped
- *   entries (linked through hash.lo), or never used yet (number >= fresh).
+ *   entries (linked through hash), or never used yet (number >= fresh).
  *
  * - by_hash and by_loc: two open-addressing tables of entry numbers, keyed
  *   by hash and by location, with linear probing and backward-shift
@@ -80,7 +80,7 @@
 #define INVAL_DIRECT    64
 
 typedef struct Entry {
-    NasDedupHash hash;
+    uint64_t hash;              /* the first half of NasDedupHash */
     uint64_t loc;
 } Entry;
 
@@ -112,10 +112,9 @@ static inline uint64_t loc_key(uint16_t drive, uint64_t offset)
            ((offset >> NAS_DEDUP_CHUNK_BITS) & LOC_CHUNK_MASK);
 }
 
-static inline uint32_t slot_of_hash(const NasDedupIndex *idx,
-                                    const NasDedupHash *h)
+static inline uint32_t slot_of_hash(const NasDedupIndex *idx, uint64_t h)
 {
-    return (uint32_t)(h->lo ^ (h->lo >> 32)) & idx->mask;
+    return (uint32_t)(h ^ (h >> 32)) & idx->mask;
 }
 
 static inline uint32_t slot_of_key(const NasDedupIndex *idx, uint64_t key)
@@ -128,7 +127,7 @@ static uint32_t home_slot(const NasDedupIndex *idx, const uint32_t *table,
 {
     const Entry *ent = &idx->entries[e];
 
-    return table == idx->by_hash ? slot_of_hash(idx, &ent->hash)
+    return table == idx->by_hash ? slot_of_hash(idx, ent->hash)
                                  : slot_of_key(idx, ent->loc & LOC_KEY_MASK);
 }
 
@@ -262,15 +261,14 @@ static void entry_release(NasDedupIndex *idx, uint32_t e)
     table_remove(idx, idx->by_loc, slot_of_key(idx, key), e);
     sum_update(idx, key, false);
     ent->loc = 0;
-    ent->hash.hi = 0;
-    ent->hash.lo = idx->free_head;
+    ent->hash = idx->free_head;
     idx->free_head = e;
     idx->used--;
 }
 
 static void entry_drop(NasDedupIndex *idx, uint32_t e)
 {
-    table_remove(idx, idx->by_hash, slot_of_hash(idx, &idx->entries[e].hash),
+    table_remove(idx, idx->by_hash, slot_of_hash(idx, idx->entries[e].hash),
                  e);
     entry_release(idx, e);
 }
@@ -322,13 +320,13 @@ static uint32_t entry_alloc(NasDedupIndex *idx, bool *evicted)
     }
     if (idx->free_head != FREE_END) {
         e = idx->free_head;
-        idx->free_head = idx->entries[e].hash.lo;
+        idx->free_head = idx->entries[e].hash;
         return e;
     }
     return idx->fresh++;
 }
 
-static void insert_locked(NasDedupIndex *idx, const NasDedupHash *hash,
+static void insert_locked(NasDedupIndex *idx, uint64_t hash,
                           uint64_t key)
 {
     int64_t old = find_by_key(idx, key);
@@ -340,12 +338,12 @@ static void insert_locked(NasDedupIndex *idx, const NasDedupHash *hash,
     if (old >= 0) {
         Entry *ent = &idx->entries[old];
 
-        if (nas_dedup_hash_equal(&ent->hash, hash)) {
+        if (ent->hash == hash) {
             ent->loc |= LOC_REF;
             return;
         }
         /* Overwritten: the entry keeps its location, if it stays. */
-        table_remove(idx, idx->by_hash, slot_of_hash(idx, &ent->hash), old);
+        table_remove(idx, idx->by_hash, slot_of_hash(idx, ent->hash), old);
     }
     /* Count the copies of @hash and find where a new one would go. */
     for (slot = slot_of_hash(idx, hash);; slot = (slot + 1) & idx->mask) {
@@ -356,7 +354,7 @@ static void insert_locked(NasDedupIndex *idx, const NasDedupHash *hash,
             break;
         }
         ent = &idx->entries[idx->by_hash[slot] - 1];
-        if (nas_dedup_hash_equal(&ent->hash, hash)) {
+        if (ent->hash == hash) {
             ent->loc |= LOC_REF;
             if (++copies == NAS_DEDUP_INDEX_MAX_COPIES) {
                 break;
@@ -371,7 +369,7 @@ static void insert_locked(NasDedupIndex *idx, const NasDedupHash *hash,
         return;
     }
     e = old >= 0 ? old : entry_alloc(idx, &evicted);
-    idx->entries[e].hash = *hash;
+    idx->entries[e].hash = hash;
     idx->entries[e].loc = key | LOC_VALID;
     if (evicted) {
         /* The eviction may have moved the end of the probe run. */
@@ -494,7 +492,7 @@ NasDedupIndex *nas_dedup_index_new(uint64_t max_bytes,
     for (i = 0; i < NAS_DEDUP_KEY_SIZE; i += sizeof(uint64_t)) {
         uint64_t w;
 
-        memcpy(&w, key->secret + i, sizeof(w));
+        memcpy(&w, (const uint8_t *)key->secret + i, sizeof(w));
         idx->sum_salt = (idx->sum_salt ^ w) * 0x9E3779B97F4A7C15ull;
     }
     idx->bytes = best_n * sizeof(Entry) + overhead_bytes(best_tbits);
@@ -521,7 +519,7 @@ void nas_dedup_index_free(NasDedupIndex *idx)
     g_free(idx);
 }
 
-void nas_dedup_index_insert(NasDedupIndex *idx, const NasDedupHash *hash,
+void nas_dedup_index_insert(NasDedupIndex *idx, uint64_t hash,
                             uint16_t drive, uint64_t offset)
 {
     assert(drive <= NAS_DEDUP_MAX_DRIVES);
@@ -531,7 +529,7 @@ void nas_dedup_index_insert(NasDedupIndex *idx, const NasDedupHash *hash,
     qemu_mutex_unlock(&idx->lock);
 }
 
-bool nas_dedup_index_lookup(NasDedupIndex *idx, const NasDedupHash *hash,
+bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
                             NasDedupLoc *loc)
 {
     bool found = false;
@@ -546,7 +544,7 @@ bool nas_dedup_index_lookup(NasDedupIndex *idx, const NasDedupHash *hash,
             break;
         }
         ent = &idx->entries[idx->by_hash[i] - 1];
-        if (nas_dedup_hash_equal(&ent->hash, hash)) {
+        if (ent->hash == hash) {
             ent->loc |= LOC_REF;
             loc->drive = (ent->loc >> LOC_DRIVE_SHIFT) & NAS_DEDUP_MAX_DRIVES;
             loc->offset = (ent->loc & LOC_CHUNK_MASK) << NAS_DEDUP_CHUNK_BITS;
@@ -803,7 +801,7 @@ void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
     uint64_t start = QEMU_ALIGN_UP(offset, NAS_DEDUP_CHUNK);
     uint64_t end = QEMU_ALIGN_DOWN(offset + bytes, NAS_DEDUP_CHUNK);
     g_autofree uint8_t *bounce = NULL;
-    NasDedupHash hashes[NOTE_BATCH];
+    uint64_t hashes[NOTE_BATCH];
     bool zero[NOTE_BATCH];
     uint64_t c;
 
@@ -842,7 +840,7 @@ void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
             }
             zero[k] = nas_dedup_chunk_is_zero(p);
             if (!zero[k]) {
-                nas_dedup_hash_chunk(&idx->key, p, &hashes[k]);
+                hashes[k] = nas_dedup_hash64(&idx->key, 0, p);
             }
         }
         qemu_mutex_lock(&idx->lock);
@@ -852,7 +850,7 @@ void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
             if (zero[k]) {
                 invalidate_key_locked(idx, key);
             } else {
-                insert_locked(idx, &hashes[k], key);
+                insert_locked(idx, hashes[k], key);
             }
         }
         qemu_mutex_unlock(&idx->lock);
@@ -923,7 +921,7 @@ static bool entries_check(NasDedupIndex *idx)
         g_warning("%u valid entries, %u counted", n, idx->used);
         return false;
     }
-    for (e = idx->free_head; e != FREE_END; e = idx->entries[e].hash.lo) {
+    for (e = idx->free_head; e != FREE_END; e = idx->entries[e].hash) {
         if (e >= idx->fresh || (idx->entries[e].loc & LOC_VALID) ||
             ++nfree > idx->nentries) {
             g_warning("free list: bad entry %u", e);
@@ -955,10 +953,9 @@ static bool copies_check(NasDedupIndex *idx)
             g_warning("entry %u not found by its location", e);
             return false;
         }
-        for (i = slot_of_hash(idx, &ent->hash); idx->by_hash[i];
+        for (i = slot_of_hash(idx, ent->hash); idx->by_hash[i];
              i = (i + 1) & idx->mask) {
-            copies += nas_dedup_hash_equal(
-                &idx->entries[idx->by_hash[i] - 1].hash, &ent->hash);
+            copies += idx->entries[idx->by_hash[i] - 1].hash == ent->hash;
         }
         if (copies > NAS_DEDUP_INDEX_MAX_COPIES) {
             g_warning("entry %u: content indexed %u times", e, copies);

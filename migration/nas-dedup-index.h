@@ -3,7 +3,8 @@
  *
  * dedup-nas: bounded content index of guest disk blocks
  *
- * Maps the keyed XXH3-128 hash of a 4 KiB disk chunk to where it lives on a
+ * Maps the keyed hash of a 4 KiB disk chunk (the first half of its
+ * NasDedupHash: nas_dedup_hash64(key, 0, ...)) to where it lives on a
  * guest drive: (drive, chunk-aligned byte offset).  Filled from the guest's
  * own disk reads and writes; looked up when a RAM page is about to be sent.
  *
@@ -75,13 +76,13 @@ void nas_dedup_index_free(NasDedupIndex *idx);
  * it held before, and index it there unless @hash is indexed at
  * NAS_DEDUP_INDEX_MAX_COPIES places already.
  */
-void nas_dedup_index_insert(NasDedupIndex *idx, const NasDedupHash *hash,
+void nas_dedup_index_insert(NasDedupIndex *idx, uint64_t hash,
                             uint16_t drive, uint64_t offset);
 /*
  * Find a chunk recorded with content @hash and not written or invalidated
  * since; counts a hit or a miss.
  */
-bool nas_dedup_index_lookup(NasDedupIndex *idx, const NasDedupHash *hash,
+bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
                             NasDedupLoc *loc);
 /*
  * Forget every chunk overlapping [@offset, @offset + @bytes) of @drive.

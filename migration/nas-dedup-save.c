@@ -603,6 +603,7 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
                         void *opaque, RAMBlock *block, ram_addr_t offset)
 {
     NasDedupRecord *run = &save.run;
+    const NasDedupKey *key;
     NasDedupIndex *idx;
     NasDedupHash hash;
     NasDedupLoc loc;
@@ -615,11 +616,13 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     if (!idx) {
         return 0;
     }
-    nas_dedup_hash_chunk(nas_dedup_index_key(idx), block->host + offset,
-                         &hash);
-    if (!nas_dedup_index_lookup(idx, &hash, &loc)) {
+    /* The index's half first; the other one only for a hit. */
+    key = nas_dedup_index_key(idx);
+    hash.hi = nas_dedup_hash64(key, 0, block->host + offset);
+    if (!nas_dedup_index_lookup(idx, hash.hi, &loc)) {
         return 0;
     }
+    hash.lo = nas_dedup_hash64(key, 1, block->host + offset);
     if (!nas_dedup_drive_live(loc.drive)) {
         /* Resized, ejected or unplugged since: forget that entry. */
         nas_dedup_index_invalidate(idx, loc.drive, loc.offset,

@@ -130,7 +130,8 @@ void nas_dedup_record_encode(GByteArray *out, const NasDedupRecord *rec)
         put_be16(out, rec->resend_msg);
         put_be16(out, rec->sync_ack_msg);
         put_be16(out, sizeof(rec->key.secret));
-        g_byte_array_append(out, rec->key.secret, sizeof(rec->key.secret));
+        g_byte_array_append(out, (const guint8 *)rec->key.secret,
+                            sizeof(rec->key.secret));
         break;
     default:
         g_assert_not_reached();

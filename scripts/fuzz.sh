@@ -49,9 +49,9 @@ def refs(n, off, hashes):
     return b + b''.join(struct.pack('>QQ', hi, lo) for hi, lo in hashes)
 def sync(seq, final):
     return struct.pack('>BIB', 3, seq, final)
-def setup(ver=1, resend=0x0a, ack=0x10b, keylen=192):
+def setup(ver=1, resend=0x0a, ack=0x10b, keylen=384):
     return struct.pack('>BBHHH', 4, ver, resend, ack, keylen) + \
-           bytes((k * 7 + 1) & 0xff for k in range(192))
+           bytes((k * 7 + 1) & 0xff for k in range(384))
 def hs(n):
     return [((~k) & (2**64 - 1), k * 3) for k in range(n)]
 def resend(ident, off, n):

@@ -12,10 +12,11 @@
 
 static void random_key(GRand *r, NasDedupKey *key)
 {
+    uint8_t *p = (uint8_t *)key->secret;
     size_t i;
 
     for (i = 0; i < sizeof(key->secret); i++) {
-        key->secret[i] = g_rand_int(r);
+        p[i] = g_rand_int(r);
     }
 }
 
@@ -34,8 +35,8 @@ static void wr64(uint8_t *p, uint64_t v)
 }
 
 /*
- * Make two different 4 KiB blocks @a and @b that XXH3-128 with @secret
- * (NAS_DEDUP_KEY_SIZE bytes) hashes alike.  XXH3 adds, for each 8-byte
+ * Make two different 4 KiB blocks @a and @b that XXH3 with @secret
+ * (NAS_DEDUP_SECRET_SIZE bytes) hashes alike, 64 or 128 bits.  XXH3 adds, for each 8-byte
  * lane d of a 64-byte stripe with secret word k, lo32(d ^ k) * hi32(d ^ k)
  * to one accumulator and d to its neighbour.  Lane 0 of stripes 0 and 1
  * (secret words at 0 and 8): with lo32(d ^ k) = 0 the product is 0 whatever
@@ -82,7 +83,7 @@ static void test_hash(void)
     g_rand_free(r);
 }
 
-/* Another key, another hash: the key is really used. */
+/* Another secret, another half: both secrets are really used. */
 static void test_keyed(void)
 {
     g_autofree uint8_t *a = g_malloc(C);
@@ -90,24 +91,31 @@ static void test_keyed(void)
     NasDedupKey k1, k2;
     NasDedupHash h1, h2;
     size_t i;
+    int which;
 
     for (i = 0; i < C; i++) {
         a[i] = g_rand_int(r);
     }
     random_key(r, &k1);
-    k2 = k1;
-    k2.secret[NAS_DEDUP_KEY_SIZE - 1] ^= 1;
     nas_dedup_hash_chunk(&k1, a, &h1);
-    nas_dedup_hash_chunk(&k2, a, &h2);
-    g_assert_false(nas_dedup_hash_equal(&h1, &h2));
+    g_assert_cmphex(h1.hi, ==, nas_dedup_hash64(&k1, 0, a));
+    g_assert_cmphex(h1.lo, ==, nas_dedup_hash64(&k1, 1, a));
+    for (which = 0; which < 2; which++) {
+        k2 = k1;
+        k2.secret[which][NAS_DEDUP_SECRET_SIZE - 1] ^= 1;
+        nas_dedup_hash_chunk(&k2, a, &h2);
+        g_assert_cmphex(which ? h2.hi : h2.lo, ==, which ? h1.hi : h1.lo);
+        g_assert_cmphex(which ? h2.lo : h2.hi, !=, which ? h1.lo : h1.hi);
+    }
     g_rand_free(r);
 }
 
 /*
  * The collision of the review: blocks made for XXH3's published secret
  * collide under plain XXH3-128 (what dedup-nas used to send), and do not
- * under the keyed hash; blocks made for a key collide under that key,
- * so it is the secrecy of the key that protects.
+ * under the keyed hash.  Blocks made for one of the two secrets collide
+ * under that one (the index's half; a guest that guessed it, 2^-64 a
+ * pair), never under both: that is why a reference carries both halves.
  */
 static void test_collision(void)
 {
@@ -131,10 +139,17 @@ static void test_collision(void)
         nas_dedup_hash_chunk(&key, b, &hb);
         g_assert_false(nas_dedup_hash_equal(&ha, &hb));
 
-        make_collision(key.secret, r, a, b);
+        make_collision(key.secret[0], r, a, b);
         nas_dedup_hash_chunk(&key, a, &ha);
         nas_dedup_hash_chunk(&key, b, &hb);
-        g_assert_true(nas_dedup_hash_equal(&ha, &hb));
+        g_assert_cmphex(ha.hi, ==, hb.hi);
+        g_assert_cmphex(ha.lo, !=, hb.lo);
+        g_assert_false(nas_dedup_hash_equal(&ha, &hb));
+        g_assert_true(XXH128_isEqual(
+            XXH3_128bits_withSecret(a, C, key.secret[0],
+                                    NAS_DEDUP_SECRET_SIZE),
+            XXH3_128bits_withSecret(b, C, key.secret[0],
+                                    NAS_DEDUP_SECRET_SIZE)));
     }
     g_rand_free(r);
 }
@@ -163,12 +178,14 @@ static void test_hash_impls(void)
         for (k = 0; k < C; k++) {
             p[k] = g_rand_int(r);
         }
-        nas_dedup_hash_chunk_generic(&key, p, &g);
+        g.hi = nas_dedup_hash64_generic(&key, 0, p);
+        g.lo = nas_dedup_hash64_generic(&key, 1, p);
         nas_dedup_hash_chunk(&key, p, &d);
         g_assert_true(nas_dedup_hash_equal(&g, &d));
 #ifdef NAS_DEDUP_HASH_AVX2
         if (nas_dedup_hash_have_avx2()) {
-            nas_dedup_hash_chunk_avx2(&key, p, &d);
+            d.hi = nas_dedup_hash64_avx2(&key, 0, p);
+            d.lo = nas_dedup_hash64_avx2(&key, 1, p);
             g_assert_true(nas_dedup_hash_equal(&g, &d));
         }
 #endif

@@ -9,20 +9,20 @@
 #define MiB (1024 * 1024)
 #define C NAS_DEDUP_CHUNK
 
-static NasDedupHash H(uint64_t n)
+static uint64_t H(uint64_t n)
 {
-    NasDedupHash h = { .hi = n * 0x9E3779B97F4A7C15ull, .lo = n };
+    uint64_t h = n;
     return h;
 }
 
 /* Like H(), but with well-spread bits, as keyed hashes have. */
-static NasDedupHash Hr(uint64_t n)
+static uint64_t Hr(uint64_t n)
 {
     uint64_t z = n * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
 
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return (NasDedupHash){ .hi = z ^ n, .lo = z ^ (z >> 31) };
+    return z ^ (z >> 31);
 }
 
 /* A chunk of content unique to @seed (never all zero). */
@@ -37,7 +37,7 @@ static void fill_chunk(uint8_t *buf, uint64_t seed)
 }
 
 /* A fixed key: the tests do not depend on its value. */
-static const NasDedupKey test_key = { .secret = { 0x5a, 0xa5, 0x3c } };
+static const NasDedupKey test_key = { .secret = { { 0x5a, 0xa5, 0x3c } } };
 
 static NasDedupIndex *index_new(uint64_t max_bytes)
 {
@@ -47,28 +47,28 @@ static NasDedupIndex *index_new(uint64_t max_bytes)
 static void assert_at(NasDedupIndex *idx, uint64_t n, uint16_t drive,
                       uint64_t off)
 {
-    NasDedupHash h = H(n);
+    uint64_t h = H(n);
     NasDedupLoc loc;
 
-    g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
     g_assert_cmpuint(loc.drive, ==, drive);
     g_assert_cmpuint(loc.offset, ==, off);
 }
 
 static void assert_absent(NasDedupIndex *idx, uint64_t n)
 {
-    NasDedupHash h = H(n);
+    uint64_t h = H(n);
     NasDedupLoc loc;
 
-    g_assert_false(nas_dedup_index_lookup(idx, &h, &loc));
+    g_assert_false(nas_dedup_index_lookup(idx, h, &loc));
 }
 
 static void assert_absent_r(NasDedupIndex *idx, uint64_t n)
 {
-    NasDedupHash h = Hr(n);
+    uint64_t h = Hr(n);
     NasDedupLoc loc;
 
-    g_assert_false(nas_dedup_index_lookup(idx, &h, &loc));
+    g_assert_false(nas_dedup_index_lookup(idx, h, &loc));
 }
 
 static void test_insert_lookup(void)
@@ -78,7 +78,7 @@ static void test_insert_lookup(void)
 
     g_assert_nonnull(idx);
     assert_absent(idx, 1);
-    nas_dedup_index_insert(idx, &(NasDedupHash){ H(1).hi, H(1).lo }, 3, 5 * C);
+    nas_dedup_index_insert(idx, H(1), 3, 5 * C);
     assert_at(idx, 1, 3, 5 * C);
     assert_absent(idx, 2);
     nas_dedup_index_get_stats(idx, &st);
@@ -92,14 +92,14 @@ static void test_insert_lookup(void)
 static void test_replace(void)
 {
     NasDedupIndex *idx = index_new(MiB);
-    NasDedupHash h1 = H(1), h2 = H(2);
+    uint64_t h1 = H(1), h2 = H(2);
     NasDedupIndexStats st;
 
-    nas_dedup_index_insert(idx, &h1, 0, 0);
-    nas_dedup_index_insert(idx, &h2, 0, 0);     /* block overwritten */
+    nas_dedup_index_insert(idx, h1, 0, 0);
+    nas_dedup_index_insert(idx, h2, 0, 0);     /* block overwritten */
     assert_absent(idx, 1);
     assert_at(idx, 2, 0, 0);
-    nas_dedup_index_insert(idx, &h2, 0, 0);     /* same content again */
+    nas_dedup_index_insert(idx, h2, 0, 0);     /* same content again */
     nas_dedup_index_get_stats(idx, &st);
     g_assert_cmpuint(st.entries, ==, 1);
     g_assert_true(nas_dedup_index_selfcheck(idx));
@@ -109,15 +109,15 @@ static void test_replace(void)
 static void test_same_content_two_places(void)
 {
     NasDedupIndex *idx = index_new(MiB);
-    NasDedupHash h = H(7);
+    uint64_t h = H(7);
     NasDedupLoc loc;
 
-    nas_dedup_index_insert(idx, &h, 0, 10 * C);
-    nas_dedup_index_insert(idx, &h, 1, 20 * C);
-    g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+    nas_dedup_index_insert(idx, h, 0, 10 * C);
+    nas_dedup_index_insert(idx, h, 1, 20 * C);
+    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
     /* Invalidate whichever was found: the other must still be found. */
     nas_dedup_index_invalidate(idx, loc.drive, loc.offset, C);
-    g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
     nas_dedup_index_invalidate(idx, loc.drive, loc.offset, 1);
     assert_absent(idx, 7);
     g_assert_true(nas_dedup_index_selfcheck(idx));
@@ -130,8 +130,8 @@ static void test_invalidate_ranges(void)
     uint64_t i;
 
     for (i = 0; i < 16; i++) {
-        NasDedupHash h = H(i);
-        nas_dedup_index_insert(idx, &h, 2, i * C);
+        uint64_t h = H(i);
+        nas_dedup_index_insert(idx, h, 2, i * C);
     }
     /* Bytes 1..(2C+1): touches chunks 0, 1 and 2. */
     nas_dedup_index_invalidate(idx, 2, 1, 2 * C + 1);
@@ -151,8 +151,8 @@ static void test_invalidate_ranges(void)
     assert_absent(idx, 9);
     /* Huge ranges starting just below or past the last chunk indexed. */
     for (i = 40; i < 43; i++) {
-        NasDedupHash h = H(i);
-        nas_dedup_index_insert(idx, &h, 4, (i - 40) * 100 * C);
+        uint64_t h = H(i);
+        nas_dedup_index_insert(idx, h, 4, (i - 40) * 100 * C);
     }
     nas_dedup_index_invalidate(idx, 4, 201 * C, 1ull << 56);
     nas_dedup_index_invalidate(idx, 4, 150 * C, 1ull << 56);
@@ -179,9 +179,9 @@ static void test_bounds_and_eviction(void)
     g_assert_cmpuint(n, >, 1000);
 
     for (i = 0; i < 3 * n; i++) {
-        NasDedupHash h = H(i);
+        uint64_t h = H(i);
 
-        nas_dedup_index_insert(idx, &h, 0, i * C);
+        nas_dedup_index_insert(idx, h, 0, i * C);
         if (i >= 10) {
             /* Keep entry 5 hot: CLOCK must never evict it. */
             assert_at(idx, 5, 0, 5 * C);
@@ -240,9 +240,9 @@ static void model_insert(Model *m, uint32_t content, uint64_t chunk)
 
 static void model_check(NasDedupIndex *idx, Model *m, uint32_t content)
 {
-    NasDedupHash h = H(content);
+    uint64_t h = H(content);
     NasDedupLoc loc;
-    bool found = nas_dedup_index_lookup(idx, &h, &loc);
+    bool found = nas_dedup_index_lookup(idx, h, &loc);
 
     g_assert_cmpint(found, ==, m->copies[content] > 0);
     if (found) {
@@ -298,14 +298,14 @@ static void test_model(void)
         /* Few contents, so many duplicates; some runs of one content. */
         uint32_t content = i % 50000 < 5000 ? 7 :
                            g_rand_int_range(r, 1, MODEL_CONTENTS);
-        NasDedupHash h = H(content);
+        uint64_t h = H(content);
 
         if (g_rand_int_range(r, 0, 4) == 0) {
             nas_dedup_index_invalidate(idx, 0, chunk * C, C);
             model_forget(m, chunk);
             m->content[chunk] = 0;
         } else {
-            nas_dedup_index_insert(idx, &h, 0, chunk * C);
+            nas_dedup_index_insert(idx, h, 0, chunk * C);
             model_insert(m, content, chunk);
         }
         if (i % 997 == 0) {
@@ -367,11 +367,11 @@ static void test_model_ranges(void)
         for (k = 0; k < 40 && g_hash_table_size(model) < 3000; k++) {
             uint64_t *loc = g_new(uint64_t, 1);
             uint64_t chunk = random_chunk(r);
-            NasDedupHash h = H(content);
+            uint64_t h = H(content);
 
             drive = drives[g_rand_int_range(r, 0, G_N_ELEMENTS(drives))];
             *loc = (uint64_t)drive << 45 | chunk;
-            nas_dedup_index_insert(idx, &h, drive, chunk * C);
+            nas_dedup_index_insert(idx, h, drive, chunk * C);
             g_hash_table_insert(model, loc, GSIZE_TO_POINTER(content++));
         }
 
@@ -411,10 +411,10 @@ static void test_model_ranges(void)
             g_hash_table_iter_init(&it, model);
             while (g_hash_table_iter_next(&it, &key, &val)) {
                 uint64_t l = *(uint64_t *)key;
-                NasDedupHash h = H(GPOINTER_TO_SIZE(val));
+                uint64_t h = H(GPOINTER_TO_SIZE(val));
                 NasDedupLoc loc;
 
-                g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+                g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
                 g_assert_cmpuint(loc.drive, ==, l >> 45);
                 g_assert_cmpuint(loc.offset / C, ==, l & ((1ull << 45) - 1));
             }
@@ -433,7 +433,7 @@ static void test_note_io_read(void)
     NasDedupIndex *idx = index_new(MiB);
     g_autofree uint8_t *data = g_malloc0(8 * C);
     struct iovec iov[3];
-    NasDedupHash h;
+    uint64_t h;
     NasDedupLoc loc;
     NasDedupIndexStats st;
     int k;
@@ -455,13 +455,13 @@ static void test_note_io_read(void)
 
     /* Whole chunks 1..6 are indexed, except the zero chunk 4. */
     for (k = 0; k < 8; k++) {
-        nas_dedup_hash_chunk(&test_key, data + k * C, &h);
+        h = nas_dedup_hash64(&test_key, 0, data + k * C);
         if (k >= 1 && k <= 6 && k != 4) {
-            g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+            g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
             g_assert_cmpuint(loc.drive, ==, 1);
             g_assert_cmpuint(loc.offset, ==, k * C);
         } else {
-            g_assert_false(nas_dedup_index_lookup(idx, &h, &loc));
+            g_assert_false(nas_dedup_index_lookup(idx, h, &loc));
         }
     }
     nas_dedup_index_get_stats(idx, &st);
@@ -477,7 +477,7 @@ static void test_note_io_write(void)
     g_autofree uint8_t *newdata = g_malloc0(4 * C);
     struct iovec iov = { data, 4 * C };
     struct iovec niov;
-    NasDedupHash h;
+    uint64_t h;
     NasDedupLoc loc;
     int k;
 
@@ -491,25 +491,25 @@ static void test_note_io_write(void)
     niov = (struct iovec){ newdata, 2 * C };
     nas_dedup_index_note_io(idx, 0, C / 2, 2 * C, &niov, 1, 0, true);
     for (k = 0; k < 4; k++) {
-        nas_dedup_hash_chunk(&test_key, data + k * C, &h);
-        g_assert_true(nas_dedup_index_lookup(idx, &h, &loc) == (k == 3));
+        h = nas_dedup_hash64(&test_key, 0, data + k * C);
+        g_assert_true(nas_dedup_index_lookup(idx, h, &loc) == (k == 3));
     }
     /* The whole chunk 1 now holds newdata[C/2, 3C/2). */
-    nas_dedup_hash_chunk(&test_key, newdata + C / 2, &h);
-    g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+    h = nas_dedup_hash64(&test_key, 0, newdata + C / 2);
+    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
     g_assert_cmpuint(loc.offset, ==, C);
 
     /* Write-zeroes / discard (no data) invalidate. */
     nas_dedup_index_note_io(idx, 0, C, C, NULL, 0, 0, true);
-    g_assert_false(nas_dedup_index_lookup(idx, &h, &loc));
-    nas_dedup_hash_chunk(&test_key, data + 3 * C, &h);
-    g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+    g_assert_false(nas_dedup_index_lookup(idx, h, &loc));
+    h = nas_dedup_hash64(&test_key, 0, data + 3 * C);
+    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
 
     /* Writing a zero chunk over chunk 3 invalidates it. */
     memset(newdata, 0, C);
     niov = (struct iovec){ newdata, C };
     nas_dedup_index_note_io(idx, 0, 3 * C, C, &niov, 1, 0, true);
-    g_assert_false(nas_dedup_index_lookup(idx, &h, &loc));
+    g_assert_false(nas_dedup_index_lookup(idx, h, &loc));
     g_assert_true(nas_dedup_index_selfcheck(idx));
     nas_dedup_index_free(idx);
 }
@@ -523,28 +523,28 @@ static void test_copies(void)
     NasDedupIndex *idx = index_new(MiB);
     g_autofree uint8_t *data = g_malloc(256 * C);
     struct iovec iov = { data, 256 * C };
-    NasDedupHash h = H(9), h2 = H(10);
+    uint64_t h = H(9), h2 = H(10);
     NasDedupIndexStats st;
     NasDedupLoc loc;
     uint64_t i;
 
     g_assert_cmpuint(NAS_DEDUP_INDEX_MAX_COPIES, >=, 2);
     for (i = 0; i < 100; i++) {
-        nas_dedup_index_insert(idx, &h, 1, i * C);
+        nas_dedup_index_insert(idx, h, 1, i * C);
     }
     nas_dedup_index_get_stats(idx, &st);
     g_assert_cmpuint(st.entries, ==, NAS_DEDUP_INDEX_MAX_COPIES);
     /* Overwrite every place lookup names: never a stale answer. */
-    for (i = 0; i < 100 && nas_dedup_index_lookup(idx, &h, &loc); i++) {
+    for (i = 0; i < 100 && nas_dedup_index_lookup(idx, h, &loc); i++) {
         g_assert_cmpuint(loc.drive, ==, 1);
         g_assert_cmpuint(loc.offset % C, ==, 0);
         g_assert_cmpuint(loc.offset, <, 100 * C);
-        nas_dedup_index_insert(idx, &h2, loc.drive, loc.offset);
+        nas_dedup_index_insert(idx, h2, loc.drive, loc.offset);
         g_assert_true(nas_dedup_index_selfcheck(idx));
     }
     g_assert_cmpuint(i, ==, NAS_DEDUP_INDEX_MAX_COPIES);
     /* Seen again at a place not yet indexed: indexed there. */
-    nas_dedup_index_insert(idx, &h, 1, 99 * C);
+    nas_dedup_index_insert(idx, h, 1, 99 * C);
     assert_at(idx, 9, 1, 99 * C);
 
     /* A read of 256 identical chunks. */
@@ -552,14 +552,14 @@ static void test_copies(void)
         fill_chunk(data + i * C, 1234);
     }
     nas_dedup_index_note_io(idx, 2, 0, 256 * C, &iov, 1, 0, false);
-    nas_dedup_hash_chunk(&test_key, data, &h);
-    g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+    h = nas_dedup_hash64(&test_key, 0, data);
+    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
     g_assert_cmpuint(loc.drive, ==, 2);
     /* Writing that place drops it: the other copy is returned. */
     fill_chunk(data, 4321);
     iov.iov_len = C;
     nas_dedup_index_note_io(idx, 2, loc.offset, C, &iov, 1, 0, true);
-    g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
     g_assert_cmpuint(loc.drive, ==, 2);
     nas_dedup_index_get_stats(idx, &st);
     g_assert_cmpuint(st.entries, <=, 2 * NAS_DEDUP_INDEX_MAX_COPIES + 2);
@@ -593,18 +593,18 @@ static void test_steps_same_content(void)
 
     for (b = 0; b < G_N_ELEMENTS(step_budgets); b++) {
         NasDedupIndex *idx = index_new(step_budgets[b]);
-        NasDedupHash h = Hr(77);
+        uint64_t h = Hr(77);
         NasDedupLoc loc;
         uint64_t i, s0 = steps_of(idx), avg;
 
         for (i = 0; i < n; i++) {
-            nas_dedup_index_insert(idx, &h, 0, i * C);
+            nas_dedup_index_insert(idx, h, 0, i * C);
         }
         avg = (steps_of(idx) - s0) / n;
         g_test_message("budget %" PRIu64 " MiB: %" PRIu64 " steps/insert",
                        step_budgets[b] / MiB, avg);
         g_assert_cmpuint(avg, <=, 8);
-        g_assert_true(nas_dedup_index_lookup(idx, &h, &loc));
+        g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
         g_assert_cmpuint(loc.offset, <, n * C);
         g_assert_true(nas_dedup_index_selfcheck(idx));
         nas_dedup_index_free(idx);
@@ -619,9 +619,9 @@ static uint64_t fill_index(NasDedupIndex *idx)
 
     nas_dedup_index_get_stats(idx, &st);
     for (i = 0; i < st.capacity; i++) {
-        NasDedupHash h = Hr(i);
+        uint64_t h = Hr(i);
 
-        nas_dedup_index_insert(idx, &h, 0, i * C);
+        nas_dedup_index_insert(idx, h, 0, i * C);
     }
     nas_dedup_index_get_stats(idx, &st);
     g_assert_cmpuint(st.entries, ==, st.capacity);
@@ -642,10 +642,10 @@ static void test_steps_overwrite_full(void)
 
         s0 = steps_of(idx);
         for (i = 0; i < m; i++) {
-            NasDedupHash h = Hr(n + i);
+            uint64_t h = Hr(n + i);
             uint64_t c = g_rand_int_range(r, 0, n);
 
-            nas_dedup_index_insert(idx, &h, 0, c * C);
+            nas_dedup_index_insert(idx, h, 0, c * C);
         }
         avg = (steps_of(idx) - s0) / m;
         g_test_message("budget %" PRIu64 " MiB, %" PRIu64 " entries: %"
@@ -659,12 +659,12 @@ static void test_steps_overwrite_full(void)
         /* New places, some looked up again: CLOCK evicts, amortised O(1). */
         s0 = steps_of(idx);
         for (i = 0; i < m; i++) {
-            NasDedupHash h = Hr(2 * n + m + i);
+            uint64_t h = Hr(2 * n + m + i);
             NasDedupLoc loc;
 
-            nas_dedup_index_insert(idx, &h, 1, i * C);
+            nas_dedup_index_insert(idx, h, 1, i * C);
             h = Hr(2 * n + m + g_rand_int_range(r, 0, i + 1));
-            nas_dedup_index_lookup(idx, &h, &loc);
+            nas_dedup_index_lookup(idx, h, &loc);
         }
         avg = (steps_of(idx) - s0) / m;
         g_test_message("  %" PRIu64 " steps/(insert + lookup) when evicting",
@@ -690,9 +690,9 @@ static void test_steps_invalidate(void)
         NasDedupIndexStats st;
 
         for (k = 0; k < G_N_ELEMENTS(few); k++) {
-            NasDedupHash h = Hr(n + k);
+            uint64_t h = Hr(n + k);
 
-            nas_dedup_index_insert(idx, &h, 2, few[k]);
+            nas_dedup_index_insert(idx, h, 2, few[k]);
         }
         /* Drive with no entries; drive 0 where it has none. */
         s0 = steps_of(idx);
@@ -748,16 +748,16 @@ static gpointer worker(gpointer opaque)
 
     for (i = 0; i < 20000; i++) {
         uint64_t chunk = g_rand_int_range(r, 0, 2048);
-        NasDedupHash h = H(g_rand_int_range(r, 1, 5000));
+        uint64_t h = H(g_rand_int_range(r, 1, 5000));
         NasDedupLoc loc;
         struct iovec iov = { buf, 4 * C };
 
         switch (g_rand_int_range(r, 0, 5)) {
         case 0:
-            nas_dedup_index_insert(a->idx, &h, a->seed % 4, chunk * C);
+            nas_dedup_index_insert(a->idx, h, a->seed % 4, chunk * C);
             break;
         case 1:
-            nas_dedup_index_lookup(a->idx, &h, &loc);
+            nas_dedup_index_lookup(a->idx, h, &loc);
             break;
         case 2:
             nas_dedup_index_invalidate(a->idx, a->seed % 4, chunk * C, 3 * C);
@@ -790,9 +790,9 @@ static gpointer filler(gpointer opaque)
     uint64_t i;
 
     for (i = 0; i < FILLER_CHUNKS; i++) {
-        NasDedupHash h = H(a->seed * 1000000 + i);
+        uint64_t h = H(a->seed * 1000000 + i);
 
-        nas_dedup_index_insert(a->idx, &h, a->seed, i * C);
+        nas_dedup_index_insert(a->idx, h, a->seed, i * C);
     }
     return NULL;
 }

@@ -64,7 +64,7 @@ static void sample_records(NasDedupRecord *recs)
     recs[3].resend_msg = 0x0a;
     recs[3].sync_ack_msg = 0x10b;
     for (k = 0; k < NAS_DEDUP_KEY_SIZE; k++) {
-        recs[3].key.secret[k] = k * 7 + 1;
+        ((uint8_t *)recs[3].key.secret)[k] = k * 7 + 1;
     }
 }
 
@@ -188,7 +188,7 @@ static void test_malformed(void)
     /* SYNC: bad final flag */
     expect_reject((const uint8_t[]){ 3, 0, 0, 0, 1, 2 }, 6, "final flag");
     /* SETUP: unknown version, wrong key length */
-    expect_reject((const uint8_t[]){ 4, 2, 0, 9, 0, 10, 0, 192 }, 8,
+    expect_reject((const uint8_t[]){ 4, 2, 0, 9, 0, 10, 1, 128 }, 8,
                   "protocol version 2");
     expect_reject((const uint8_t[]){ 4, 1, 0, 9, 0, 10, 0, 16 }, 8,
                   "key of 16 bytes");
