@@ -870,7 +870,8 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
         }
     }
     qatomic_set(&save.noref_pages, save.noref_pages + n);
-    stat64_add(&nas_dedup_counters.resent_pages, n);
+    /* Every page asked, as the destination's resend-requests counts. */
+    stat64_add(&nas_dedup_counters.resent_pages, r.npages);
     return 0;
 }
 

@@ -38,6 +38,11 @@
  *  /nas-dedup/resize       block_resize through another BlockBackend
  *                          drops what the index knew of the drive
  *  /nas-dedup/drive-del    so does removing the drive's medium
+ *  /nas-dedup/fault/...    the channel cut at several points, migrate_cancel
+ *                          while a live or the final SYNC is unanswered, the
+ *                          destination killed: the migration fails, the
+ *                          source runs on, and migrates again with RAM
+ *                          identical
  *  /nas-dedup/savevm       savevm and loadvm still work with dedup-nas on
  *  /nas-dedup/caps         capability checks
  */
@@ -48,6 +53,7 @@
 #include <poll.h>
 #include "qemu/units.h"
 #include "qemu/bswap.h"
+#include "qemu/atomic.h"
 #include "qemu/cutils.h"
 #include "libqtest.h"
 #include "libqos/libqos-pc.h"
@@ -982,6 +988,9 @@ typedef enum ProxyMode {
                            @inject on the return path once the source has
                            sent INJECT_AFTER bytes (set up by then) */
     PROXY_HOLD_ACKS,    /* forward, but never a DEDUP_SYNC_ACK */
+    PROXY_CUT,          /* forward, and cut the connection once the source
+                           sent @cut_after bytes (0: once the first
+                           DEDUP_SYNC_ACK went back to it) */
 } ProxyMode;
 
 typedef struct Proxy {
@@ -993,7 +1002,10 @@ typedef struct Proxy {
     int lfd;
     int quit[2];
     GThread *thread;
+    uint64_t cut_after;
+    bool cut;
     unsigned acks_held;
+    unsigned acks_passed;
     /* Return-path message being parsed (destination to source). */
     uint8_t msg[4 + 65536];
     size_t msg_len;
@@ -1039,6 +1051,11 @@ static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len)
             px->acks_held++;
         } else if (!write_all(s, px->msg, px->msg_len)) {
             return false;
+        } else if (lduw_be_p(px->msg) == MIG_RP_MSG_DEDUP_SYNC_ACK) {
+            px->acks_passed++;
+            if (px->mode == PROXY_CUT && !px->cut_after) {
+                return false;   /* cut right after it */
+            }
         }
         px->msg_len = 0;
     }
@@ -1084,6 +1101,10 @@ static gpointer proxy_thread(gpointer opaque)
                 break;
             }
             from_src += n;
+            if (px->mode == PROXY_CUT && px->cut_after &&
+                from_src >= px->cut_after) {
+                break;
+            }
             if (px->mode == PROXY_FAKE_DEST && !injected &&
                 from_src >= INJECT_AFTER) {
                 g_assert(write_all(s, px->inject, px->inject_len));
@@ -1098,10 +1119,13 @@ static gpointer proxy_thread(gpointer opaque)
         }
     }
 out:
+    px->cut = true;
     if (s >= 0) {
+        shutdown(s, SHUT_RDWR);
         close(s);
     }
     if (d >= 0) {
+        shutdown(d, SHUT_RDWR);
         close(d);
     }
     g_free(buf);
@@ -1358,6 +1382,176 @@ static void test_drive_del(void)
     guest_teardown(&g);
 }
 
+/*** Faults: the source survives each, and migrates again afterwards ***/
+
+/* A fresh destination, then a migration without faults: RAM identical. */
+static void migrate_again(Guest *g)
+{
+    DedupStats st;
+
+    qtest_quit(g->dst);
+    unlink(mig_uri + strlen("unix:"));
+    g->dst = dest_boot(true, "-incoming defer");
+    migrate_incoming_qmp(g->dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    migrate_set_parameter_int(g->src.qts, "downtime-limit", 30 * 1000);
+    migrate_set_parameter_int(g->src.qts, "max-bandwidth", 1000 * MiB);
+    migrate_set_parameter_int(g->src.qts, "avail-switchover-bandwidth", 0);
+    migrate_and_check(g, true, &st);
+    assert_ram_holds_disk(g->dst, g->dma_addr, 0, g->dma_bytes / CHUNK, NULL);
+    g_assert_cmpuint(st.verified_pages, >, 0);
+}
+
+static void fault_setup(Guest *g, bool final_at_once)
+{
+    guest_setup(g, true, 0, 4 * MiB, 16 * MiB);
+    migrate_ensure_converge(g->src.qts);
+    migrate_set_parameter_int(g->src.qts, "downtime-limit", BOUND_DOWNTIME_MS);
+    migrate_set_parameter_int(g->src.qts, "dedup-nas-switchover-slack",
+                              BOUND_SLACK_MS);
+    /* As in test_sync_bound(): everything fits the budget, or not. */
+    migrate_set_parameter_int(g->src.qts, "avail-switchover-bandwidth",
+                              final_at_once ? 1000ull * 1000 * 1000
+                                            : 1000 * 1000 * 1000 / 300);
+}
+
+/* The status @who reaches, one of @a or @b; never 'completed'. */
+static char *wait_for_either(QTestState *who, const char *a, const char *b)
+{
+    g_autoptr(GTimer) timer = g_timer_new();
+
+    for (;;) {
+        QDict *rsp = migrate_query(who);
+        char *status = g_strdup(qdict_get_str(rsp, "status"));
+
+        if (qdict_haskey(rsp, "error-desc")) {
+            g_test_message("%s: %s", status, qdict_get_str(rsp, "error-desc"));
+        }
+        qobject_unref(rsp);
+        if (!strcmp(status, a) || !strcmp(status, b)) {
+            return status;
+        }
+        g_assert_cmpstr(status, !=, "completed");
+        g_free(status);
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+        g_usleep(10 * 1000);
+    }
+}
+
+/*
+ * The migration channel is cut: during setup, in the middle of the first
+ * iteration (the source sends 4 MiB of random pages first, slowly), or
+ * right after the destination's answer to the final SYNC.
+ */
+typedef struct CutCase {
+    const char *name;
+    uint64_t after;             /* bytes from the source; 0: after the ACK */
+} CutCase;
+
+static const CutCase cut_cases[] = {
+    { "setup", 16 * KiB },
+    { "iteration", 2 * MiB },
+    { "after-sync-ack", 0 },
+};
+
+static void test_cut(const void *opaque)
+{
+    const CutCase *c = opaque;
+    g_autofree char *uri = NULL;
+    g_autofree char *status = NULL;
+    Proxy *px;
+    Guest g;
+
+    fault_setup(&g, true);
+    if (c->after) {
+        migrate_set_parameter_int(g.src.qts, "max-bandwidth", 8 * MiB);
+    }
+    px = proxy_start(PROXY_CUT, NULL, 0);
+    px->cut_after = c->after;
+    uri = proxy_uri(px);
+    migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
+    status = wait_for_either(g.src.qts, "failed", "failed");
+    g_assert(px->cut);
+    assert_running(g.src.qts);
+    proxy_stop(px);
+    migrate_again(&g);
+    guest_teardown(&g);
+}
+
+/*
+ * migrate_cancel while a live SYNC is unanswered (the guest running), and
+ * while the stopped guest waits for the answer to the final SYNC: the
+ * monitor is held then, but only until downtime-limit + slack.
+ */
+static void do_cancel(bool final)
+{
+    g_autofree char *uri = NULL;
+    g_autofree char *status = NULL;
+    g_autoptr(GTimer) timer = NULL;
+    Proxy *px;
+    Guest g;
+    double secs;
+
+    fault_setup(&g, final);
+    px = proxy_start(PROXY_HOLD_ACKS, NULL, 0);
+    uri = proxy_uri(px);
+    migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
+    /*
+     * Until the answer to a SYNC is held: the first SYNC is a live one
+     * (the downtime budget is 0 until the first bandwidth estimate), and
+     * with everything fitting the budget the second is the final one.
+     */
+    timer = g_timer_new();
+    while (qatomic_read(&px->acks_held) < (final ? 2 : 1)) {
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+        g_usleep(1000);
+    }
+    g_timer_start(timer);
+    qtest_qmp_assert_success(g.src.qts, "{ 'execute': 'migrate_cancel' }");
+    secs = g_timer_elapsed(timer, NULL);
+    status = wait_for_either(g.src.qts, "cancelled", "failed");
+    g_test_message("migrate_cancel answered after %.2f s; status %s", secs,
+                   status);
+    /* Not a timing test: the bound is 1.3 s, a loaded machine has room. */
+    g_assert_cmpfloat(secs, <, 30);
+    assert_running(g.src.qts);
+    proxy_stop(px);
+    migrate_again(&g);
+    guest_teardown(&g);
+}
+
+static void test_cancel_live(void)
+{
+    do_cancel(false);
+}
+
+static void test_cancel_final(void)
+{
+    do_cancel(true);
+}
+
+/* The destination dies in the middle of the first iteration. */
+static void test_dest_killed(void)
+{
+    g_autofree char *status = NULL;
+    Guest g;
+
+    fault_setup(&g, false);
+    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 2 * MiB);
+    migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
+    while (read_ram_property_int(g.src.qts, "transferred") < 1 * MiB) {
+        g_usleep(10 * 1000);
+    }
+    /*
+     * SIGTERM: it exits at once, its sockets closed (libqtest aborts on a
+     * QEMU killed by other signals).
+     */
+    qtest_kill_qemu(g.dst);
+    status = wait_for_either(g.src.qts, "failed", "failed");
+    assert_running(g.src.qts);
+    migrate_again(&g);
+    guest_teardown(&g);
+}
+
 /* Remove the temporary files, also when an assertion fails. */
 static void cleanup(void *opaque)
 {
@@ -1423,6 +1617,15 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/throttled-dest", test_throttled_dest);
     g_test_add_func("/nas-dedup/resize", test_resize);
     g_test_add_func("/nas-dedup/drive-del", test_drive_del);
+    for (i = 0; i < ARRAY_SIZE(cut_cases); i++) {
+        g_autofree char *path = g_strdup_printf("/nas-dedup/fault/cut/%s",
+                                                cut_cases[i].name);
+
+        g_test_add_data_func(path, &cut_cases[i], test_cut);
+    }
+    g_test_add_func("/nas-dedup/fault/cancel-live", test_cancel_live);
+    g_test_add_func("/nas-dedup/fault/cancel-final", test_cancel_final);
+    g_test_add_func("/nas-dedup/fault/dest-killed", test_dest_killed);
 
     ret = g_test_run();
 
