@@ -29,6 +29,8 @@
  *  /nas-dedup/rp/...       a destination that sends unexpected or bad
  *                          return-path messages: the migration fails, the
  *                          source runs on
+ *  /nas-dedup/rp-numbering the destination answers with the return-path
+ *                          numbers the source declared
  *  /nas-dedup/switchover-bound  the destination never answers the final
  *                          SYNC: the stopped guest resumes after
  *                          downtime-limit + dedup-nas-switchover-slack,
@@ -991,7 +993,15 @@ typedef enum ProxyMode {
     PROXY_CUT,          /* forward, and cut the connection once the source
                            sent @cut_after bytes (0: once the first
                            DEDUP_SYNC_ACK went back to it) */
+    PROXY_SWAP_MSGS,    /* swap the return-path numbers the SETUP record
+                           declares, and swap them back on the way back */
 } ProxyMode;
+
+/*
+ * The start of the SETUP record: type 4, version 1, RESEND as 8,
+ * SYNC_ACK as 9, a 384-byte key.
+ */
+static const uint8_t setup_sig[8] = { 4, 1, 0, 8, 0, 9, 1, 128 };
 
 typedef struct Proxy {
     ProxyMode mode;
@@ -1004,6 +1014,9 @@ typedef struct Proxy {
     GThread *thread;
     uint64_t cut_after;
     bool cut;
+    bool swapped;           /* the SETUP record was rewritten */
+    uint8_t held[sizeof(setup_sig) - 1];
+    size_t nheld;
     unsigned acks_held;
     unsigned acks_passed;
     /* Return-path message being parsed (destination to source). */
@@ -1030,6 +1043,37 @@ static bool write_all(int fd, const void *buf, size_t len)
     return true;
 }
 
+/*
+ * Stream to the destination: in PROXY_SWAP_MSGS mode, until the SETUP
+ * record is found, hold back the last bytes of each read in case the
+ * record straddles two (the source waits for no answer before it).
+ */
+static bool proxy_stream(Proxy *px, int d, const uint8_t *buf, size_t len)
+{
+    g_autofree uint8_t *all = NULL;
+    size_t n, i;
+
+    if (px->mode != PROXY_SWAP_MSGS || px->swapped) {
+        return write_all(d, buf, len);
+    }
+    n = px->nheld + len;
+    all = g_malloc(n);
+    memcpy(all, px->held, px->nheld);
+    memcpy(all + px->nheld, buf, len);
+    for (i = 0; i + sizeof(setup_sig) <= n; i++) {
+        if (!memcmp(all + i, setup_sig, sizeof(setup_sig))) {
+            all[i + 3] = MIG_RP_MSG_DEDUP_SYNC_ACK;
+            all[i + 5] = MIG_RP_MSG_DEDUP_RESEND;
+            px->swapped = true;
+            px->nheld = 0;
+            return write_all(d, all, n);
+        }
+    }
+    px->nheld = MIN(n, sizeof(px->held));
+    memcpy(px->held, all + n - px->nheld, px->nheld);
+    return write_all(d, all, n - px->nheld);
+}
+
 /* Forward whole return-path messages, except those the mode holds. */
 static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len)
 {
@@ -1045,6 +1089,15 @@ static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len)
         want = 4 + lduw_be_p(px->msg + 2);
         if (px->msg_len < want) {
             continue;
+        }
+        if (px->mode == PROXY_SWAP_MSGS) {
+            uint16_t type = lduw_be_p(px->msg);
+
+            if (type == MIG_RP_MSG_DEDUP_RESEND ||
+                type == MIG_RP_MSG_DEDUP_SYNC_ACK) {
+                stw_be_p(px->msg, type ^ MIG_RP_MSG_DEDUP_RESEND ^
+                                  MIG_RP_MSG_DEDUP_SYNC_ACK);
+            }
         }
         if (px->mode == PROXY_HOLD_ACKS &&
             lduw_be_p(px->msg) == MIG_RP_MSG_DEDUP_SYNC_ACK) {
@@ -1097,7 +1150,7 @@ static gpointer proxy_thread(gpointer opaque)
         }
         if (p[0].revents) {
             n = read(s, buf, 64 * KiB);
-            if (n <= 0 || (d >= 0 && !write_all(d, buf, n))) {
+            if (n <= 0 || (d >= 0 && !proxy_stream(px, d, buf, n))) {
                 break;
             }
             from_src += n;
@@ -1231,6 +1284,37 @@ static void test_rp(const void *opaque)
     proxy_stop(px);
     source_shutdown(&src);
     unlink(image_path);
+}
+
+/*
+ * The destination answers on the return path with the message numbers
+ * the source declared in its SETUP record, not with numbers of its own
+ * build: a proxy swaps them in the SETUP record and swaps them back in
+ * the answers, and the migration still verifies every reference.
+ */
+static void test_rp_numbering(void)
+{
+    g_autofree char *uri = NULL;
+    DedupStats st;
+    Proxy *px;
+    Guest g;
+
+    guest_setup(&g, true, 0, 0, 4 * MiB);
+    overwrite_blocks(1, 16, 4, 1);      /* some RESENDs too */
+    px = proxy_start(PROXY_SWAP_MSGS, NULL, 0);
+    uri = proxy_uri(px);
+    migrate_ensure_converge(g.src.qts);
+    migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    g_assert(px->swapped);
+    read_stats(g.src.qts, g.dst, true, &st);
+    assert_ram_equal(g.src.qts, g.dst);
+    g_assert_cmpuint(st.resend_requests, ==, 16);
+    g_assert_cmpuint(st.resent_pages, ==, 16);
+    g_assert_cmpuint(st.verified_pages + st.mismatches, ==, st.ref_pages);
+    proxy_stop(px);
+    guest_teardown(&g);
 }
 
 /*
@@ -1612,6 +1696,7 @@ int main(int argc, char **argv)
 
         g_test_add_data_func(path, &rp_cases[i], test_rp);
     }
+    g_test_add_func("/nas-dedup/rp-numbering", test_rp_numbering);
     g_test_add_func("/nas-dedup/switchover-bound", test_switchover_bound);
     g_test_add_func("/nas-dedup/live-sync-bound", test_live_sync_bound);
     g_test_add_func("/nas-dedup/throttled-dest", test_throttled_dest);
