@@ -16,7 +16,7 @@
  *  /nas-dedup/race         disk blocks overwritten behind the source's back,
  *                          before and while migrating: the destination
  *                          detects it and the source sends the pages again
- *  /nas-dedup/malformed/N  a malformed reference run (x-dedup-nas-inject=N)
+ *  /nas-dedup/malformed/X  a malformed reference run (x-dedup-nas-inject=N)
  *                          fails the incoming migration with a message
  *                          naming the problem; the source keeps running
  *  /nas-dedup/malformed-exit  same, destination with the default
@@ -666,17 +666,17 @@ static void test_race(void)
 }
 
 typedef struct MalformedCase {
+    const char *name;           /* first, for add_cases() */
     unsigned inject;
-    const char *name;
     const char *expect;         /* in the destination's error */
 } MalformedCase;
 
 static const MalformedCase malformed_cases[] = {
-    { 1, "outside-ram", "outside RAMBlock" },
-    { 2, "undefined-drive", "never defined" },
-    { 5, "bad-type", "unknown record type 127" },
-    { 6, "absurd-run", "REFS record: run of" },
-    { 7, "truncated", "truncated REFS record" },
+    { "outside-ram", 1, "outside RAMBlock" },
+    { "undefined-drive", 2, "never defined" },
+    { "bad-type", 5, "unknown record type 127" },
+    { "absurd-run", 6, "REFS record: run of" },
+    { "truncated", 7, "truncated REFS record" },
 };
 
 /*
@@ -684,8 +684,8 @@ static const MalformedCase malformed_cases[] = {
  * pages are asked again and the migration completes.
  */
 static const MalformedCase unresolvable_cases[] = {
-    { 3, "unknown-drive", NULL },
-    { 4, "past-disk-end", NULL },
+    { "unknown-drive", 3, NULL },
+    { "past-disk-end", 4, NULL },
 };
 
 /* The source, whose migration failed, runs on as if nothing happened. */
@@ -1650,10 +1650,26 @@ static void cleanup(void *opaque)
     rmdir(tmpdir);
 }
 
+/* One test @fn a case of @cases, named @prefix/<its name>. */
+static void add_cases(const char *prefix, const void *cases, size_t n,
+                      size_t size, GTestDataFunc fn)
+{
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        const void *c = (const char *)cases + i * size;
+        g_autofree char *path = g_strdup_printf("%s/%s", prefix,
+                                                *(const char *const *)c);
+
+        g_test_add_data_func(path, c, fn);
+    }
+}
+#define ADD_CASES(prefix, cases, fn) \
+    add_cases(prefix, cases, ARRAY_SIZE(cases), sizeof(cases[0]), fn)
+
 int main(int argc, char **argv)
 {
     g_autoptr(GError) gerr = NULL;
-    size_t i;
     int ret;
 
     g_test_init(&argc, &argv, NULL);
@@ -1676,38 +1692,19 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/savevm", test_savevm);
     g_test_add_func("/nas-dedup/dma-refs", test_dma_refs);
     g_test_add_func("/nas-dedup/race", test_race);
-    for (i = 0; i < ARRAY_SIZE(malformed_cases); i++) {
-        g_autofree char *path = g_strdup_printf("/nas-dedup/malformed/%u",
-                                                malformed_cases[i].inject);
-
-        g_test_add_data_func(path, &malformed_cases[i], test_malformed);
-    }
+    ADD_CASES("/nas-dedup/malformed", malformed_cases, test_malformed);
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
-    for (i = 0; i < ARRAY_SIZE(unresolvable_cases); i++) {
-        g_autofree char *path = g_strdup_printf("/nas-dedup/unresolvable/%s",
-                                                unresolvable_cases[i].name);
-
-        g_test_add_data_func(path, &unresolvable_cases[i], test_unresolvable);
-    }
+    ADD_CASES("/nas-dedup/unresolvable", unresolvable_cases,
+              test_unresolvable);
     g_test_add_func("/nas-dedup/collision", test_collision);
-    for (i = 0; i < ARRAY_SIZE(rp_cases); i++) {
-        g_autofree char *path = g_strdup_printf("/nas-dedup/rp/%s",
-                                                rp_cases[i].name);
-
-        g_test_add_data_func(path, &rp_cases[i], test_rp);
-    }
+    ADD_CASES("/nas-dedup/rp", rp_cases, test_rp);
     g_test_add_func("/nas-dedup/rp-numbering", test_rp_numbering);
     g_test_add_func("/nas-dedup/switchover-bound", test_switchover_bound);
     g_test_add_func("/nas-dedup/live-sync-bound", test_live_sync_bound);
     g_test_add_func("/nas-dedup/throttled-dest", test_throttled_dest);
     g_test_add_func("/nas-dedup/resize", test_resize);
     g_test_add_func("/nas-dedup/drive-del", test_drive_del);
-    for (i = 0; i < ARRAY_SIZE(cut_cases); i++) {
-        g_autofree char *path = g_strdup_printf("/nas-dedup/fault/cut/%s",
-                                                cut_cases[i].name);
-
-        g_test_add_data_func(path, &cut_cases[i], test_cut);
-    }
+    ADD_CASES("/nas-dedup/fault/cut", cut_cases, test_cut);
     g_test_add_func("/nas-dedup/fault/cancel-live", test_cancel_live);
     g_test_add_func("/nas-dedup/fault/cancel-final", test_cancel_final);
     g_test_add_func("/nas-dedup/fault/dest-killed", test_dest_killed);
