@@ -55,11 +55,15 @@ bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b)
 
 bool nas_dedup_chunk_is_zero(const void *buf)
 {
-    const uint64_t *p = buf;
+    const uint8_t *p = buf;
     size_t i;
 
-    for (i = 0; i < NAS_DEDUP_CHUNK / sizeof(uint64_t); i += 4) {
-        if (p[i] | p[i + 1] | p[i + 2] | p[i + 3]) {
+    /* @buf may be unaligned (a guest DMA buffer): load through memcpy. */
+    for (i = 0; i < NAS_DEDUP_CHUNK; i += 4 * sizeof(uint64_t)) {
+        uint64_t w[4];
+
+        memcpy(w, p + i, sizeof(w));
+        if (w[0] | w[1] | w[2] | w[3]) {
             return false;
         }
     }

@@ -489,21 +489,34 @@ static bool qemufile_read(void *opaque, void *buf, size_t len)
  */
 static void coroutine_fn make_views(LoadState *st)
 {
+    g_autoptr(GPtrArray) ids = g_ptr_array_new_with_free_func(g_free);
+    g_autoptr(GPtrArray) nodes = g_ptr_array_new();
     BlockBackend *blk;
+    guint i;
 
-    st->views = g_ptr_array_new();
+    /*
+     * First the drives and their nodes, referenced, without yielding:
+     * making a view yields, and the monitor may eject or unplug meanwhile.
+     */
     for (blk = blk_all_next(NULL); blk; blk = blk_all_next(blk)) {
-        Error *local_err = NULL;
-        LoadView *v;
-        int64_t len;
-
         if (!blk_get_attached_dev(blk) || !blk_bs(blk)) {
             continue;           /* not a guest drive, or no medium */
         }
-        v = g_new0(LoadView, 1);
-        v->id = blk_get_attached_dev_id(blk);
-        v->blk = blk_co_new_with_bs(blk_bs(blk), BLK_PERM_CONSISTENT_READ,
-                                    BLK_PERM_ALL, &local_err);
+        g_ptr_array_add(ids, blk_get_attached_dev_id(blk));
+        bdrv_ref(blk_bs(blk));
+        g_ptr_array_add(nodes, blk_bs(blk));
+    }
+    st->views = g_ptr_array_new();
+    for (i = 0; i < nodes->len; i++) {
+        Error *local_err = NULL;
+        LoadView *v = g_new0(LoadView, 1);
+        int64_t len;
+
+        v->id = g_strdup(g_ptr_array_index(ids, i));
+        v->blk = blk_co_new_with_bs(g_ptr_array_index(nodes, i),
+                                    BLK_PERM_CONSISTENT_READ, BLK_PERM_ALL,
+                                    &local_err);
+        bdrv_co_unref(g_ptr_array_index(nodes, i));
         if (!v->blk) {
             warn_reportf_err(local_err, "dedup-nas: no view of drive '%s', "
                              "its pages will be sent in full: ", v->id);

@@ -270,6 +270,7 @@ static void watchdog_stop(void)
     }
     qemu_thread_join(&save.wd_thread);
     save.wd_running = false;
+    object_unref(OBJECT(migrate_get_current()));
 }
 
 int nas_dedup_save_setup(Error **errp)
@@ -334,6 +335,7 @@ int nas_dedup_save_setup(Error **errp)
     save.wd_quit = false;
     save.wd_kind = WATCH_NONE;
     save.wd_running = true;
+    object_ref(OBJECT(s));      /* until the thread is joined */
     qemu_thread_create(&save.wd_thread, "mig/dedup-wd", watchdog_thread, s,
                        QEMU_THREAD_JOINABLE);
     return 0;
@@ -450,53 +452,66 @@ static int flush_run(void)
 }
 
 /*
- * Dirty again the pages the destination asked for since the last call,
- * unless they were sent in full meanwhile.  Returns how many pages it
- * dirtied.  Migration thread, without the bitmap mutex (which is taken
- * before save.lock): a block's pages are moved to its scratch bitmap under
- * save.lock, then dirtied under the bitmap mutex.  No memory is allocated
- * on the way, however many requests came.
+ * Dirty again the pages the destination asked for since the last call
+ * (@all: every page asked and not sent in full yet), unless they were sent
+ * in full meanwhile.  Returns how many pages it dirtied.  Migration
+ * thread, without the bitmap mutex (which is taken before save.lock): a
+ * block's pages are moved to its scratch bitmap under save.lock, then
+ * dirtied under the bitmap mutex.  No memory is allocated on the way,
+ * however many requests came.
  */
-static int64_t redirty_requested(Error **errp)
+static int64_t redirty_requested(bool all, Error **errp)
 {
-    GHashTableIter iter;
-    gpointer key, value;
+    g_autofree gpointer *keys = NULL;
+    guint nkeys = 0, k;
     int64_t pages = 0;
 
-    if (!qatomic_read(&save.asked_pages)) {
+    if (!all && !qatomic_read(&save.asked_pages)) {
         return 0;
     }
-    QEMU_LOCK_GUARD(&save.lock);
-    if (!save.active) {
-        return 0;
+    RCU_READ_LOCK_GUARD();      /* the RAMBlocks we hold keys of */
+    WITH_QEMU_LOCK_GUARD(&save.lock) {
+        if (!save.active) {
+            return 0;
+        }
+        /* The table may grow while we drop the lock: keep its keys. */
+        keys = g_hash_table_get_keys_as_array(save.blocks, &nkeys);
     }
-    g_hash_table_iter_init(&iter, save.blocks);
-    while (g_hash_table_iter_next(&iter, &key, &value)) {
-        SaveBlock *sb = value;
+    for (k = 0; k < nkeys; k++) {
+        SaveBlock *sb;
         unsigned long i, n = 0;
         int64_t ret;
 
-        for (i = 0; i < BITS_TO_LONGS(sb->npages); i++) {
-            /* Only those still to be sent in full. */
-            sb->scratch[i] = sb->asked[i] & sb->noref[i];
-            n += ctpopl(sb->asked[i]);
-            sb->asked[i] = 0;
+        WITH_QEMU_LOCK_GUARD(&save.lock) {
+            sb = save.active ? g_hash_table_lookup(save.blocks, keys[k])
+                             : NULL;
+            if (!sb) {
+                break;
+            }
+            for (i = 0; i < BITS_TO_LONGS(sb->npages); i++) {
+                /* Only those still to be sent in full. */
+                sb->scratch[i] = (all ? ~0UL : sb->asked[i]) & sb->noref[i];
+                n += ctpopl(sb->asked[i]) + ctpopl(sb->scratch[i]);
+                qatomic_set(&save.asked_pages,
+                            save.asked_pages - ctpopl(sb->asked[i]));
+                sb->asked[i] = 0;
+            }
+        }
+        if (!sb) {
+            break;
         }
         if (!n) {
             continue;
         }
-        qatomic_set(&save.asked_pages, save.asked_pages - n);
-        /* The block mutex comes first: drop ours meanwhile. */
-        qemu_mutex_unlock(&save.lock);
-        ret = ram_dedup_redirty(key, sb->scratch, errp);
-        qemu_mutex_lock(&save.lock);
+        /*
+         * The bitmap mutex comes before save.lock; the scratch bitmap is
+         * the migration thread's own.
+         */
+        ret = ram_dedup_redirty(keys[k], sb->scratch, sb->npages, errp);
         if (ret < 0) {
             return ret;
         }
         pages += ret;
-        if (!save.active) {
-            break;
-        }
     }
     return pages;
 }
@@ -543,7 +558,7 @@ int nas_dedup_save_flush(Error **errp)
               NAS_DEDUP_LIVE_TIMEOUT_MS +
               backlog * 1000 / NAS_DEDUP_MIN_FETCH_RATE, save.live_seq);
     }
-    if (redirty_requested(errp) < 0) {
+    if (redirty_requested(false, errp) < 0) {
         return -EINVAL;
     }
     return 0;
@@ -559,7 +574,8 @@ static bool take_noref(RAMBlock *block, ram_addr_t offset)
     }
     QEMU_LOCK_GUARD(&save.lock);
     sb = save.blocks ? g_hash_table_lookup(save.blocks, block) : NULL;
-    if (sb && test_and_clear_bit(offset >> TARGET_PAGE_BITS, sb->noref)) {
+    if (sb && (offset >> TARGET_PAGE_BITS) < sb->npages &&
+        test_and_clear_bit(offset >> TARGET_PAGE_BITS, sb->noref)) {
         qatomic_set(&save.noref_pages, save.noref_pages - 1);
         return true;
     }
@@ -712,11 +728,12 @@ void nas_dedup_save_switchover(void)
 {
     MigrationState *s = migrate_get_current();
 
-    if (!save.drive_sent || !save.any_refs) {
+    if (!save.drive_sent) {
         return;
     }
     /*
-     * The guest stopped at downtime_start: from then on, what dedup-nas
+     * Even without a reference yet (the final pass may make the first):
+     * the guest stopped at downtime_start: from then on, what dedup-nas
      * makes it wait for (the pages and references still to send to a
      * destination that may have stopped reading, the handshake) must be
      * over by downtime_start + downtime-limit + switchover slack.
@@ -726,6 +743,23 @@ void nas_dedup_save_switchover(void)
                        migrate_downtime_limit() +
                        migrate_dedup_nas_switchover_slack();
     watch(WATCH_SWITCHOVER, save.deadline_ms, 0);
+}
+
+/*
+ * From now on the destination may complete (it has, or will get, all it
+ * needs from us): nothing of ours may fail the migration any more, or the
+ * guest could run on both sides.  Unless it failed already.
+ */
+static int stand_down(MigrationState *s, Error **errp)
+{
+    watch(WATCH_NONE, 0, 0);
+    QEMU_LOCK_GUARD(&save.lock);
+    if (migrate_has_error(s)) {
+        error_setg(errp, "dedup-nas: migration failed during switchover");
+        return -EIO;
+    }
+    save.final_sent = true;
+    return 0;
 }
 
 int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
@@ -740,12 +774,16 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
         return ret;
     }
     /* Send the pages asked for so far before asking for the rest. */
-    ret = redirty_requested(errp);
+    ret = redirty_requested(false, errp);
     if (ret) {
         return ret < 0 ? ret : 1;
     }
-    if (!save.any_refs || !save.drive_sent) {
-        return 0;
+    if (!save.drive_sent) {
+        return 0;               /* no return path: never a reference */
+    }
+    if (!save.any_refs) {
+        /* Nothing to resolve: the destination may complete from now on. */
+        return stand_down(s, errp);
     }
     if (++save.rounds > NAS_DEDUP_SYNC_ROUNDS) {
         error_setg(errp, "dedup-nas: destination still asks for pages after "
@@ -779,8 +817,20 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
                                qemu_clock_get_ms(QEMU_CLOCK_REALTIME))));
     }
     if (qatomic_read(&save.acked_pending)) {
-        /* RESEND came before the ACK: dirty those pages again. */
-        ret = redirty_requested(errp);
+        /*
+         * RESEND came before the ACK: dirty those pages again.  If none
+         * is dirty any more (a free page hint cleared its bit since), send
+         * every page asked and not sent in full yet.
+         */
+        ret = redirty_requested(false, errp);
+        if (!ret) {
+            ret = redirty_requested(true, errp);
+        }
+        if (!ret) {
+            error_setg(errp, "dedup-nas: the destination waits for %u pages "
+                       "that it never asked for", save.acked_pending);
+            return -EIO;
+        }
         return ret < 0 ? ret : 1;
     }
     /*
@@ -791,14 +841,9 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
      * (fail_migration()).  Before it, the destination cannot complete
      * (nas_dedup_load_check()), so failing was safe.
      */
-    watch(WATCH_NONE, 0, 0);
-    WITH_QEMU_LOCK_GUARD(&save.lock) {
-        if (migrate_has_error(s)) {
-            error_setg(errp, "dedup-nas: migration failed during "
-                       "switchover");
-            return -EIO;
-        }
-        save.final_sent = true;
+    ret = stand_down(s, errp);
+    if (ret < 0) {
+        return ret;
     }
     put_sync(f, put_header, opaque, true);
     ret = qemu_fflush(f);
@@ -820,6 +865,11 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     unsigned long first, n;
     uint32_t i;
 
+    WITH_QEMU_LOCK_GUARD(&save.lock) {
+        if (save.final_sent) {
+            return 0;           /* too late to matter, not to fail */
+        }
+    }
     if (!nas_dedup_resend_decode(buf, len, &r, &err)) {
         error_setg(errp, "dedup-nas: %s", err);
         return -EINVAL;
@@ -836,7 +886,8 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
         return -EINVAL;
     }
     block = qemu_ram_block_by_name(r.id);
-    if (!block || r.offset > block->used_length ||
+    if (!block || migrate_ram_is_ignored(block) ||
+        r.offset > block->used_length ||
         !QEMU_IS_ALIGNED(r.offset, NAS_DEDUP_CHUNK) ||
         (uint64_t)r.npages * NAS_DEDUP_CHUNK >
             block->used_length - r.offset) {
@@ -848,7 +899,7 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     sb = g_hash_table_lookup(save.blocks, block);
     if (!sb) {
         sb = g_new0(SaveBlock, 1);
-        sb->npages = block->used_length >> TARGET_PAGE_BITS;
+        sb->npages = block->max_length >> TARGET_PAGE_BITS;
         sb->noref = bitmap_new(sb->npages);
         sb->asked = bitmap_new(sb->npages);
         sb->scratch = bitmap_new(sb->npages);
@@ -881,6 +932,11 @@ int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
     g_autofree char *err = NULL;
     uint32_t seq, pending;
 
+    WITH_QEMU_LOCK_GUARD(&save.lock) {
+        if (save.final_sent) {
+            return 0;           /* too late to matter, not to fail */
+        }
+    }
     if (!nas_dedup_sync_ack_decode(buf, len, &seq, &pending, &err)) {
         error_setg(errp, "dedup-nas: %s", err);
         return -EINVAL;

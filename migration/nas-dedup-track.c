@@ -144,7 +144,11 @@ static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
     }
     if (kind == BLK_IO_OBSERVE_INVALIDATE &&
         (uint64_t)offset + bytes > NAS_DEDUP_MAX_OFFSET) {
-        retire(blk, -1);        /* all of it, e.g. a failed zone append */
+        /*
+         * All of it, e.g. a failed zone append.  Not a retirement: the
+         * guest can do this at will, and numbers are never reused.
+         */
+        nas_dedup_index_invalidate_drive(idx, drive);
         return;
     }
     if (!on || kind == BLK_IO_OBSERVE_INVALIDATE) {
