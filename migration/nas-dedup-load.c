@@ -577,11 +577,6 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     uint32_t *t, k, ticket;
     Fetch *fe;
 
-    if (TARGET_PAGE_SIZE != NAS_DEDUP_CHUNK) {
-        error_setg(errp, "dedup-nas: REFS record, but this VM's target pages "
-                   "are not %u bytes", NAS_DEDUP_CHUNK);
-        return -EINVAL;
-    }
 
     if (!load->have_setup) {
         error_setg(errp, "dedup-nas: REFS record before the SETUP record");
@@ -674,6 +669,12 @@ static int load_setup(const NasDedupRecord *rec, Error **errp)
 {
     if (load->have_setup) {
         error_setg(errp, "dedup-nas: SETUP record sent twice");
+        return -EINVAL;
+    }
+    /* Every REFS comes after SETUP: checked once here. */
+    if (TARGET_PAGE_SIZE != NAS_DEDUP_CHUNK) {
+        error_setg(errp, "dedup-nas: SETUP record, but this VM's target "
+                   "pages are not %u bytes", NAS_DEDUP_CHUNK);
         return -EINVAL;
     }
     if (!migrate_rp_dedup_msg_valid(rec->resend_msg) ||

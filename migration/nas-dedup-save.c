@@ -282,11 +282,6 @@ int nas_dedup_save_setup(Error **errp)
                    "RDMA migration");
         return -1;
     }
-    if (qemu_target_page_size() != NAS_DEDUP_CHUNK) {
-        error_setg(errp, "Capability 'dedup-nas' needs %u-byte target pages",
-                   NAS_DEDUP_CHUNK);
-        return -1;
-    }
     nas_dedup_save_cleanup();
     memset(&save.run, 0, sizeof(save.run));
     save.run_block = NULL;
@@ -479,7 +474,8 @@ static int64_t redirty_requested(bool all, Error **errp)
     }
     for (k = 0; k < nkeys; k++) {
         SaveBlock *sb;
-        unsigned long i, n = 0;
+        unsigned long i;
+        bool any = false;
         int64_t ret;
 
         WITH_QEMU_LOCK_GUARD(&save.lock) {
@@ -491,7 +487,7 @@ static int64_t redirty_requested(bool all, Error **errp)
             for (i = 0; i < BITS_TO_LONGS(sb->npages); i++) {
                 /* Only those still to be sent in full. */
                 sb->scratch[i] = (all ? ~0UL : sb->asked[i]) & sb->noref[i];
-                n += ctpopl(sb->asked[i]) + ctpopl(sb->scratch[i]);
+                any |= sb->scratch[i] != 0;
                 qatomic_set(&save.asked_pages,
                             save.asked_pages - ctpopl(sb->asked[i]));
                 sb->asked[i] = 0;
@@ -500,8 +496,8 @@ static int64_t redirty_requested(bool all, Error **errp)
         if (!sb) {
             break;
         }
-        if (!n) {
-            continue;
+        if (!any) {
+            continue;               /* all sent in full meanwhile */
         }
         /*
          * The bitmap mutex comes before save.lock; the scratch bitmap is
@@ -679,11 +675,8 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
 
 uint64_t nas_dedup_save_bytes_saved(void)
 {
-    uint64_t pages = stat64_get(&nas_dedup_counters.ref_pages);
-    uint64_t bytes = stat64_get(&nas_dedup_counters.ref_bytes);
-
-    return pages * NAS_DEDUP_CHUNK > bytes ? pages * NAS_DEDUP_CHUNK - bytes
-                                           : 0;
+    return nas_dedup_saved(stat64_get(&nas_dedup_counters.ref_pages),
+                           stat64_get(&nas_dedup_counters.ref_bytes));
 }
 
 bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
@@ -855,6 +848,29 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
     return 0;
 }
 
+/*
+ * Under save.lock, for a return-path message @what that decoded (@err
+ * NULL) or not: 1 to handle it, 0 to ignore it (after the final SYNC,
+ * too late to matter and not to fail), or -EINVAL with @errp set to fail
+ * the migration.
+ */
+static int rp_accept(const char *what, const char *err, Error **errp)
+{
+    if (save.final_sent) {
+        return 0;
+    }
+    if (err) {
+        error_setg(errp, "dedup-nas: %s", err);
+        return -EINVAL;
+    }
+    if (!save.active) {
+        error_setg(errp, "dedup-nas: unexpected %s message: dedup-nas is "
+                   "not active in this migration", what);
+        return -EINVAL;
+    }
+    return 1;
+}
+
 int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
                         Error **errp)
 {
@@ -864,26 +880,16 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     SaveBlock *sb;
     unsigned long first, n;
     uint32_t i;
+    int ret;
 
-    WITH_QEMU_LOCK_GUARD(&save.lock) {
-        if (save.final_sent) {
-            return 0;           /* too late to matter, not to fail */
-        }
+    if (nas_dedup_resend_decode(buf, len, &r, &err)) {
+        trace_nas_dedup_rp_resend(r.id, r.offset, r.npages);
     }
-    if (!nas_dedup_resend_decode(buf, len, &r, &err)) {
-        error_setg(errp, "dedup-nas: %s", err);
-        return -EINVAL;
-    }
-    trace_nas_dedup_rp_resend(r.id, r.offset, r.npages);
     RCU_READ_LOCK_GUARD();
     QEMU_LOCK_GUARD(&save.lock);
-    if (save.final_sent) {
-        return 0;               /* too late to matter, not to fail */
-    }
-    if (!save.active) {
-        error_setg(errp, "dedup-nas: unexpected DEDUP_RESEND message: "
-                   "dedup-nas is not active in this migration");
-        return -EINVAL;
+    ret = rp_accept("DEDUP_RESEND", err, errp);
+    if (ret <= 0) {
+        return ret;
     }
     block = qemu_ram_block_by_name(r.id);
     if (!block || migrate_ram_is_ignored(block) ||
@@ -931,25 +937,15 @@ int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
 {
     g_autofree char *err = NULL;
     uint32_t seq, pending;
+    int ret;
 
-    WITH_QEMU_LOCK_GUARD(&save.lock) {
-        if (save.final_sent) {
-            return 0;           /* too late to matter, not to fail */
-        }
+    if (nas_dedup_sync_ack_decode(buf, len, &seq, &pending, &err)) {
+        trace_nas_dedup_rp_sync_ack(seq, pending);
     }
-    if (!nas_dedup_sync_ack_decode(buf, len, &seq, &pending, &err)) {
-        error_setg(errp, "dedup-nas: %s", err);
-        return -EINVAL;
-    }
-    trace_nas_dedup_rp_sync_ack(seq, pending);
     WITH_QEMU_LOCK_GUARD(&save.lock) {
-        if (save.final_sent) {
-            return 0;           /* too late to matter, not to fail */
-        }
-        if (!save.active) {
-            error_setg(errp, "dedup-nas: unexpected DEDUP_SYNC_ACK message: "
-                       "dedup-nas is not active in this migration");
-            return -EINVAL;
+        ret = rp_accept("DEDUP_SYNC_ACK", err, errp);
+        if (ret <= 0) {
+            return ret;
         }
         if (!seq || (int32_t)(seq - save.sent_seq) > 0 ||
             (int32_t)(seq - save.acked_seq) <= 0) {

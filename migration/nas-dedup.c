@@ -225,8 +225,7 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
     st->ref_pages = stat64_get(&c->ref_pages);
     st->ref_bytes = stat64_get(&c->ref_bytes);
     st->resent_pages = stat64_get(&c->resent_pages);
-    st->bytes_saved = st->ref_pages * NAS_DEDUP_CHUNK > st->ref_bytes ?
-                      st->ref_pages * NAS_DEDUP_CHUNK - st->ref_bytes : 0;
+    st->bytes_saved = nas_dedup_saved(st->ref_pages, st->ref_bytes);
     WITH_RCU_READ_LOCK_GUARD() {
         NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
         NasDedupIndexStats is;

@@ -88,6 +88,12 @@ int nas_dedup_save_flush(Error **errp);
  * have taken in full, less what the references took).
  */
 uint64_t nas_dedup_save_bytes_saved(void);
+/* What @pages pages sent as references in @bytes bytes saved. */
+static inline uint64_t nas_dedup_saved(uint64_t pages, uint64_t bytes)
+{
+    return pages * NAS_DEDUP_CHUNK > bytes ? pages * NAS_DEDUP_CHUNK - bytes
+                                           : 0;
+}
 /*
  * Migration thread, about to stop the guest with @pending_bytes left to
  * send: false while that and the blocks of the references the destination

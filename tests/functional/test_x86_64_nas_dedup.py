@@ -696,6 +696,17 @@ class NasDedupMigration(QemuSystemTest):
         self._fm_row(tag, 'a', sinfo, dinfo)
         return dst, sinfo, dinfo
 
+    def _fm_slow_precopy(self, case, src, disk):
+        """Start migrating to a fresh paused destination at
+        FM_SLOW_BANDWIDTH, so that a fault lands in pre-copy; return the
+        destination once pre-copy is under way."""
+        dst, uri = self._fm_dest(f'dst-{case}', disk)
+        self._fm_defaults(src)
+        self._fm_set(src, max_bandwidth=self.FM_SLOW_BANDWIDTH)
+        src.cmd('migrate', uri=uri)
+        self._fm_wait_precopy(src, case)
+        return dst
+
     def _fm_second(self, case, src, disk):
         """Outcome (b), second half: migrate again, without fault."""
         dst, _, _ = self._fm_migrate(f'{case}-again', src, disk)
@@ -772,11 +783,7 @@ class NasDedupMigration(QemuSystemTest):
         case = 'f1-nfs-stop-precopy'
         disk, src, con = self._fm_start(case)
         _, gpid = self._ganesha_pid()
-        dst, uri = self._fm_dest(f'dst-{case}', disk)
-        self._fm_defaults(src)
-        self._fm_set(src, max_bandwidth=self.FM_SLOW_BANDWIDTH)
-        src.cmd('migrate', uri=uri)
-        self._fm_wait_precopy(src, case)
+        dst = self._fm_slow_precopy(case, src, disk)
         os.kill(gpid, signal.SIGSTOP)
         try:
             time.sleep(2)
@@ -884,11 +891,7 @@ class NasDedupMigration(QemuSystemTest):
         disk, src, con = self._fm_start(case)
         _, gpid = self._ganesha_pid()
         uptime0 = self._fm_ping(con)
-        dst, uri = self._fm_dest(f'dst-{case}', disk)
-        self._fm_defaults(src)
-        self._fm_set(src, max_bandwidth=self.FM_SLOW_BANDWIDTH)
-        src.cmd('migrate', uri=uri)
-        self._fm_wait_precopy(src, case)
+        dst = self._fm_slow_precopy(case, src, disk)
         t_kill = time.monotonic()
         os.kill(gpid, signal.SIGKILL)
         self.addCleanup(self._ganesha_ensure)   # if this case fails midway
@@ -975,11 +978,7 @@ class NasDedupMigration(QemuSystemTest):
         case = 'f5-dst-kill'
         disk, src, con = self._fm_start(case)
         uptime0 = self._fm_ping(con)
-        dst, uri = self._fm_dest(f'dst-{case}', disk)
-        self._fm_defaults(src)
-        self._fm_set(src, max_bandwidth=self.FM_SLOW_BANDWIDTH)
-        src.cmd('migrate', uri=uri)
-        self._fm_wait_precopy(src, case)
+        dst = self._fm_slow_precopy(case, src, disk)
         dst.kill()
         sinfo = self._fm_wait_end(src, f'src-{case}', 60)
         self._fm_expect_failed(
@@ -996,11 +995,7 @@ class NasDedupMigration(QemuSystemTest):
         case = 'f6-cancel'
         disk, src, con = self._fm_start(case)
         uptime0 = self._fm_ping(con)
-        dst, uri = self._fm_dest(f'dst-{case}', disk)
-        self._fm_defaults(src)
-        self._fm_set(src, max_bandwidth=self.FM_SLOW_BANDWIDTH)
-        src.cmd('migrate', uri=uri)
-        self._fm_wait_precopy(src, case)
+        dst = self._fm_slow_precopy(case, src, disk)
         src.cmd('migrate_cancel')
         sinfo = self._fm_wait_end(src, f'src-{case}', 60)
         self._fm_shutdown(dst)

@@ -10,14 +10,19 @@
 
 #define C NAS_DEDUP_CHUNK
 
-static void random_key(GRand *r, NasDedupKey *key)
+static void random_bytes(GRand *r, void *buf, size_t len)
 {
-    uint8_t *p = (uint8_t *)key->secret;
+    uint8_t *p = buf;
     size_t i;
 
-    for (i = 0; i < sizeof(key->secret); i++) {
+    for (i = 0; i < len; i++) {
         p[i] = g_rand_int(r);
     }
+}
+
+static void random_key(GRand *r, NasDedupKey *key)
+{
+    random_bytes(r, key->secret, sizeof(key->secret));
 }
 
 static uint64_t rd64(const uint8_t *p)
@@ -48,11 +53,8 @@ static void make_collision(const uint8_t *secret, GRand *r, uint8_t *a,
 {
     uint64_t k0 = rd64(secret), k1 = rd64(secret + 8);
     uint64_t v0, v1, delta = (uint64_t)(g_rand_int(r) | 1) << 32;
-    size_t i;
 
-    for (i = 0; i < C; i++) {
-        a[i] = g_rand_int(r);
-    }
+    random_bytes(r, a, C);
     v0 = ((uint64_t)g_rand_int(r) << 32) | (uint32_t)k0;
     v1 = ((uint64_t)g_rand_int(r) << 32) | (uint32_t)k1;
     wr64(a, v0);
@@ -90,12 +92,9 @@ static void test_keyed(void)
     GRand *r = g_rand_new_with_seed(2);
     NasDedupKey k1, k2;
     NasDedupHash h1, h2;
-    size_t i;
     int which;
 
-    for (i = 0; i < C; i++) {
-        a[i] = g_rand_int(r);
-    }
+    random_bytes(r, a, C);
     random_key(r, &k1);
     nas_dedup_hash_chunk(&k1, a, &h1);
     g_assert_cmphex(h1.hi, ==, nas_dedup_hash64(&k1, 0, a));
@@ -164,7 +163,7 @@ static void test_hash_impls(void)
     GRand *r = g_rand_new_with_seed(42);
     NasDedupKey key;
     NasDedupHash g, d;
-    unsigned int i, k;
+    unsigned int i;
 
 #ifdef NAS_DEDUP_HASH_AVX2
     if (!nas_dedup_hash_have_avx2()) {
@@ -175,9 +174,7 @@ static void test_hash_impls(void)
         uint8_t *p = buf + (i % 64);
 
         random_key(r, &key);
-        for (k = 0; k < C; k++) {
-            p[k] = g_rand_int(r);
-        }
+        random_bytes(r, p, C);
         g.hi = nas_dedup_hash64_generic(&key, 0, p);
         g.lo = nas_dedup_hash64_generic(&key, 1, p);
         nas_dedup_hash_chunk(&key, p, &d);
