@@ -116,7 +116,6 @@ static struct {
     unsigned long *drive_sent;      /* DRIVE records sent, by drive */
     bool setup_sent;
     bool any_refs;
-    bool injected;
     uint32_t seq;
     unsigned rounds;
     int64_t deadline_ms;            /* of the switchover */
@@ -288,7 +287,6 @@ int nas_dedup_save_setup(Error **errp)
     save.f = NULL;
     save.setup_sent = false;
     save.any_refs = false;
-    save.injected = false;
     save.seq = 0;
     save.rounds = 0;
     save.deadline_ms = 0;
@@ -350,80 +348,6 @@ void nas_dedup_save_cleanup(void)
     save.drive_sent = NULL;
 }
 
-/*
- * Test knob: send the run malformed, once, in the way @how says (see
- * NasDedupInject).  The destination must reject it; the source then goes
- * on running.
- */
-typedef enum NasDedupInject {
-    INJECT_NONE,
-    INJECT_OUTSIDE_RAM,         /* run extends past the RAMBlock */
-    INJECT_UNDEFINED_DRIVE,     /* drive number never defined */
-    INJECT_UNKNOWN_DRIVE,       /* DRIVE id the destination lacks */
-    INJECT_PAST_DISK_END,       /* disk range past the end of the drive */
-    INJECT_BAD_TYPE,            /* unknown record type */
-    INJECT_ABSURD_RUN,          /* run longer than allowed */
-    INJECT_TRUNCATED,           /* stream ends inside the record */
-} NasDedupInject;
-
-static bool inject_malformed(void)
-{
-    MigrationState *s = migrate_get_current();
-    g_autofree NasDedupRecord *rec = NULL;
-    GByteArray *buf;
-    ram_addr_t offset = save.run_offset;
-    uint32_t how = s->dedup_nas_inject;
-
-    if (!how || save.injected) {
-        return false;
-    }
-    save.injected = true;
-    rec = g_memdup2(&save.run, sizeof(save.run));
-    switch (how) {
-    case INJECT_OUTSIDE_RAM:
-        offset = save.run_block->used_length - NAS_DEDUP_CHUNK;
-        rec->npages = 2;
-        break;
-    case INJECT_UNDEFINED_DRIVE:
-        rec->drive = NAS_DEDUP_MAX_DRIVES;
-        break;
-    case INJECT_UNKNOWN_DRIVE:
-        rec->type = NAS_DEDUP_REC_DRIVE;
-        rec->drive = NAS_DEDUP_MAX_DRIVES - 1;
-        pstrcpy(rec->id, sizeof(rec->id), "no-such-drive");
-        put_record(save.run_block, offset, rec);
-        rec->type = NAS_DEDUP_REC_REFS;
-        break;
-    case INJECT_PAST_DISK_END:
-        rec->disk_offset = NAS_DEDUP_MAX_OFFSET - NAS_DEDUP_CHUNK;
-        break;
-    default:
-        /* Raw bytes: a type or a length no encoder would write. */
-        save.put_header(save.opaque, save.f, save.run_block,
-                        offset | RAM_SAVE_FLAG_DEDUP);
-        buf = nas_dedup_buf();
-        nas_dedup_record_encode(buf, rec);
-        if (how == INJECT_BAD_TYPE) {
-            buf->data[0] = 0x7f;
-        } else if (how == INJECT_ABSURD_RUN) {
-            buf->data[3] = 0xff;        /* npages = 0xffxx */
-        } else {
-            /*
-             * Truncated: half a record, then the stream ends.  Flush first:
-             * once the file has an error, nothing buffered goes out.
-             */
-            qemu_put_buffer(save.f, buf->data, buf->len / 2);
-            qemu_fflush(save.f);
-            qemu_file_set_error(save.f, -EIO);
-            return true;
-        }
-        qemu_put_buffer(save.f, buf->data, buf->len);
-        return true;
-    }
-    put_record(save.run_block, offset, rec);
-    return true;
-}
-
 /* Send the pending run; the bitmap mutex may be held. */
 static int flush_run(void)
 {
@@ -431,10 +355,6 @@ static int flush_run(void)
 
     if (!save.run.npages) {
         return 0;
-    }
-    if (unlikely(inject_malformed())) {
-        save.run.npages = 0;
-        return qemu_file_get_error(save.f);
     }
     trace_nas_dedup_save_refs(save.run_block->idstr, save.run_offset,
                               save.run.drive, save.run.disk_offset,

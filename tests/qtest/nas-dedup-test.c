@@ -16,14 +16,17 @@
  *  /nas-dedup/race         disk blocks overwritten behind the source's back,
  *                          before and while migrating: the destination
  *                          detects it and the source sends the pages again
- *  /nas-dedup/malformed/X  a malformed reference run (x-dedup-nas-inject=N)
- *                          fails the incoming migration with a message
- *                          naming the problem; the source keeps running
+ *  /nas-dedup/malformed/X  the first REFS record of a real stream made
+ *                          malformed by a proxy (offsets, counts, drive
+ *                          numbers, type, truncation) fails the incoming
+ *                          migration with a message naming the problem;
+ *                          the source keeps running
  *  /nas-dedup/malformed-exit  same, destination with the default
  *                          exit-on-error: it exits with an error message
  *  /nas-dedup/unresolvable/N  references the destination cannot resolve
- *                          (a drive it lacks, a range past its end of the
- *                          disk): asked again, RAM identical
+ *                          or verify (a drive it lacks, a range past its
+ *                          end of the disk, changed hashes, a RAMBlock
+ *                          grown under them): asked again, RAM identical
  *  /nas-dedup/collision    a disk block and a RAM page that collide under
  *                          XXH3 with its published secret: RAM identical
  *  /nas-dedup/rp/...       a destination that sends unexpected or bad
@@ -207,12 +210,9 @@ static QOSState *pc_boot(const char *fmt, ...)
 }
 
 /* Boot the source and bring up its AHCI HBA and the port of disk0. */
-static void source_boot_args(Source *src, bool dedup, unsigned inject,
-                             const char *more)
+static void source_boot_args(Source *src, bool dedup, const char *more)
 {
-    g_autofree char *extra = g_strdup_printf(
-        "-global migration.x-dedup-nas-inject=%u %s", inject, more ? more : "");
-    g_autofree char *args = machine_args(dedup, false, extra);
+    g_autofree char *args = machine_args(dedup, false, more);
     AHCIQState *ahci = g_new0(AHCIQState, 1);
 
     ahci->parent = pc_boot("%s", args);
@@ -225,9 +225,9 @@ static void source_boot_args(Source *src, bool dedup, unsigned inject,
     src->qts = ahci->parent->qts;
 }
 
-static void source_boot(Source *src, bool dedup, unsigned inject)
+static void source_boot(Source *src, bool dedup)
 {
-    source_boot_args(src, dedup, inject, NULL);
+    source_boot_args(src, dedup, NULL);
 }
 
 static void source_shutdown(Source *src)
@@ -492,12 +492,12 @@ typedef struct Guest {
  * Boot both sides; the source gets @rand_bytes of random data (low, so it
  * is sent first) then @dma_bytes of disk from offset 0 read by DMA.
  */
-static void guest_setup(Guest *g, bool dedup, unsigned inject,
-                        uint64_t rand_bytes, uint64_t dma_bytes)
+static void guest_setup(Guest *g, bool dedup, uint64_t rand_bytes,
+                        uint64_t dma_bytes)
 {
     memset(g, 0, sizeof(*g));
     make_image();
-    source_boot(&g->src, dedup, inject);
+    source_boot(&g->src, dedup);
     g->rand_bytes = rand_bytes;
     if (rand_bytes) {
         g->rand_addr = guest_buf(&g->src, rand_bytes);
@@ -539,7 +539,7 @@ static void do_dma_refs(bool dedup, DedupStats *st)
     uint64_t dma_pages = 16 * MiB / CHUNK;
     uint64_t half = 8 * MiB;
 
-    guest_setup(&g, dedup, 0, 4 * MiB, 16 * MiB);
+    guest_setup(&g, dedup, 4 * MiB, 16 * MiB);
     /*
      * Read again, the disk's second 16 MiB in both halves of the buffer,
      * swapped: the runs of references start anew in mid-buffer.
@@ -616,7 +616,7 @@ static void test_race(void)
     bool during_before_refs;
     QDict *rsp;
 
-    guest_setup(&g, true, 0, rand_bytes, RACE_DMA_BYTES);
+    guest_setup(&g, true, rand_bytes, RACE_DMA_BYTES);
 
     overwrite_blocks(RACE_BEFORE_FIRST, RACE_COUNT, RACE_STRIDE, 1);
 
@@ -667,117 +667,6 @@ static void test_race(void)
     g_assert_cmpuint(st.resent_pages, ==, st.mismatches);
     g_assert_cmpuint(st.verified_pages + st.mismatches, ==, st.ref_pages);
     guest_teardown(&g);
-}
-
-typedef struct MalformedCase {
-    const char *name;           /* first, for add_cases() */
-    unsigned inject;
-    const char *expect;         /* in the destination's error */
-} MalformedCase;
-
-static const MalformedCase malformed_cases[] = {
-    { "outside-ram", 1, "outside RAMBlock" },
-    { "undefined-drive", 2, "never defined" },
-    { "bad-type", 5, "unknown record type 127" },
-    { "absurd-run", 6, "REFS record: run of" },
-    { "truncated", 7, "truncated REFS record" },
-};
-
-/*
- * Not protocol errors: references this destination cannot resolve.  Their
- * pages are asked again and the migration completes.
- */
-static const MalformedCase unresolvable_cases[] = {
-    { "unknown-drive", 3, NULL },
-    { "past-disk-end", 4, NULL },
-};
-
-/* The source, whose migration failed, runs on as if nothing happened. */
-static void assert_source_survived(QTestState *src)
-{
-    QDict *rsp = wait_for_status(src, "failed", NULL);
-
-    g_test_message("source: %s", qdict_haskey(rsp, "error-desc") ?
-                   qdict_get_str(rsp, "error-desc") : "(no error-desc)");
-    qobject_unref(rsp);
-    assert_running(src);
-}
-
-static void test_malformed(const void *opaque)
-{
-    const MalformedCase *c = opaque;
-    Guest g;
-    const char *desc;
-    QDict *rsp;
-
-    guest_setup(&g, true, c->inject, 0, 1 * MiB);
-    migrate_ensure_converge(g.src.qts);
-    migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
-
-    /* The destination failed the load, saying why. */
-    rsp = wait_for_status(g.dst, "failed", NULL);
-    g_assert(qdict_haskey(rsp, "error-desc"));
-    desc = qdict_get_str(rsp, "error-desc");
-    g_test_message("%s: destination: %s", c->name, desc);
-    g_assert(strstr(desc, "dedup-nas"));
-    g_assert(strstr(desc, c->expect));
-    qobject_unref(rsp);
-
-    assert_source_survived(g.src.qts);
-    guest_teardown(&g);
-}
-
-static void test_unresolvable(const void *opaque)
-{
-    const MalformedCase *c = opaque;
-    DedupStats st;
-    Guest g;
-
-    guest_setup(&g, true, c->inject, 0, 1 * MiB);
-    migrate_and_check(&g, true, &st);
-    assert_ram_holds_disk(g.dst, g.dma_addr, 0, 1 * MiB / CHUNK, NULL);
-    /* The first run was asked again, not fetched. */
-    g_assert_cmpuint(st.resend_requests, >=, 1);
-    g_assert_cmpuint(st.resent_pages, ==, st.resend_requests);
-    g_assert_cmpuint(st.mismatches, ==, 0);
-    g_assert_cmpuint(st.read_errors, ==, 0);
-    guest_teardown(&g);
-}
-
-/*
- * With -incoming on its command line (exit-on-error), the destination
- * exits with status 1 and the reason on stderr.
- */
-static void test_malformed_exit(void)
-{
-    const MalformedCase *c = &malformed_cases[0];
-    g_autofree char *log = g_build_filename(tmpdir, "dst.stderr", NULL);
-    g_autofree char *extra = g_strdup_printf("-incoming %s 2>%s", mig_uri,
-                                             log);
-    g_autofree char *err = NULL;
-    Source src;
-    QTestState *dst;
-
-    make_image();
-    source_boot(&src, true, c->inject);
-    dma_read_disk(&src, guest_buf(&src, 1 * MiB), 0, 1 * MiB);
-    dst = dest_boot(true, extra);
-
-    migrate_ensure_converge(src.qts);
-    migrate_qmp(src.qts, dst, mig_uri, NULL, "{}");
-    qtest_set_expected_status(dst, EXIT_FAILURE);
-    qtest_wait_qemu(dst);
-    assert_source_survived(src.qts);
-
-    g_assert(g_file_get_contents(log, &err, NULL, NULL));
-    g_test_message("destination stderr: %s", err);
-    g_assert(strstr(err, "dedup-nas"));
-    g_assert(strstr(err, c->expect));
-
-    qtest_quit(dst);
-    source_shutdown(&src);
-    unlink(log);
-    unlink(image_path);
 }
 
 /*
@@ -962,7 +851,7 @@ static void test_collision(void)
 
     make_collision(a, b);
     g_assert(memcmp(a, b, CHUNK));
-    guest_setup(&g, true, 0, 0, 1 * MiB);
+    guest_setup(&g, true, 0, 1 * MiB);
     /* Block A on the disk, read into the page cache by the device ... */
     fd = open(image_path, O_WRONLY);
     g_assert(fd >= 0);
@@ -999,7 +888,11 @@ typedef enum ProxyMode {
                            DEDUP_SYNC_ACK went back to it) */
     PROXY_SWAP_MSGS,    /* swap the return-path numbers the SETUP record
                            declares, and swap them back on the way back */
+    PROXY_MUTATE,       /* rewrite the first REFS record as @mutation says
+                           (the stream is held until it has passed) */
 } ProxyMode;
+
+typedef struct Mutation Mutation;
 
 /*
  * The start of the SETUP record: type 4, version 1, RESEND as 8,
@@ -1009,6 +902,10 @@ static const uint8_t setup_sig[8] = { 4, 1, 0, 8, 0, 9, 1, 128 };
 
 typedef struct Proxy {
     ProxyMode mode;
+    const Mutation *mutation;
+    GByteArray *held_stream;    /* PROXY_MUTATE, until it has mutated */
+    bool mutated;
+    unsigned mutated_npages;    /* the run of the REFS record mutated */
     const uint8_t *inject;
     size_t inject_len;
     char *path;             /* the source migrates to unix:@path */
@@ -1047,6 +944,8 @@ static bool write_all(int fd, const void *buf, size_t len)
     return true;
 }
 
+static bool proxy_mutate(Proxy *px, int d, const uint8_t *buf, size_t len);
+
 /*
  * Stream to the destination: in PROXY_SWAP_MSGS mode, until the SETUP
  * record is found, hold back the last bytes of each read in case the
@@ -1057,6 +956,9 @@ static bool proxy_stream(Proxy *px, int d, const uint8_t *buf, size_t len)
     g_autofree uint8_t *all = NULL;
     size_t n, i;
 
+    if (px->mode == PROXY_MUTATE && !px->mutated) {
+        return proxy_mutate(px, d, buf, len);
+    }
     if (px->mode != PROXY_SWAP_MSGS || px->swapped) {
         return write_all(d, buf, len);
     }
@@ -1224,9 +1126,462 @@ static void proxy_stop(Proxy *px)
     close(px->quit[1]);
     close(px->lfd);
     unlink(px->path);
+    if (px->held_stream) {
+        g_byte_array_unref(px->held_stream);
+    }
     g_free(px->path);
     g_free(px->dst_path);
     g_free(px);
+}
+
+/*** Malformed and unresolvable streams, made by mutating a real one ***/
+
+/*
+ * The proxy finds the source's first REFS record in the real stream and
+ * rewrites it (or the DRIVE record before it) on its way to the
+ * destination: the product has no test knob for this.  It parses only
+ * what can come between the SETUP record and that REFS record in the
+ * RAM section of a pre-copy stream (page headers, zero and normal pages,
+ * dedup-nas records); the RAM flags and record layouts below are the
+ * stream format (docs/devel/nas-dedup.rst).
+ */
+#define RAM_SAVE_FLAG_ZERO          0x002
+#define RAM_SAVE_FLAG_MEM_SIZE      0x004
+#define RAM_SAVE_FLAG_PAGE          0x008
+#define RAM_SAVE_FLAG_CONTINUE      0x020
+#define RAM_SAVE_FLAG_DEDUP         0x100
+#define RAM_SAVE_FLAG_MULTIFD_FLUSH 0x200
+#define REC_DRIVE                   1
+#define REC_REFS                    2
+#define REC_SYNC                    3
+#define SETUP_KEY_BYTES             384
+#define REFS_FIXED                  13  /* type, drive, npages, offset */
+#define REFS_HASH_BYTES             16
+/* A resizable RAMBlock of q35 (used 128 KiB, at most 2 MiB). */
+#define ACPI_BLOCK                  "/rom@etc/acpi/tables"
+#define ACPI_BLOCK_MAX              (2 * MiB)
+#define NAS_REFS_MAX                256 /* pages in a REFS record */
+
+typedef enum MutationKind {
+    MUT_OUTSIDE_RAM,        /* the run ends past the end of its RAMBlock */
+    MUT_UNDEFINED_DRIVE,    /* a drive number no DRIVE record defined */
+    MUT_DRIVE_RANGE,        /* a drive number out of range */
+    MUT_BAD_TYPE,           /* an unknown record type */
+    MUT_ZERO_RUN,           /* a run of 0 pages */
+    MUT_ABSURD_RUN,         /* a run longer than allowed */
+    MUT_UNALIGNED,          /* a disk offset not 4 KiB aligned */
+    MUT_TRUNCATED,          /* the stream ends inside the record */
+    MUT_UNKNOWN_DRIVE,      /* the DRIVE record names a drive the
+                               destination lacks */
+    MUT_PAST_DISK_END,      /* a disk range past the end of the drive */
+    MUT_BAD_HASH,           /* two hashes of the run changed */
+    MUT_GROWN_BLOCK,        /* a reference into a resizable RAMBlock, the
+                               block grown by a later MEM_SIZE, then a
+                               reference past its old end */
+} MutationKind;
+
+struct Mutation {
+    const char *name;           /* first, for add_cases() */
+    MutationKind kind;
+    const char *expect;         /* in the destination's error; NULL: the
+                                   migration completes, RAM identical */
+};
+
+static const Mutation malformed_cases[] = {
+    { "outside-ram", MUT_OUTSIDE_RAM, "outside RAMBlock" },
+    { "undefined-drive", MUT_UNDEFINED_DRIVE, "never defined" },
+    { "drive-range", MUT_DRIVE_RANGE, "drive number 65535 out of range" },
+    { "bad-type", MUT_BAD_TYPE, "unknown record type 127" },
+    { "zero-run", MUT_ZERO_RUN, "run of 0 pages" },
+    { "absurd-run", MUT_ABSURD_RUN, "REFS record: run of" },
+    { "unaligned", MUT_UNALIGNED, "bad disk offset" },
+    { "truncated", MUT_TRUNCATED, "truncated REFS record" },
+};
+
+/*
+ * Not protocol errors: references this destination cannot resolve, or
+ * whose blocks do not verify.  Their pages are asked again and the
+ * migration completes with RAM identical.
+ */
+static const Mutation unresolvable_cases[] = {
+    { "unknown-drive", MUT_UNKNOWN_DRIVE, NULL },
+    { "past-disk-end", MUT_PAST_DISK_END, NULL },
+    { "bad-hash", MUT_BAD_HASH, NULL },
+    { "grown-block", MUT_GROWN_BLOCK, NULL },
+};
+
+/* Where the first REFS record is, in the stream held so far. */
+typedef struct RefsItem {
+    size_t start;               /* its page header */
+    size_t rec;                 /* its type byte */
+    size_t end;
+    uint64_t header;            /* page address | flags */
+    uint16_t npages;
+    size_t drive_id;            /* the id in the DRIVE record before it */
+    uint8_t drive_id_len;
+} RefsItem;
+
+/* True once the first REFS record after the SETUP record is all in @b. */
+static bool find_first_refs(const uint8_t *b, size_t len, RefsItem *it)
+{
+    const uint8_t *sig = memmem(b, len, setup_sig, sizeof(setup_sig));
+    size_t p;
+
+    if (!sig) {
+        return false;
+    }
+    memset(it, 0, sizeof(*it));
+    p = sig - b + sizeof(setup_sig) + SETUP_KEY_BYTES;
+    for (;;) {
+        size_t start = p;
+        uint64_t header, flags;
+
+        if (p + 9 > len) {
+            return false;
+        }
+        header = ldq_be_p(b + p);
+        flags = header & (CHUNK - 1);
+        p += 8;
+        if ((flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE |
+                      RAM_SAVE_FLAG_DEDUP)) &&
+            !(flags & RAM_SAVE_FLAG_CONTINUE)) {
+            p += 1 + b[p];                  /* the RAMBlock's id */
+        }
+        switch (flags & ~RAM_SAVE_FLAG_CONTINUE) {
+        case RAM_SAVE_FLAG_ZERO:
+            p += 1;
+            continue;
+        case RAM_SAVE_FLAG_PAGE:
+            p += CHUNK;
+            continue;
+        case RAM_SAVE_FLAG_MULTIFD_FLUSH:
+            continue;
+        case RAM_SAVE_FLAG_DEDUP:
+            break;
+        default:
+            g_error("unexpected RAM item 0x%" PRIx64 " before REFS", flags);
+        }
+        if (p + REFS_FIXED > len) {
+            return false;
+        }
+        switch (b[p]) {
+        case REC_DRIVE:     /* type, be16 drive, u8 len, id, be64 size */
+            it->drive_id = p + 4;
+            it->drive_id_len = b[p + 3];
+            p += 4 + b[p + 3] + 8;
+            continue;
+        case REC_SYNC:      /* type, be32 seq, u8 final */
+            p += 6;
+            continue;
+        case REC_REFS:
+            it->start = start;
+            it->rec = p;
+            it->header = header;
+            it->npages = lduw_be_p(b + p + 3);
+            it->end = p + REFS_FIXED + it->npages * REFS_HASH_BYTES;
+            return it->end <= len;
+        default:
+            g_error("unexpected record type %u before REFS", b[p]);
+        }
+    }
+}
+
+static void put_be64(GByteArray *out, uint64_t v)
+{
+    uint8_t b[8];
+
+    stq_be_p(b, v);
+    g_byte_array_append(out, b, 8);
+}
+
+/* A page header that names its RAMBlock (no RAM_SAVE_FLAG_CONTINUE). */
+static void put_header(GByteArray *out, uint64_t addr, uint64_t flags,
+                       const char *block)
+{
+    uint8_t len = strlen(block);
+
+    put_be64(out, addr | flags);
+    g_byte_array_append(out, &len, 1);
+    g_byte_array_append(out, (const uint8_t *)block, len);
+}
+
+/*
+ * MUT_GROWN_BLOCK: one reference into the ACPI tables' block (the
+ * destination starts its bookkeeping for that block at its length then), a
+ * MEM_SIZE item that grows the block to its maximum, the run again at the
+ * end of the grown block, then the original REFS record, with a header
+ * naming its own block again.
+ */
+static void grow_block(GByteArray *out, const uint8_t *b, const RefsItem *it)
+{
+    const uint8_t *rec = b + it->rec;
+    size_t len = it->end - it->rec;
+    g_autofree uint8_t *one = g_memdup2(rec, REFS_FIXED + REFS_HASH_BYTES);
+
+    stw_be_p(one + 3, 1);
+    put_header(out, 0, RAM_SAVE_FLAG_DEDUP, ACPI_BLOCK);
+    g_byte_array_append(out, one, REFS_FIXED + REFS_HASH_BYTES);
+
+    /* MEM_SIZE: the total, then each block's id and length. */
+    put_header(out, ACPI_BLOCK_MAX, RAM_SAVE_FLAG_MEM_SIZE, ACPI_BLOCK);
+    put_be64(out, ACPI_BLOCK_MAX);
+
+    put_header(out, ACPI_BLOCK_MAX - it->npages * CHUNK, RAM_SAVE_FLAG_DEDUP,
+               ACPI_BLOCK);
+    g_byte_array_append(out, rec, len);
+
+    put_header(out, it->header & ~(uint64_t)(CHUNK - 1), RAM_SAVE_FLAG_DEDUP,
+               "pc.ram");
+    g_byte_array_append(out, rec, len);
+}
+
+/*
+ * Write to @out the stream held in @in with the first REFS record (@it)
+ * mutated.  Returns false if the stream is to end there (MUT_TRUNCATED).
+ */
+static bool mutate(const Mutation *m, GByteArray *in, const RefsItem *it,
+                   GByteArray *out)
+{
+    uint8_t *rec = in->data + it->rec;
+    size_t i;
+
+    switch (m->kind) {
+    case MUT_OUTSIDE_RAM:
+        /* The last page of pc.ram, and the run goes on past it. */
+        g_assert_cmpuint(it->npages, >=, 2);
+        stq_be_p(in->data + it->start,
+                 (RAM_BYTES - CHUNK) | (it->header & (CHUNK - 1)));
+        break;
+    case MUT_UNDEFINED_DRIVE:
+        stw_be_p(rec + 1, 1);
+        break;
+    case MUT_DRIVE_RANGE:
+        stw_be_p(rec + 1, 0xffff);
+        break;
+    case MUT_BAD_TYPE:
+        rec[0] = 0x7f;
+        break;
+    case MUT_ZERO_RUN:
+        stw_be_p(rec + 3, 0);
+        break;
+    case MUT_ABSURD_RUN:
+        rec[3] = 0xff;
+        break;
+    case MUT_UNALIGNED:
+        stq_be_p(rec + 5, ldq_be_p(rec + 5) + 512);
+        break;
+    case MUT_TRUNCATED:
+        g_byte_array_append(out, in->data, it->rec + REFS_FIXED +
+                            it->npages * REFS_HASH_BYTES / 2);
+        return false;
+    case MUT_UNKNOWN_DRIVE:
+        g_assert(it->drive_id_len);
+        for (i = 0; i < it->drive_id_len; i++) {
+            in->data[it->drive_id + i] = 'z';
+        }
+        break;
+    case MUT_PAST_DISK_END:
+        stq_be_p(rec + 5, IMAGE_BYTES * 1024);
+        break;
+    case MUT_BAD_HASH:
+        g_assert_cmpuint(it->npages, >=, 8);
+        rec[REFS_FIXED + 3 * REFS_HASH_BYTES] ^= 1;        /* hi of 3 */
+        rec[REFS_FIXED + 7 * REFS_HASH_BYTES + 15] ^= 0x80; /* lo of 7 */
+        break;
+    case MUT_GROWN_BLOCK:
+        g_byte_array_append(out, in->data, it->start);
+        grow_block(out, in->data, it);
+        g_byte_array_append(out, in->data + it->end, in->len - it->end);
+        return true;
+    }
+    g_byte_array_append(out, in->data, in->len);
+    return true;
+}
+
+/* PROXY_MUTATE: hold the stream until the first REFS record is in. */
+static bool proxy_mutate(Proxy *px, int d, const uint8_t *buf, size_t len)
+{
+    g_autoptr(GByteArray) out = g_byte_array_new();
+    RefsItem it;
+    bool go_on;
+
+    if (!px->held_stream) {
+        px->held_stream = g_byte_array_new();
+    }
+    g_byte_array_append(px->held_stream, buf, len);
+    if (!find_first_refs(px->held_stream->data, px->held_stream->len, &it)) {
+        return true;
+    }
+    go_on = mutate(px->mutation, px->held_stream, &it, out);
+    px->mutated_npages = it.npages;
+    px->mutated = true;
+    g_byte_array_set_size(px->held_stream, 0);
+    return write_all(d, out->data, out->len) && go_on;
+}
+
+/* The source, whose migration failed, runs on as if nothing happened. */
+static void assert_source_survived(QTestState *src)
+{
+    QDict *rsp = wait_for_status(src, "failed", NULL);
+
+    g_test_message("source: %s", qdict_haskey(rsp, "error-desc") ?
+                   qdict_get_str(rsp, "error-desc") : "(no error-desc)");
+    qobject_unref(rsp);
+    assert_running(src);
+}
+
+static Proxy *proxy_start_mutate(const Mutation *m, Guest *g)
+{
+    Proxy *px = proxy_start(PROXY_MUTATE, NULL, 0);
+    g_autofree char *uri = proxy_uri(px);
+
+    px->mutation = m;
+    migrate_ensure_converge(g->src.qts);
+    migrate_qmp(g->src.qts, NULL, uri, NULL, "{}");
+    return px;
+}
+
+/*
+ * A malformed record fails the incoming migration with a message naming
+ * it; the source runs on.
+ */
+static void test_malformed(const void *opaque)
+{
+    const Mutation *m = opaque;
+    const char *desc;
+    QDict *rsp;
+    Proxy *px;
+    Guest g;
+
+    guest_setup(&g, true, 0, 1 * MiB);
+    px = proxy_start_mutate(m, &g);
+
+    rsp = wait_for_status(g.dst, "failed", NULL);
+    g_assert(px->mutated);
+    g_assert(qdict_haskey(rsp, "error-desc"));
+    desc = qdict_get_str(rsp, "error-desc");
+    g_test_message("%s: destination: %s", m->name, desc);
+    g_assert(strstr(desc, "dedup-nas"));
+    g_assert(strstr(desc, m->expect));
+    qobject_unref(rsp);
+
+    assert_source_survived(g.src.qts);
+    proxy_stop(px);
+    guest_teardown(&g);
+}
+
+/* The used length of RAMBlock @name, from "info ramblock". */
+static uint64_t ramblock_used(QTestState *qts, const char *name)
+{
+    g_autofree char *out = qtest_hmp(qts, "info ramblock");
+    g_auto(GStrv) lines = g_strsplit(out, "\n", 0);
+    uint64_t used = 0;
+    size_t i;
+
+    for (i = 0; lines[i]; i++) {
+        g_auto(GStrv) f = g_strsplit_set(g_strstrip(lines[i]), " ", 0);
+        g_autoptr(GPtrArray) cols = g_ptr_array_new();
+        size_t j;
+
+        for (j = 0; f[j]; j++) {
+            if (*f[j]) {
+                g_ptr_array_add(cols, f[j]);
+            }
+        }
+        /* Block Name, PSize (2 words), Offset, Used, Total, HVA, RO */
+        if (cols->len >= 5 && !strcmp(cols->pdata[0], name)) {
+            g_assert(!qemu_strtou64(cols->pdata[4], NULL, 16, &used));
+        }
+    }
+    g_assert(used);
+    return used;
+}
+
+static void test_unresolvable(const void *opaque)
+{
+    const Mutation *m = opaque;
+    uint64_t acpi_used;
+    DedupStats st;
+    Proxy *px;
+    Guest g;
+
+    guest_setup(&g, true, 0, 1 * MiB);
+    acpi_used = ramblock_used(g.dst, ACPI_BLOCK);
+    g_assert_cmpuint(acpi_used, <, ACPI_BLOCK_MAX - NAS_REFS_MAX * CHUNK);
+    px = proxy_start_mutate(m, &g);
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    g_assert(px->mutated);
+    read_stats(g.src.qts, g.dst, true, &st);
+    assert_ram_equal(g.src.qts, g.dst);
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, 1 * MiB / CHUNK, NULL);
+    g_assert_cmpuint(st.read_errors, ==, 0);
+    g_assert_cmpuint(st.resent_pages, ==, st.resend_requests);
+
+    switch (m->kind) {
+    case MUT_BAD_HASH:
+        /* The two pages whose hash changed do not verify: sent again. */
+        g_assert_cmpuint(st.mismatches, ==, 2);
+        g_assert_cmpuint(st.resend_requests, ==, 2);
+        break;
+    case MUT_GROWN_BLOCK:
+        /*
+         * Nothing to ask again: the destination grew the block as the
+         * stream said and resolved the references past its old end too
+         * (with per-page state sized at first use, they were written past
+         * its end).  fw_cfg's post_load then sized the block as the
+         * source has it.
+         */
+        g_assert_cmpuint(ramblock_used(g.dst, ACPI_BLOCK), ==, acpi_used);
+        g_assert_cmpuint(st.mismatches, ==, 0);
+        g_assert_cmpuint(st.resend_requests, ==, 0);
+        g_assert_cmpuint(st.verified_pages, ==,
+                         st.ref_pages + 1 + px->mutated_npages);
+        break;
+    default:
+        /* The mutated run was asked again, not fetched. */
+        g_assert_cmpuint(st.mismatches, ==, 0);
+        g_assert_cmpuint(st.resend_requests, >=, px->mutated_npages);
+        break;
+    }
+    proxy_stop(px);
+    guest_teardown(&g);
+}
+
+/*
+ * With -incoming on its command line (exit-on-error), the destination
+ * exits with status 1 and the reason on stderr.
+ */
+static void test_malformed_exit(void)
+{
+    const Mutation *m = &malformed_cases[0];
+    g_autofree char *log = g_build_filename(tmpdir, "dst.stderr", NULL);
+    g_autofree char *extra = g_strdup_printf("-incoming %s 2>%s", mig_uri,
+                                             log);
+    g_autofree char *err = NULL;
+    Proxy *px;
+    Guest g = { 0 };
+
+    make_image();
+    source_boot(&g.src, true);
+    dma_read_disk(&g.src, guest_buf(&g.src, 1 * MiB), 0, 1 * MiB);
+    g.dst = dest_boot(true, extra);
+
+    px = proxy_start_mutate(m, &g);
+    qtest_set_expected_status(g.dst, EXIT_FAILURE);
+    qtest_wait_qemu(g.dst);
+    assert_source_survived(g.src.qts);
+
+    g_assert(g_file_get_contents(log, &err, NULL, NULL));
+    g_test_message("destination stderr: %s", err);
+    g_assert(strstr(err, "dedup-nas"));
+    g_assert(strstr(err, m->expect));
+
+    proxy_stop(px);
+    qtest_quit(g.dst);
+    source_shutdown(&g.src);
+    unlink(log);
+    unlink(image_path);
 }
 
 /*
@@ -1273,7 +1628,7 @@ static void test_rp(const void *opaque)
     const char *desc;
 
     make_image();
-    source_boot(&src, c->dedup, 0);
+    source_boot(&src, c->dedup);
     dma_read_disk(&src, guest_buf(&src, 1 * MiB), 0, 1 * MiB);
     px = proxy_start(PROXY_FAKE_DEST, c->msg, c->len);
     uri = proxy_uri(px);
@@ -1303,7 +1658,7 @@ static void test_rp_numbering(void)
     Proxy *px;
     Guest g;
 
-    guest_setup(&g, true, 0, 0, 4 * MiB);
+    guest_setup(&g, true, 0, 4 * MiB);
     overwrite_blocks(1, 16, 4, 1);      /* some RESENDs too */
     px = proxy_start(PROXY_SWAP_MSGS, NULL, 0);
     uri = proxy_uri(px);
@@ -1345,7 +1700,7 @@ static void test_sync_bound(bool live)
     Guest g;
     double secs;
 
-    guest_setup(&g, true, 0, 4 * MiB, 16 * MiB);
+    guest_setup(&g, true, 4 * MiB, 16 * MiB);
     migrate_ensure_converge(g.src.qts);
     migrate_set_parameter_int(g.src.qts, "downtime-limit", BOUND_DOWNTIME_MS);
     migrate_set_parameter_int(g.src.qts, "dedup-nas-switchover-slack",
@@ -1412,7 +1767,7 @@ static void test_throttled_dest(void)
 
     memset(&g, 0, sizeof(g));
     make_image();
-    source_boot(&g.src, true, 0);
+    source_boot(&g.src, true);
     g.dma_bytes = 16 * MiB;
     g.dma_addr = guest_buf(&g.src, g.dma_bytes);
     dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
@@ -1436,7 +1791,7 @@ static void test_resize(void)
     DedupStats st;
     Guest g;
 
-    guest_setup(&g, true, 0, 0, 4 * MiB);
+    guest_setup(&g, true, 0, 4 * MiB);
     qtest_qmp_assert_success(g.src.qts,
                              "{ 'execute': 'block_resize', 'arguments': "
                              "{ 'device': 'drive0', 'size': %" PRIu64 " } }",
@@ -1462,7 +1817,7 @@ static void test_drive_del(void)
     DedupStats st;
     Guest g;
 
-    guest_setup(&g, true, 0, 0, 4 * MiB);
+    guest_setup(&g, true, 0, 4 * MiB);
     qtest_hmp(g.src.qts, "drive_del drive0");
     migrate_and_check(&g, true, &st);
     g_assert_cmpuint(st.index_entries, ==, 0);
@@ -1491,7 +1846,7 @@ static void migrate_again(Guest *g)
 
 static void fault_setup(Guest *g, bool final_at_once)
 {
-    guest_setup(g, true, 0, 4 * MiB, 16 * MiB);
+    guest_setup(g, true, 4 * MiB, 16 * MiB);
     migrate_ensure_converge(g->src.qts);
     migrate_set_parameter_int(g->src.qts, "downtime-limit", BOUND_DOWNTIME_MS);
     migrate_set_parameter_int(g->src.qts, "dedup-nas-switchover-slack",
