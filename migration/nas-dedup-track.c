@@ -15,10 +15,11 @@
  * command lines share.
  *
  * A drive that is resized (by the guest's device or by block_resize
- * through another BlockBackend: the node tells every parent), loses its
- * medium or is detached from its device (hot-unplug) is *retired*: its
- * number is never used again, so everything the index knows of it is
- * stale at once, in O(1), from the block layer's callback.  The source
+ * through another BlockBackend: the node tells every parent) keeps its
+ * number and entries, but for those of blocks a shrink cut.  A drive that
+ * loses its medium or is detached from its device (hot-unplug) is
+ * *retired*: its number is never used again, so everything the index
+ * knows of it is stale at once, in O(1), from the block layer's callback.  The source
  * drops a retired drive's entries as it finds them (and CLOCK evicts the
  * rest); the next I/O of the BlockBackend gives it a new number and learns
  * its identity and size afresh.
@@ -160,12 +161,56 @@ static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
 }
 
 /*
- * The drive as a whole changed (main loop, or the resizing request's
- * coroutine with the graph lock held): retire its number, in O(1).
+ * Resized (by the guest's device or block_resize; the resizing request's
+ * coroutine, with the graph lock held): a shrink cuts blocks, whose
+ * entries go; a grow cuts nothing, the content of every offset stays.
+ * Either way the size sent in later DRIVE records is the new one.
+ */
+static void resize(BlockBackend *blk)
+{
+    int64_t len = blk_getlength(blk);     /* the node's, no request */
+    NasDedupIndex *idx;
+    NasDedupDrive *d;
+    uint64_t old;
+    gpointer n;
+    int drive;
+
+    if (len < 0) {
+        retire(blk, BLK_CHANGE_RESIZE);
+        return;
+    }
+    WITH_QEMU_LOCK_GUARD(&track.lock) {
+        n = g_hash_table_lookup(track.by_blk, blk);
+        if (!n) {
+            return;             /* never seen: nothing indexed */
+        }
+        drive = GPOINTER_TO_INT(n) - 1;
+        d = &g_array_index(track.drives, NasDedupDrive, drive);
+        old = d->size;
+        d->size = len;
+    }
+    trace_nas_dedup_drive_resize(drive, old, len);
+    if ((uint64_t)len >= old) {
+        return;
+    }
+    RCU_READ_LOCK_GUARD();
+    idx = nas_dedup_index_peek();
+    if (idx) {
+        nas_dedup_index_invalidate(idx, drive, len, old - len);
+    }
+}
+
+/*
+ * The drive as a whole changed.  Resized: see resize().  Medium gone or
+ * device detached (main loop): retire its number, in O(1).
  */
 static void nas_dedup_observe_change(BlockBackend *blk, BlkChangeKind kind)
 {
-    retire(blk, kind);
+    if (kind == BLK_CHANGE_RESIZE) {
+        resize(blk);
+    } else {
+        retire(blk, kind);
+    }
 }
 
 static const BlkIOObserverOps nas_dedup_observer = {

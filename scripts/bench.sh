@@ -14,6 +14,12 @@
 #                                   (standard matrix, about an hour)
 #   scripts/bench.sh --matrix smoke one scenario, two modes (the test
 #                                   command runs this)
+#   scripts/bench.sh --stress [N]   randomized RAM-identity stress: N (30)
+#                                   migrations of /nas-dedup/stress, each
+#                                   with random page-cache share, raw or
+#                                   qcow2, index size, bandwidth and guest
+#                                   and foreign disk churn; report in
+#                                   build/bench/stress.txt (no NFS needed)
 #
 # Environment: NASDEDUP_SKIP_SETUP=1 skips packages and build (the test
 # command has done them).
@@ -34,6 +40,36 @@ if [ "${NASDEDUP_SKIP_SETUP:-0}" != 1 ]; then
         tail -30 "$NASDEDUP_BUILD/bench-build.log" >&2
         die "build failed"
     }
+fi
+
+if [ "${1:-}" = --stress ]; then
+    n=${2:-30}
+    case $n in *[!0-9]* | "") die "--stress N: N must be a number" ;; esac
+    out=$NASDEDUP_BUILD/bench
+    mkdir -p "$out"
+    seed=${NAS_DEDUP_STRESS_SEED:-$(date +%s)}
+    say "stress: $n migrations, seed $seed (log: $out/stress.log)"
+    t0=$(now_ms)
+    rc=0
+    (cd "$NASDEDUP_BUILD/qemu-src" &&
+        NAS_DEDUP_STRESS=$n NAS_DEDUP_STRESS_SEED=$seed \
+        QTEST_QEMU_BINARY="$(qemu_system)" QTEST_QEMU_IMG="$(qemu_img)" \
+        exec "$NASDEDUP_QEMU_BUILD/tests/qtest/nas-dedup-test" --tap -k \
+            -p /nas-dedup/stress) >"$out/stress.log" 2>&1 || rc=$?
+    {
+        echo "# /nas-dedup/stress: NAS_DEDUP_STRESS=$n NAS_DEDUP_STRESS_SEED=$seed, $((($(now_ms) - t0) / 1000)) s"
+        grep -o 'stress-result .*' "$out/stress.log" | sed 's/^stress-result //'
+        done_n=$(grep -c 'stress-result ' "$out/stress.log" || true)
+        if [ "$rc" = 0 ] && grep -q '^ok 1 /nas-dedup/stress' "$out/stress.log"; then
+            echo "# $done_n of $n migrations, destination RAM identical to the source's in every one (0 differing pages)"
+        else
+            echo "# FAILED after $done_n of $n migrations (exit status $rc): see $out/stress.log"
+            grep -E 'differs|ERROR|Bail' "$out/stress.log" | head -5 | sed 's/^/#   /'
+        fi
+    } >"$out/stress.txt"
+    cat "$out/stress.txt"
+    [ "$rc" = 0 ] || exit 1
+    exit 0
 fi
 
 NFS=$NASDEDUP_TOP/scripts/nfs-export.sh

@@ -23,6 +23,8 @@
 #   NASDEDUP_FT_READ_MB, _WRITE_MB, _DIRTY_MB, _CHURN_MB, _MAX_BANDWIDTH
 #                       passed to the test (see its header)
 #   NASDEDUP_KEEP_NFS   1: leave running an export this script started  [0]
+#   NASDEDUP_FT_ONLY    run only the tests whose name matches this regex
+#                       (the others are reported skipped, so the run fails)
 #   QEMU_BUILD_ROOT     where the test writes its logs (as meson: the QEMU
 #                       build directory)                        [build/qemu]
 #   QEMU_TEST_KEEP_SCRATCH  keep the tests' scratch directories (qemu_test)
@@ -115,7 +117,8 @@ ENV=(QEMU_TEST_QEMU_BINARY="$QEMU"
     NASDEDUP_EXPORT_DIR="$NASDEDUP_EXPORT_DIR"
     NASDEDUP_NFS_STATE="$NASDEDUP_NFS_STATE"
     NASDEDUP_FT_PREFIX="$PREFIX"
-    NASDEDUP_FT_STRICT=1)
+    NASDEDUP_FT_STRICT=1
+    ${NASDEDUP_FT_ONLY:+NASDEDUP_FT_ONLY="$NASDEDUP_FT_ONLY"})
 say "$("$QEMU" --version | head -1): $QEMU ($(stat -c '%s bytes, modified %y' "$QEMU"))"
 say "logs in $build_root/tests/functional/x86_64/"
 t0=$(now_ms)

@@ -78,6 +78,9 @@
 #     verify-disk   the same, but sync and drop the page cache before the
 #                   checks, so files are read back from the disk
 #     ping          liveness check
+#     readdev DEV   read all of /dev/DEV through the page cache (the block
+#                   device's own), answer "NASDEDUP-VERDICT: OK readdev
+#                   DEV bytes=N"
 #     poweroff      stop the workers, unmount, power off
 set -euo pipefail
 # shellcheck disable=SC2034 # read by lib/common.sh

@@ -42,6 +42,7 @@
 #   NASDEDUP_EXPORT_DIR   directory exported as NASDEDUP_NFS_URL
 #                                                   [<repo>/build/nfs-export]
 #   NASDEDUP_NFS_URL      [nfs://127.0.0.1/export]
+#   NASDEDUP_FT_ONLY      run only the tests whose name matches this regex
 #   NASDEDUP_FT_PREFIX    name prefix of the disk copies put in the export
 #                         (unique names are made from it)    [ft-<pid>]
 #   NASDEDUP_FT_READ_MB / _WRITE_MB / _DIRTY_MB / _CHURN_MB
@@ -61,6 +62,7 @@
 #                         max-bandwidth before the fault
 #                                                  [256 / 64 / 8000000]
 
+import hashlib
 import logging
 import os
 import re
@@ -168,6 +170,9 @@ class NasDedupMigration(QemuSystemTest):
     def setUp(self):
         super().setUp()
         self.strict = os.environ.get('NASDEDUP_FT_STRICT', '0') == '1'
+        only = os.environ.get('NASDEDUP_FT_ONLY')
+        if only and not re.search(only, self._testMethodName):
+            self.skipTest(f'not selected by NASDEDUP_FT_ONLY={only}')
         self.guest_dir = os.environ.get('NASDEDUP_GUEST_DIR',
                                         os.path.join(TOP, 'build', 'guest'))
         self.export_dir = os.environ.get('NASDEDUP_EXPORT_DIR',
@@ -259,9 +264,10 @@ class NasDedupMigration(QemuSystemTest):
                 f'nasdedup.churn_mb={self.CHURN_MB} nasdedup.sync=0')
 
     def _new_guest_vm(self, name, disk, fmt, dedup, *extra, mem=None,
-                      append=None, drive=None):
-        """@mem, @append, @drive (the -drive argument) default to the
-        workload of the two pre-copy/dedup-nas tests."""
+                      append=None, drive=None, dev=None):
+        """@mem, @append, @drive (the -drive argument), @dev (the -device
+        argument of the disk) default to the workload of the two
+        pre-copy/dedup-nas tests."""
         vm = self.get_vm(*extra, name=name)
         vm.set_console()
         vm.add_args(*self.fw_args,
@@ -273,7 +279,7 @@ class NasDedupMigration(QemuSystemTest):
                     '-drive', drive or f'file={self.nfs_url}/{disk},'
                                        f'format={fmt},if=none,id=disk0,'
                                        'cache.direct=on',
-                    '-device', 'virtio-blk-pci,drive=disk0,id=vd0')
+                    '-device', dev or 'virtio-blk-pci,drive=disk0,id=vd0')
         if dedup:
             vm.add_args(*self.DEDUP_ARGS)
         vm.add_args(*os.environ.get('NASDEDUP_FT_QEMU_ARGS', '').split())
@@ -484,6 +490,7 @@ class NasDedupMigration(QemuSystemTest):
     # than that: max-bandwidth is set back to MAX_BANDWIDTH after the
     # fault, for the migration to converge.
     FM_SLOW_BANDWIDTH = _env_int('NASDEDUP_FM_SLOW_BANDWIDTH', 8000000)
+    FM_EXTRA_MB = 16        # case 7's second disk
     FM_DOWNTIME_MS = 300
     FM_SLACK_MS = 500
     # Case 2: how long past downtime-limit + slack the stalled source may
@@ -494,21 +501,32 @@ class NasDedupMigration(QemuSystemTest):
     def _fm_append(self):
         return ('console=ttyS0 panic=-1 quiet '
                 f'nasdedup.read_mb={self.FM_READ_MB} nasdedup.write_mb=4 '
-                'nasdedup.dirty_mb=4 nasdedup.churn_mb=4 nasdedup.sync=0')
+                f'nasdedup.dirty_mb=4 nasdedup.churn_mb={self.fm_churn_mb} '
+                'nasdedup.sync=0')
 
-    def _fm_vm(self, name, disk, *extra, drive=None):
-        return self._new_guest_vm(name, disk, 'raw', True, *extra,
+    def _fm_vm(self, name, disk, *extra, drive=None, dev=None):
+        return self._new_guest_vm(name, disk, 'raw', True,
+                                  *self.fm_extra, *extra,
                                   mem=f'{self.FM_MEM_MB}M',
-                                  append=self._fm_append(), drive=drive)
+                                  append=self._fm_append(), drive=drive,
+                                  dev=dev or self.fm_dev)
 
-    def _fm_start(self, case):
-        """Boot the source guest of @case on a fresh disk copy."""
+    def _fm_start(self, case, *extra, churn_mb=4, both=(), dev=None):
+        """Boot the source guest of @case on a fresh disk copy; its guest
+        overwrites @churn_mb MiB of files in place all along.  @extra:
+        more QEMU arguments for the source; @both: for every VM of the
+        case; @dev: the disk's -device argument for every VM of the
+        case."""
         self.fm_case = case
+        self.fm_churn_mb = churn_mb
+        self.fm_extra = both
+        self.fm_dev = dev
         self.fm_live = None
+        self.fm_inspect = None
         self.fm_t0 = time.monotonic()
         self.fm_rows = []
         disk, _ = self._export_disk('raw')
-        src = self._fm_vm(f'src-{case}', disk)
+        src = self._fm_vm(f'src-{case}', disk, *extra)
         src.launch()
         con = GuestConsole(self, src, f'src-{case}')
         ready = con.wait(r'NASDEDUP-READY', self.BOOT_TIMEOUT)
@@ -516,15 +534,15 @@ class NasDedupMigration(QemuSystemTest):
                       time.monotonic() - self.fm_t0)
         return disk, src, con
 
-    def _fm_dest(self, name, disk, drive=None):
+    def _fm_dest(self, name, disk, drive=None, extra=(), dev=None):
         """A destination waiting for a migration, started paused (-S)."""
         with Ports() as ports:
             port = ports.find_free_port()
             if port is None:
                 self.fail('no free TCP port for the migration')
             uri = f'tcp:127.0.0.1:{port}'
-            dst = self._fm_vm(name, disk, '-S', '-incoming', uri,
-                              drive=drive)
+            dst = self._fm_vm(name, disk, '-S', '-incoming', uri, *extra,
+                              drive=drive, dev=dev)
             dst.launch()
         self._wait_status(dst, name, 'inmigrate', 30)
         return dst, uri
@@ -595,6 +613,8 @@ class NasDedupMigration(QemuSystemTest):
         fd = self.scratch_file(f'{tag}-dst.ram')
         self._fm_ram(src, fs)
         self._fm_ram(dst, fd)
+        if getattr(self, 'fm_inspect', None):
+            self.fm_inspect(tag, fs)
         bad = []
         with open(fs, 'rb') as a, open(fd, 'rb') as b:
             off = 0
@@ -684,11 +704,12 @@ class NasDedupMigration(QemuSystemTest):
         self.log.info('%s', msg)
         print(f'# nas-dedup {msg}', file=sys.stderr, flush=True)
 
-    def _fm_migrate(self, tag, src, disk, drive=None):
+    def _fm_migrate(self, tag, src, disk, drive=None, extra=(), dev=None):
         """A migration without fault to a fresh paused destination: must
         end as (a).  The destination is left running the guest."""
         self._fm_defaults(src)
-        dst, uri = self._fm_dest(f'dst-{tag}', disk, drive=drive)
+        dst, uri = self._fm_dest(f'dst-{tag}', disk, drive=drive, extra=extra,
+                                 dev=dev)
         src.cmd('migrate', uri=uri)
         sinfo = self._fm_wait_end(src, f'src-{tag}',
                                   self.FM_MIGRATE_TIMEOUT)
@@ -778,7 +799,7 @@ class NasDedupMigration(QemuSystemTest):
 
     # --- the cases -----------------------------------------------------------
 
-    def test_fault_1_nfs_sigstop_precopy(self):
+    def test_fault_01_nfs_sigstop_precopy(self):
         """NFS server stopped (SIGSTOP) for 2 s in pre-copy: (a)."""
         case = 'f1-nfs-stop-precopy'
         disk, src, con = self._fm_start(case)
@@ -800,7 +821,7 @@ class NasDedupMigration(QemuSystemTest):
         self._fm_row(case, 'a', sinfo, dinfo, 'ganesha stopped 2 s')
         self._fm_done()
 
-    def test_fault_2_nfs_sigstop_switchover(self):
+    def test_fault_02_nfs_sigstop_switchover(self):
         """
         NFS server stopped at switchover for longer than downtime-limit +
         dedup-nas-switchover-slack: (b), and the source's freeze bounded.
@@ -884,7 +905,7 @@ class NasDedupMigration(QemuSystemTest):
         self._fm_done()
         self.assertEqual(problems, [], f'{case}: ' + '; '.join(problems))
 
-    def test_fault_3_nfs_sigkill_precopy(self):
+    def test_fault_03_nfs_sigkill_precopy(self):
         """NFS server killed (SIGKILL) in pre-copy, for good: (a) or (b);
         then the export is started again for a second migration."""
         case = 'f3-nfs-kill-precopy'
@@ -936,7 +957,7 @@ class NasDedupMigration(QemuSystemTest):
                 self._fm_second(case, src, disk)
         self._fm_done()
 
-    def test_fault_4_dst_read_errors(self):
+    def test_fault_04_dst_read_errors(self):
         """
         Only the destination cannot read: its drive is wrapped in blkdebug
         injecting EIO into every read (event read_aio of the raw format
@@ -973,7 +994,7 @@ class NasDedupMigration(QemuSystemTest):
         self._fm_shutdown(dst)
         self._fm_done()
 
-    def test_fault_5_dst_sigkill(self):
+    def test_fault_05_dst_sigkill(self):
         """Destination QEMU killed (SIGKILL) in pre-copy: (b)."""
         case = 'f5-dst-kill'
         disk, src, con = self._fm_start(case)
@@ -989,7 +1010,7 @@ class NasDedupMigration(QemuSystemTest):
         self._fm_second(case, src, disk)
         self._fm_done()
 
-    def test_fault_6_cancel_precopy(self):
+    def test_fault_06_cancel_precopy(self):
         """migrate_cancel in pre-copy, then migrate again: cancelled, the
         source running, the second migration (a)."""
         case = 'f6-cancel'
@@ -1003,6 +1024,206 @@ class NasDedupMigration(QemuSystemTest):
                                status='cancelled')
         self._fm_row(case, 'b', sinfo)
         self._fm_second(case, src, disk)
+        self._fm_done()
+
+    def test_fault_07_unplugged_drive(self):
+        """
+        A second disk, read whole by the guest (its blocks in the page
+        cache, so in the index), hot-unplugged before the migration; the
+        destination has no such drive.  The source must not send
+        references to the unplugged drive: (a), and no page asked again
+        (the guest overwrites no file in place here, so nothing else makes
+        the destination ask).  The unplugged disk's blocks must still be in
+        the source guest's RAM at the end (the case counts them), or the
+        case would prove nothing.
+        """
+        case = 'f7-unplugged'
+        name = f'{self.prefix}-{uuid.uuid4().hex[:8]}-extra.raw'
+        path = os.path.join(self.export_dir, name)
+        self.addCleanup(self._remove, path)
+        blocks = set()
+        with open(path, 'wb') as f:
+            for _ in range(self.FM_EXTRA_MB * MiB // PAGE):
+                b = os.urandom(PAGE)
+                blocks.add(hashlib.sha1(b).digest())
+                f.write(b)
+        port = ('-device', 'pcie-root-port,id=rp1,chassis=1,slot=1')
+        disk, src, con = self._fm_start(
+            case, *port,
+            '-drive', f'file={self.nfs_url}/{name},format=raw,if=none,'
+                      'id=disk1,cache.direct=on',
+            '-device', 'virtio-blk-pci,drive=disk1,id=vd1,bus=rp1',
+            churn_mb=0)
+        self.log.info('%s: %s', case, con.command('readdev vdb', 120))
+        src.cmd('device_del', id='vd1')
+        src.event_wait('DEVICE_DELETED', timeout=60,
+                       match={'data': {'device': 'vd1'}})
+        # The -drive's BlockBackend went with the device (auto-deletion).
+
+        found = []
+
+        def inspect(tag, ram):
+            n = 0
+            with open(ram, 'rb') as f:
+                while True:
+                    p = f.read(PAGE)
+                    if not p:
+                        break
+                    n += hashlib.sha1(p).digest() in blocks
+            found.append(n)
+            self.log.info('%s: %d pages of the unplugged disk in RAM', tag, n)
+        self.fm_inspect = inspect
+
+        dst, sinfo, dinfo = self._fm_migrate(case, src, disk, extra=port)
+        s, d = sinfo['dedup-nas'], dinfo['dedup-nas']
+        self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
+        self.assertGreater(found[0], self.FM_EXTRA_MB * MiB // PAGE // 4,
+                           f'{case}: the unplugged disk is not in RAM')
+        self.assertEqual(d['resend-requests'], 0, f'{case}: {d}')
+        self.assertEqual(d['mismatches'] + d['read-errors'], 0, f'{case}: {d}')
+        self._fm_shutdown(dst)
+        self._fm_done()
+
+    def test_fault_08_iothread_heavy_io(self):
+        """
+        The disk in an iothread (the tracking hook runs there, not in the
+        main loop), the guest reading and writing hard while it migrates
+        (iobench: drop the page cache, read 32 MiB of files, write 16 MiB;
+        the churner overwriting 16 MiB of files in place): (a).
+        """
+        case = 'f8-iothread-io'
+        disk, src, con = self._fm_start(
+            case, churn_mb=16, both=('-object', 'iothread,id=io0'),
+            dev='virtio-blk-pci,drive=disk0,id=vd0,iothread=io0')
+        dst = self._fm_slow_precopy(case, src, disk)
+        con.send('iobench 16 32')
+        line = con.wait(r'NASDEDUP-IOBENCH', 120)
+        during = src.cmd('query-migrate')['status']
+        self.log.info('%s: %s (migration %s)', case, line, during)
+        self.assertEqual(during, 'active',
+                         f'{case}: pre-copy was over before the I/O ended')
+        self.assertNotIn('FAIL', line)
+        self._fm_set(src, max_bandwidth=self.MAX_BANDWIDTH)
+        sinfo = self._fm_wait_end(src, f'src-{case}',
+                                  self.FM_MIGRATE_TIMEOUT)
+        dinfo = self._fm_expect_completed(case, src, sinfo, dst)
+        self._fm_row(case, 'a', sinfo, dinfo, 'iobench during pre-copy')
+        self._fm_shutdown(dst)
+        self._fm_done()
+
+    def test_fault_09_dst_sigkill_handshake(self):
+        """
+        Destination killed (SIGKILL) during the switchover handshake: (b),
+        the source's freeze bounded.  As in case 2, the source pauses
+        before switchover and ganesha is stopped there, so that the
+        handshake waits for reads; the destination is killed 200 ms into
+        it, ganesha let go on right after.
+        """
+        case = 'f9-dst-kill-handshake'
+        disk, src, con = self._fm_start(case)
+        _, gpid = self._ganesha_pid()
+        uptime0 = self._fm_ping(con)
+        dst, uri = self._fm_dest(f'dst-{case}', disk)
+        self._fm_defaults(src)
+        self._fm_set(src, caps={'pause-before-switchover': True},
+                     dedup_nas_switchover_slack=self.FM_SLACK_MS,
+                     avail_switchover_bandwidth=10 * 1000 * MiB)
+        bound_ms = self.FM_DOWNTIME_MS + self.FM_SLACK_MS
+        src.cmd('migrate', uri=uri)
+        self._wait_status_migrate(src, case, 'pre-switchover', 60)
+        os.kill(gpid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            src.cmd('migrate-continue', state='pre-switchover')
+            time.sleep(0.2)
+            dst.kill()
+        finally:
+            os.kill(gpid, signal.SIGCONT)
+        sinfo = self._fm_wait_end(src, f'src-{case}', 30)
+        t_end = (time.monotonic() - t0) * 1000
+        self._fm_expect_failed(
+            case, src, con, sinfo, uptime0,
+            r'(?i)socket|connection|pipe|reset|return path|channel|'
+            r'I/O|closed|switchover')
+        self.assertLess(t_end, bound_ms + self.FM_FREEZE_MARGIN_MS + 1000,
+                        f'{case}: failed {t_end:.0f} ms after switchover')
+        self._fm_row(case, 'b', sinfo,
+                     note=f'failed {t_end:.0f} ms after the switchover '
+                          f'started')
+        self._fm_second(case, src, disk)
+        self._fm_done()
+
+    def test_fault_10_nfs_sigstop_30s_precopy(self):
+        """
+        NFS server stopped for 30 s in pre-copy: longer than the live SYNC
+        bound's base (30 s), so the migration may complete (a) or fail
+        (b) if a live SYNC was waiting; either way never a third outcome.
+        """
+        case = 'f10-nfs-stop-30s'
+        disk, src, con = self._fm_start(case)
+        _, gpid = self._ganesha_pid()
+        uptime0 = self._fm_ping(con)
+        dst = self._fm_slow_precopy(case, src, disk)
+        os.kill(gpid, signal.SIGSTOP)
+        try:
+            time.sleep(30)
+            during = src.cmd('query-migrate')['status']
+            uptime_stalled = self._fm_ping(con)
+        finally:
+            os.kill(gpid, signal.SIGCONT)
+        self.log.info('%s: after 30 s: migration %s, guest uptime %.2f',
+                      case, during, uptime_stalled)
+        self.assertGreater(uptime_stalled, uptime0)
+        if during == 'active':
+            self._fm_set(src, max_bandwidth=self.MAX_BANDWIDTH)
+        sinfo = self._fm_wait_end(src, f'src-{case}',
+                                  self.FM_MIGRATE_TIMEOUT)
+        if sinfo['status'] == 'completed':
+            dinfo = self._fm_expect_completed(case, src, sinfo, dst)
+            self._fm_row(case, 'a', sinfo, dinfo, 'ganesha stopped 30 s')
+            self._fm_shutdown(dst)
+        else:
+            self._fm_shutdown(dst)
+            self._fm_expect_failed(case, src, con, sinfo, uptime0,
+                                   r'SYNC|switchover|shared storage')
+            self._fm_row(case, 'b', sinfo, note='ganesha stopped 30 s')
+            self._fm_second(case, src, disk)
+        self._fm_done()
+
+    def test_fault_11_resized_drive(self):
+        """The drive grown with block_resize (the guest sees it) before
+        the migration: (a)."""
+        case = 'f11-resized'
+        disk, src, con = self._fm_start(case, churn_mb=0)
+        size = os.path.getsize(os.path.join(self.export_dir, disk))
+        src.cmd('block_resize', device='disk0', size=size + 64 * MiB)
+        self.assertEqual(os.path.getsize(os.path.join(self.export_dir, disk)),
+                         size + 64 * MiB)
+        dst, sinfo, dinfo = self._fm_migrate(case, src, disk)
+        s, d = sinfo['dedup-nas'], dinfo['dedup-nas']
+        self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
+        self.assertEqual(d['resend-requests'], 0, f'{case}: {d}')
+        self._fm_shutdown(dst)
+        self._fm_done()
+
+    def test_fault_12_other_device_id(self):
+        """
+        The destination's disk device has another id (vd1, not vd0): the
+        source names the drive by its device, so the destination cannot
+        resolve any reference and asks for every page again: (a), with
+        resend-requests = ref-pages.
+        """
+        case = 'f12-other-id'
+        disk, src, con = self._fm_start(case, churn_mb=0)
+        dst, sinfo, dinfo = self._fm_migrate(
+            case, src, disk, dev='virtio-blk-pci,drive=disk0,id=vd1')
+        s, d = sinfo['dedup-nas'], dinfo['dedup-nas']
+        self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
+        self.assertEqual(d['verified-pages'], 0, f'{case}: {d}')
+        self.assertEqual(d['resend-requests'], s['ref-pages'],
+                         f'{case}: {s} / {d}')
+        self.assertEqual(s['resent-pages'], s['ref-pages'], f'{case}: {s}')
+        self._fm_shutdown(dst)
         self._fm_done()
 
     def _wait_status_migrate(self, vm, name, want, timeout):

@@ -40,14 +40,17 @@
  *                          and a second migration succeeds
  *  /nas-dedup/throttled-dest  the destination's drive has iotune limits:
  *                          fetches are not throttled by them
- *  /nas-dedup/resize       block_resize through another BlockBackend
- *                          drops what the index knew of the drive
- *  /nas-dedup/drive-del    so does removing the drive's medium
+ *  /nas-dedup/resize/grow, shrink  block_resize through another BlockBackend:
+ *                          a grow keeps what the index knew of the drive,
+ *                          a shrink drops what it cut
+ *  /nas-dedup/drive-del    removing the drive's medium drops all of it
  *  /nas-dedup/fault/...    the channel cut at several points, migrate_cancel
  *                          while a live or the final SYNC is unanswered, the
  *                          destination killed: the migration fails, the
  *                          source runs on, and migrates again with RAM
  *                          identical
+ *  /nas-dedup/stress       randomized migrations (NAS_DEDUP_STRESS of them,
+ *                          NAS_DEDUP_STRESS_SEED), each RAM-identical
  *  /nas-dedup/savevm       savevm and loadvm still work with dedup-nas on
  *  /nas-dedup/caps         capability checks
  */
@@ -88,6 +91,9 @@
 
 static char *tmpdir;
 static char *image_path;
+/* The guest's drive: image_path as raw, unless a test says otherwise. */
+static const char *drive_file;
+static const char *drive_format = "raw";
 static char *mig_uri;
 static bool dst_direct_io;
 
@@ -187,12 +193,13 @@ typedef struct Source {
 static char *machine_args(bool dedup, bool direct, const char *extra)
 {
     return g_strdup_printf("-M q35 -m %" PRIu64 "M -nodefaults "
-                           "-drive if=none,id=drive0,file=%s,format=raw,"
+                           "-drive if=none,id=drive0,file=%s,format=%s,"
                            "cache.direct=%s "
                            "-device ide-hd,drive=drive0,bus=ide.0,id=disk0 "
                            "-global migration.x-return-path=on "
                            "-global migration.x-dedup-nas=%s %s",
-                           (uint64_t)(RAM_BYTES / MiB), image_path,
+                           (uint64_t)(RAM_BYTES / MiB),
+                           drive_file ? drive_file : image_path, drive_format,
                            direct ? "on" : "off", dedup ? "on" : "off",
                            extra ? extra : "");
 }
@@ -253,16 +260,16 @@ static uint64_t guest_buf(Source *src, uint64_t bytes)
     return addr;
 }
 
-/* Real device DMA: READ DMA EXT of disk [@disk_off, +@bytes) to @gpa. */
-static void dma_read_disk(Source *src, uint64_t gpa, uint64_t disk_off,
-                          uint64_t bytes)
+/* Real device DMA between disk [@disk_off, +@bytes) and guest RAM @gpa. */
+static void dma_disk(Source *src, uint8_t ata_cmd, uint64_t gpa,
+                     uint64_t disk_off, uint64_t bytes)
 {
     uint64_t done, n;
 
     g_assert_cmphex(disk_off & (CHUNK - 1), ==, 0);
     g_assert_cmphex(gpa & (CHUNK - 1), ==, 0);
     for (done = 0; done < bytes; done += n) {
-        AHCICommand *cmd = ahci_command_create(CMD_READ_DMA_EXT);
+        AHCICommand *cmd = ahci_command_create(ata_cmd);
 
         n = MIN(DMA_CMD_BYTES, bytes - done);
         ahci_command_adjust(cmd, (disk_off + done) / AHCI_SECTOR_SIZE,
@@ -272,6 +279,13 @@ static void dma_read_disk(Source *src, uint64_t gpa, uint64_t disk_off,
         ahci_command_verify(src->ahci, cmd);
         ahci_command_free(cmd);
     }
+}
+
+/* READ DMA EXT: disk [@disk_off, +@bytes) to guest RAM @gpa. */
+static void dma_read_disk(Source *src, uint64_t gpa, uint64_t disk_off,
+                          uint64_t bytes)
+{
+    dma_disk(src, CMD_READ_DMA_EXT, gpa, disk_off, bytes);
 }
 
 /* Fill guest RAM [@gpa, +@bytes) with pseudo-random data from the test. */
@@ -327,7 +341,10 @@ static void assert_ram_range_equal(QTestState *a, QTestState *b,
             for (i = 0; i < n && ba[i] == bb[i]; i++) {
                 /* find the first difference */
             }
-            g_test_message("RAM differs at 0x%" PRIx64, addr + i);
+            g_test_message("RAM differs at 0x%" PRIx64 ": source %02x%02x%02x"
+                           "%02x..., destination %02x%02x%02x%02x...",
+                           addr + i, ba[i], ba[i + 1], ba[i + 2], ba[i + 3],
+                           bb[i], bb[i + 1], bb[i + 2], bb[i + 3]);
             g_assert_cmphex(addr + i, ==, UINT64_MAX);
         }
     }
@@ -1783,11 +1800,15 @@ static void test_throttled_dest(void)
 
 /*
  * block_resize goes through a BlockBackend of its own, not the guest
- * device's: the index must still forget the drive's blocks (the size it
- * sends in DRIVE records would be wrong, and a shrink cuts blocks).
+ * device's; the node tells every parent.  A grow cuts nothing: the index
+ * keeps what it knew and the pages go as references (the DRIVE record
+ * with the new size).  A shrink to 2 MiB cuts the second half of the 4 MiB
+ * the guest read: those pages go in full, the first half as references.
  */
-static void test_resize(void)
+static void do_resize(bool grow)
 {
+    uint64_t size = grow ? IMAGE_BYTES + 1 * MiB : 2 * MiB;
+    uint64_t pages = 4 * MiB / CHUNK;
     DedupStats st;
     Guest g;
 
@@ -1795,17 +1816,37 @@ static void test_resize(void)
     qtest_qmp_assert_success(g.src.qts,
                              "{ 'execute': 'block_resize', 'arguments': "
                              "{ 'device': 'drive0', 'size': %" PRIu64 " } }",
-                             (uint64_t)IMAGE_BYTES + 1 * MiB);
+                             size);
     /* The destination opens the image as it is now. */
     qtest_quit(g.dst);
     unlink(mig_uri + strlen("unix:"));
     g.dst = dest_boot(true, "-incoming defer");
     migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
     migrate_and_check(&g, true, &st);
-    assert_ram_holds_disk(g.dst, g.dma_addr, 0, 4 * MiB / CHUNK, NULL);
-    g_assert_cmpuint(st.index_entries, ==, 0);
-    g_assert_cmpuint(st.ref_pages, ==, 0);
+    /* The guest's RAM still holds what it read before the resize. */
+    make_image();
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, pages, NULL);
+    if (grow) {
+        g_assert_cmpuint(st.index_entries, >=, pages);
+        g_assert_cmpuint(st.ref_pages, >=, pages * 95 / 100);
+    } else {
+        g_assert_cmpuint(st.index_entries, <=, pages / 2);
+        g_assert_cmpuint(st.ref_pages, >=, pages / 2 * 95 / 100);
+        g_assert_cmpuint(st.ref_pages, <=, pages / 2);
+    }
+    g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
+    g_assert_cmpuint(st.resend_requests, ==, 0);
     guest_teardown(&g);
+}
+
+static void test_resize_grow(void)
+{
+    do_resize(true);
+}
+
+static void test_resize_shrink(void)
+{
+    do_resize(false);
 }
 
 /*
@@ -1972,6 +2013,219 @@ static void test_dest_killed(void)
 }
 
 /* Remove the temporary files, also when an assertion fails. */
+/*** Randomized RAM-identity stress ***/
+
+/*
+ * NAS_DEDUP_STRESS migrations (default 5; `scripts/bench.sh --stress`
+ * runs 30), each with parameters drawn from NAS_DEDUP_STRESS_SEED + its
+ * number (the seed defaults to the time and is printed, so that a failure
+ * can be replayed): how much of guest RAM is disk content, raw or qcow2,
+ * an index of the minimum size or the default (the minimum holds fewer
+ * entries than the cache has pages: evictions), bandwidth, and while
+ * migrating a random sequence of guest disk reads into that cache, guest
+ * disk writes, guest RAM writes over cached pages and, for raw, blocks
+ * rewritten behind the source's back.  Every migration must end with RAM
+ * identical, every page asked again sent again and no read error.
+ */
+#define STRESS_CACHE_MAX    (24 * MiB)
+#define STRESS_SCRATCH      (1 * MiB)
+#define STRESS_OPS_MAX      48
+#define STRESS_RUN_MAX      64          /* blocks of one operation */
+#define INDEX_MIN_BYTES     (64 * KiB)  /* dedup-nas-index-size minimum */
+
+/* Write guest RAM [@start, @end) with what it holds: the pages are dirty. */
+static void touch_pages(QTestState *qts, uint64_t start, uint64_t end)
+{
+    uint8_t buf[READ_PIECE];
+    uint64_t a;
+
+    for (a = start; a < end; a += sizeof(buf)) {
+        size_t n = MIN(sizeof(buf), end - a);
+
+        read_guest(qts, a, buf, n);
+        qtest_bufwrite(qts, a, buf, n);
+    }
+}
+
+static uint64_t stress_blocks(GRand *r, uint64_t max_bytes)
+{
+    return g_rand_int_range(r, 1, MIN(STRESS_RUN_MAX, max_bytes / CHUNK) + 1);
+}
+
+static void stress_one(uint32_t seed, unsigned *mismatches_total)
+{
+    g_autoptr(GRand) r = g_rand_new_with_seed(seed);
+    g_autofree char *qcow = g_build_filename(tmpdir, "stress.qcow2", NULL);
+    g_autofree char *more = NULL;
+    bool qcow2 = g_rand_boolean(r);
+    bool tiny = g_rand_boolean(r);
+    uint64_t cache = g_rand_int_range(r, 1, STRESS_CACHE_MAX / MiB + 1) * MiB;
+    uint64_t rand = g_rand_int_range(r, 0, 9) * MiB;
+    static const uint64_t bws[] = { 8 * MiB, 32 * MiB, 0 };
+    uint64_t bw = bws[g_rand_int_range(r, 0, ARRAY_SIZE(bws))];
+    unsigned ops = g_rand_int_range(r, 0, STRESS_OPS_MAX + 1);
+    unsigned counts[4] = { 0 };
+    uint64_t scratch, disk_first, low_buf, gen = 1;
+    DedupStats st;
+    QDict *rsp;
+    Guest g;
+    unsigned k;
+
+    memset(&g, 0, sizeof(g));
+    make_image();
+    if (qcow2) {
+        const char *qemu_img = getenv("QTEST_QEMU_IMG");
+        const char *argv[] = {
+            qemu_img, "convert", "-q", "-f", "raw", "-O", "qcow2",
+            image_path, qcow, NULL
+        };
+        g_autoptr(GError) gerr = NULL;
+        gint status;
+
+        g_assert(qemu_img);
+        g_assert(g_spawn_sync(NULL, (char **)argv, NULL, 0, NULL, NULL, NULL,
+                              NULL, &status, &gerr));
+        g_assert_no_error(gerr);
+        g_assert(g_spawn_check_exit_status(status, NULL));
+        drive_file = qcow;
+        drive_format = "qcow2";
+    }
+    g_test_message("stress seed %u: %s, index %s, cache %" PRIu64 " MiB, "
+                   "random %" PRIu64 " MiB, bandwidth %" PRIu64 " MiB/s, "
+                   "%u operations", seed, qcow2 ? "qcow2" : "raw",
+                   tiny ? "64 KiB" : "default", cache / MiB, rand / MiB,
+                   bw / MiB, ops);
+
+    more = g_strdup_printf("-global migration.dedup-nas-index-size=%u",
+                           tiny ? (unsigned)INDEX_MIN_BYTES : 0);
+    source_boot_args(&g.src, true, more);
+    low_buf = guest_buf(&g.src, CHUNK);
+    if (rand) {
+        g.rand_addr = guest_buf(&g.src, rand);
+        write_random(g.src.qts, g.rand_addr, rand, seed);
+        g.rand_bytes = rand;
+    }
+    scratch = guest_buf(&g.src, STRESS_SCRATCH);
+    write_random(g.src.qts, scratch, STRESS_SCRATCH, ~seed);
+    g.dma_addr = guest_buf(&g.src, cache);
+    g.dma_bytes = cache;
+    disk_first = g_rand_int_range(r, 0, (IMAGE_BYTES - cache) / MiB + 1) *
+                 MiB;
+    dma_read_disk(&g.src, g.dma_addr, disk_first, cache);
+    g.dst = dest_boot(true, "-incoming defer");
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+
+    /*
+     * The test drives the device whatever the VM's state: no disk I/O once
+     * the source's disks are given up (at completion), so the switchover
+     * waits for the test (pre-switchover: the guest stopped, disks still
+     * the source's).
+     */
+    migrate_set_capability(g.src.qts, "pause-before-switchover", true);
+    /* Live while the operations run, if the test can keep up. */
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", 1);
+    migrate_set_parameter_int(g.src.qts, "max-bandwidth", bw ? bw : 1000 * GiB);
+    migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
+    /* A small guest at full speed may be past "active" already. */
+    qobject_unref(wait_for_status(g.src.qts, "active", "pre-switchover"));
+
+    for (k = 0; k < ops; k++) {
+        unsigned op = g_rand_int_range(r, 0, qcow2 ? 3 : 4);
+        uint64_t n = stress_blocks(r, cache);
+        uint64_t at = g_rand_int_range(r, 0, cache / CHUNK - n + 1) * CHUNK;
+        uint64_t disk = g_rand_int_range(r, 0, IMAGE_BLOCKS - n + 1) * CHUNK;
+
+        counts[op]++;
+        switch (op) {
+        case 0:     /* the guest reads disk into its cache */
+            dma_read_disk(&g.src, g.dma_addr + at, disk, n * CHUNK);
+            break;
+        case 1:     /* the guest writes to disk */
+            at = g_rand_int_range(r, 0, STRESS_SCRATCH / CHUNK - n + 1) *
+                 CHUNK;
+            dma_disk(&g.src, CMD_WRITE_DMA_EXT, scratch + at, disk,
+                     n * CHUNK);
+            write_random(g.src.qts, scratch + at, n * CHUNK,
+                         seed ^ (k << 8));
+            break;
+        case 2:     /* the guest writes over cached pages */
+            write_random(g.src.qts, g.dma_addr + at, n * CHUNK,
+                         seed ^ (k << 16));
+            break;
+        case 3:     /* another host rewrites blocks */
+            overwrite_blocks(disk / CHUNK, n, 1, gen++);
+            break;
+        }
+        if (g_rand_int_range(r, 0, 4) == 0) {
+            g_usleep(g_rand_int_range(r, 0, 50 * 1000));
+        }
+    }
+    /*
+     * AHCI writes its command list and received FISes through mappings it
+     * keeps (hw/ide/ahci.c map_page()), which dirty logging does not see:
+     * upstream behaviour, not dedup-nas's.  Write those pages (the
+     * allocator's first ones, below the test's buffers) back as they are,
+     * so that their last state is sent.
+     */
+    touch_pages(g.src.qts, HIGH_RAM_START, low_buf);
+    rsp = migrate_query(g.src.qts);
+    g_test_message("stress seed %u: operations done (reads %u, writes %u, "
+                   "RAM writes %u, rewrites %u), status %s", seed, counts[0],
+                   counts[1], counts[2], counts[3],
+                   qdict_get_str(rsp, "status"));
+    qobject_unref(rsp);
+    migrate_ensure_converge(g.src.qts);
+    qobject_unref(wait_for_status(g.src.qts, "pre-switchover", NULL));
+    migrate_continue(g.src.qts, "pre-switchover");
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    read_stats(g.src.qts, g.dst, true, &st);
+    assert_ram_equal(g.src.qts, g.dst);
+    g_assert_cmpuint(st.read_errors, ==, 0);
+    g_assert_cmpuint(st.resent_pages, ==, st.resend_requests);
+    g_assert_cmpuint(st.verified_pages + st.mismatches, <=, st.ref_pages);
+    /* Test harness output, parsed by scripts/bench.py --stress. */
+    g_test_message("stress-result seed=%u fmt=%s index=%s cache_mib=%" PRIu64
+                   " bw_mib=%" PRIu64 " ops=%u ref_pages=%" PRIu64
+                   " verified=%" PRIu64 " mismatches=%" PRIu64
+                   " resent=%" PRIu64 " differing_pages=0", seed,
+                   qcow2 ? "qcow2" : "raw", tiny ? "min" : "default",
+                   cache / MiB, bw / MiB, ops, st.ref_pages,
+                   st.verified_pages, st.mismatches, st.resent_pages);
+    *mismatches_total += st.mismatches;
+
+    guest_teardown(&g);
+    drive_file = NULL;
+    drive_format = "raw";
+    unlink(qcow);
+}
+
+static void test_stress(void)
+{
+    const char *n_env = getenv("NAS_DEDUP_STRESS");
+    const char *seed_env = getenv("NAS_DEDUP_STRESS_SEED");
+    uint64_t n = 5, seed = (uint32_t)g_get_real_time();
+    unsigned i, mismatches = 0;
+
+    if (n_env) {
+        g_assert(!qemu_strtou64(n_env, NULL, 10, &n));
+    }
+    if (seed_env) {
+        g_assert(!qemu_strtou64(seed_env, NULL, 10, &seed));
+    }
+    if (!getenv("QTEST_QEMU_IMG")) {
+        g_test_skip("QTEST_QEMU_IMG not set");
+        return;
+    }
+    g_test_message("stress: %" PRIu64 " migrations, "
+                   "NAS_DEDUP_STRESS_SEED=%" PRIu64, n, seed);
+    for (i = 0; i < n; i++) {
+        stress_one(seed + i, &mismatches);
+    }
+    g_test_message("stress: %" PRIu64 " migrations, RAM identical in all, "
+                   "%u mismatches repaired", n, mismatches);
+}
+
 static void cleanup(void *opaque)
 {
     g_autoptr(GDir) dir = g_dir_open(tmpdir, 0, NULL);
@@ -2037,12 +2291,14 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/switchover-bound", test_switchover_bound);
     g_test_add_func("/nas-dedup/live-sync-bound", test_live_sync_bound);
     g_test_add_func("/nas-dedup/throttled-dest", test_throttled_dest);
-    g_test_add_func("/nas-dedup/resize", test_resize);
+    g_test_add_func("/nas-dedup/resize/grow", test_resize_grow);
+    g_test_add_func("/nas-dedup/resize/shrink", test_resize_shrink);
     g_test_add_func("/nas-dedup/drive-del", test_drive_del);
     ADD_CASES("/nas-dedup/fault/cut", cut_cases, test_cut);
     g_test_add_func("/nas-dedup/fault/cancel-live", test_cancel_live);
     g_test_add_func("/nas-dedup/fault/cancel-final", test_cancel_final);
     g_test_add_func("/nas-dedup/fault/dest-killed", test_dest_killed);
+    g_test_add_func("/nas-dedup/stress", test_stress);
 
     ret = g_test_run();
 
