@@ -1633,10 +1633,14 @@ static const RpCase rp_cases[] = {
     { "sync-ack-short", true,
       { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 4, 0, 0, 0, 1 }, 8,
       "DEDUP_SYNC_ACK" },
+    { "garbled", true,
+      { 0x7f, 0xff, 0, 4, 0xde, 0xad, 0xbe, 0xef }, 8,
+      "invalid message" },
 };
 
 static void test_rp(const void *opaque)
 {
+    g_autoptr(GTimer) timer = NULL;
     const RpCase *c = opaque;
     Source src;
     Proxy *px;
@@ -1656,7 +1660,10 @@ static void test_rp(const void *opaque)
     g_test_message("%s: source: %s", c->name, desc);
     g_assert(strstr(desc, c->expect));
     qobject_unref(rsp);
+    /* The monitor answers at once. */
+    timer = g_timer_new();
     assert_running(src.qts);
+    g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, 1.0);
     proxy_stop(px);
     source_shutdown(&src);
     unlink(image_path);
