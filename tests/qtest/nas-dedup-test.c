@@ -21,6 +21,8 @@
  *                          numbers, type, truncation) fails the incoming
  *                          migration with a message naming the problem;
  *                          the source keeps running
+ *  /nas-dedup/fetch-after-failure  reads of shared storage that complete
+ *                          after the load failed leave guest RAM alone
  *  /nas-dedup/malformed-exit  same, destination with the default
  *                          exit-on-error: it exits with an error message
  *  /nas-dedup/unresolvable/N  references the destination cannot resolve
@@ -189,19 +191,30 @@ typedef struct Source {
     uint8_t port;
 } Source;
 
-/* The same drive and device, with the same id, on both sides. */
-static char *machine_args(bool dedup, bool direct, const char *extra)
+/*
+ * The same drive and device, with the same id, on both sides; @drive, if
+ * not NULL, replaces the -drive options that follow "id=drive0,".
+ */
+static char *machine_args_drive(bool dedup, bool direct, const char *drive,
+                                const char *extra)
 {
+    g_autofree char *opts = drive ? g_strdup(drive) :
+        g_strdup_printf("file=%s,format=%s,cache.direct=%s",
+                        drive_file ? drive_file : image_path, drive_format,
+                        direct ? "on" : "off");
+
     return g_strdup_printf("-M q35 -m %" PRIu64 "M -nodefaults "
-                           "-drive if=none,id=drive0,file=%s,format=%s,"
-                           "cache.direct=%s "
+                           "-drive if=none,id=drive0,%s "
                            "-device ide-hd,drive=drive0,bus=ide.0,id=disk0 "
                            "-global migration.x-return-path=on "
                            "-global migration.x-dedup-nas=%s %s",
-                           (uint64_t)(RAM_BYTES / MiB),
-                           drive_file ? drive_file : image_path, drive_format,
-                           direct ? "on" : "off", dedup ? "on" : "off",
-                           extra ? extra : "");
+                           (uint64_t)(RAM_BYTES / MiB), opts,
+                           dedup ? "on" : "off", extra ? extra : "");
+}
+
+static char *machine_args(bool dedup, bool direct, const char *extra)
+{
+    return machine_args_drive(dedup, direct, NULL, extra);
 }
 
 G_GNUC_PRINTF(1, 2)
@@ -1188,6 +1201,8 @@ typedef enum MutationKind {
     MUT_ABSURD_RUN,         /* a run longer than allowed */
     MUT_UNALIGNED,          /* a disk offset not 4 KiB aligned */
     MUT_TRUNCATED,          /* the stream ends inside the record */
+    MUT_BAD_NEXT,           /* the record is fine, the next one has an
+                               unknown type */
     MUT_UNKNOWN_DRIVE,      /* the DRIVE record names a drive the
                                destination lacks */
     MUT_PAST_DISK_END,      /* a disk range past the end of the drive */
@@ -1405,6 +1420,17 @@ static bool mutate(const Mutation *m, GByteArray *in, const RefsItem *it,
         rec[REFS_FIXED + 3 * REFS_HASH_BYTES] ^= 1;        /* hi of 3 */
         rec[REFS_FIXED + 7 * REFS_HASH_BYTES + 15] ^= 0x80; /* lo of 7 */
         break;
+    case MUT_BAD_NEXT: {
+        uint8_t bad[9];
+
+        stq_be_p(bad, (it->header & ~(uint64_t)(CHUNK - 1)) |
+                      RAM_SAVE_FLAG_DEDUP | RAM_SAVE_FLAG_CONTINUE);
+        bad[8] = 0x7f;
+        g_byte_array_append(out, in->data, it->end);
+        g_byte_array_append(out, bad, sizeof(bad));
+        g_byte_array_append(out, in->data + it->end, in->len - it->end);
+        return true;
+    }
     case MUT_GROWN_BLOCK:
         g_byte_array_append(out, in->data, it->start);
         grow_block(out, in->data, it);
@@ -1561,6 +1587,61 @@ static void test_unresolvable(const void *opaque)
         g_assert_cmpuint(st.resend_requests, >=, px->mutated_npages);
         break;
     }
+    proxy_stop(px);
+    guest_teardown(&g);
+}
+
+/*
+ * The load fails while the destination's reads for the references before
+ * the bad record are still in flight (its drive is under a throttle filter
+ * node, which its own BlockBackends read through too: 1 MiB at 256 KiB/s).
+ * Guest RAM is no longer the load's to write: when those reads complete,
+ * the pages stay as they were (zero), not the disk's blocks.
+ */
+#define SLOW_READ_BPS   (256 * KiB)
+
+static void test_fetch_after_failure(void)
+{
+    static const Mutation m = { "bad-next", MUT_BAD_NEXT,
+                                "unknown record type 127" };
+    g_autofree char *drive = NULL;
+    g_autofree uint8_t *buf = g_malloc(1 * MiB);
+    const char *desc;
+    QDict *rsp;
+    Proxy *px;
+    Guest g;
+
+    memset(&g, 0, sizeof(g));
+    make_image();
+    source_boot(&g.src, true);
+    g.dma_bytes = 1 * MiB;
+    g.dma_addr = guest_buf(&g.src, g.dma_bytes);
+    dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
+    drive = g_strdup_printf("driver=throttle,throttle-group=tg0,"
+                            "file.driver=raw,file.file.driver=file,"
+                            "file.file.filename=%s", image_path);
+    {
+        g_autofree char *extra = g_strdup_printf(
+            "-object throttle-group,id=tg0,x-bps-read=%u -incoming defer",
+            (unsigned)SLOW_READ_BPS);
+        g_autofree char *args = machine_args_drive(true, false, drive, extra);
+
+        g.dst = qtest_init(args);
+    }
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    px = proxy_start_mutate(&m, &g);
+
+    rsp = wait_for_status(g.dst, "failed", NULL);
+    desc = qdict_get_str(rsp, "error-desc");
+    g_test_message("destination: %s", desc);
+    g_assert(strstr(desc, m.expect));
+    qobject_unref(rsp);
+    assert_source_survived(g.src.qts);
+
+    /* Long enough for every read of the 1 MiB to have completed. */
+    g_usleep(2 * (1 * MiB / SLOW_READ_BPS) * G_USEC_PER_SEC);
+    read_guest(g.dst, g.dma_addr, buf, g.dma_bytes);
+    g_assert(buffer_is_zero(buf, g.dma_bytes));
     proxy_stop(px);
     guest_teardown(&g);
 }
@@ -2290,6 +2371,8 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/race", test_race);
     ADD_CASES("/nas-dedup/malformed", malformed_cases, test_malformed);
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
+    g_test_add_func("/nas-dedup/fetch-after-failure",
+                    test_fetch_after_failure);
     ADD_CASES("/nas-dedup/unresolvable", unresolvable_cases,
               test_unresolvable);
     g_test_add_func("/nas-dedup/collision", test_collision);
