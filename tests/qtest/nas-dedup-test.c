@@ -918,6 +918,8 @@ typedef enum ProxyMode {
                            DEDUP_SYNC_ACK went back to it) */
     PROXY_SWAP_MSGS,    /* swap the return-path numbers the SETUP record
                            declares, and swap them back on the way back */
+    PROXY_NO_RP,        /* forward the stream, but close the return path:
+                           the destination's messages cannot be sent */
     PROXY_MUTATE,       /* rewrite the first REFS record as @mutation says
                            (the stream is held until it has passed) */
 } ProxyMode;
@@ -1074,11 +1076,16 @@ static gpointer proxy_thread(gpointer opaque)
         pstrcpy(sa.sun_path, sizeof(sa.sun_path), px->dst_path);
         g_assert_cmpint(connect(d, (struct sockaddr *)&sa, sizeof(sa)), ==,
                         0);
+        if (px->mode == PROXY_NO_RP) {
+            /* The destination's writes fail from now on (EPIPE). */
+            g_assert_cmpint(shutdown(d, SHUT_RD), ==, 0);
+        }
     }
     for (;;) {
         struct pollfd p[3] = { { .fd = s, .events = POLLIN },
                                { .fd = px->quit[0], .events = POLLIN },
-                               { .fd = d, .events = POLLIN } };
+                               { .fd = d, .events = px->mode == PROXY_NO_RP ?
+                                                    0 : POLLIN } };
         ssize_t n;
 
         if (poll(p, d >= 0 ? 3 : 2, -1) < 0 || p[1].revents) {
@@ -2026,6 +2033,49 @@ static void test_cut(const void *opaque)
 }
 
 /*
+ * The return path is broken (the proxy shuts it down at once) while the
+ * destination has blocks to ask again (16 overwritten, 4 blocks apart: as
+ * many RESEND messages).  The destination says so once, not once a
+ * message; the source, which gets no answer to its final SYNC, fails
+ * within its bound and runs on.
+ */
+static void test_rp_broken(void)
+{
+    g_autofree char *log = g_build_filename(tmpdir, "dst.stderr", NULL);
+    g_autofree char *extra = g_strdup_printf("-incoming defer 2>%s", log);
+    g_autofree char *err = NULL;
+    g_autofree char *uri = NULL;
+    g_auto(GStrv) lines = NULL;
+    unsigned said = 0, i;
+    Proxy *px;
+    Guest g;
+
+    fault_setup(&g, true);
+    overwrite_blocks(1, 16, 4, 1);
+    qtest_quit(g.dst);
+    unlink(mig_uri + strlen("unix:"));
+    g.dst = dest_boot(true, extra);
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    px = proxy_start(PROXY_NO_RP, NULL, 0);
+    uri = proxy_uri(px);
+    migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
+    assert_source_survived(g.src.qts);
+    qobject_unref(wait_for_status(g.dst, "failed", NULL));
+    proxy_stop(px);
+
+    g_assert(g_file_get_contents(log, &err, NULL, NULL));
+    lines = g_strsplit(err, "\n", 0);
+    for (i = 0; lines[i]; i++) {
+        said += !!strstr(lines[i], "could not ask the source");
+    }
+    g_test_message("destination stderr: %s", err);
+    g_assert_cmpuint(said, ==, 1);
+    migrate_again(&g);
+    guest_teardown(&g);
+    unlink(log);
+}
+
+/*
  * migrate_cancel while a live SYNC is unanswered (the guest running), and
  * while the stopped guest waits for the answer to the final SYNC: the
  * monitor is held then, but only until downtime-limit + slack.
@@ -2385,6 +2435,7 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/resize/shrink", test_resize_shrink);
     g_test_add_func("/nas-dedup/drive-del", test_drive_del);
     ADD_CASES("/nas-dedup/fault/cut", cut_cases, test_cut);
+    g_test_add_func("/nas-dedup/fault/rp-broken", test_rp_broken);
     g_test_add_func("/nas-dedup/fault/cancel-live", test_cancel_live);
     g_test_add_func("/nas-dedup/fault/cancel-final", test_cancel_final);
     g_test_add_func("/nas-dedup/fault/dest-killed", test_dest_killed);
