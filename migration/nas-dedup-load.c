@@ -465,6 +465,7 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
     if (--st->inflight == 0) {
         stat64_add(&nas_dedup_counters.fetch_time_us,
                    g_get_monotonic_time() - st->busy_since);
+        qatomic_set(&nas_dedup_counters.fetch_busy_since, 0);
         if (st->dead) {
             load_state_free(st);
             return;
@@ -617,6 +618,8 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     if (load->inflight < NAS_DEDUP_INFLIGHT) {
         if (!load->inflight++) {
             load->busy_since = g_get_monotonic_time();
+            qatomic_set(&nas_dedup_counters.fetch_busy_since,
+                        load->busy_since);
         }
         qemu_coroutine_enter(qemu_coroutine_create(nas_dedup_fetch_co, fe));
         return 0;
@@ -731,14 +734,6 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
     }
     g_free(rec);
     return ret;
-}
-
-uint64_t nas_dedup_load_busy_us(void)
-{
-    if (!load || !load->inflight) {
-        return 0;
-    }
-    return g_get_monotonic_time() - load->busy_since;
 }
 
 bool nas_dedup_load_check(Error **errp)

@@ -35,8 +35,6 @@ static struct {
 void nas_dedup_init(void)
 {
     qemu_mutex_init(&nas_dedup.lock);
-    nas_dedup_save_init();
-    nas_dedup_track_init();
 }
 
 bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
@@ -206,6 +204,7 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
 {
     NasDedupCounters *c = &nas_dedup_counters;
     DedupNasStats *st;
+    int64_t since;
 
     if (!migrate_dedup_nas() || info->dedup_nas) {
         return;
@@ -218,8 +217,9 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
         st->mismatches = stat64_get(&c->mismatches);
         st->read_errors = stat64_get(&c->read_errors);
         st->resend_requests = stat64_get(&c->resend_requests);
+        since = qatomic_read(&c->fetch_busy_since);
         st->fetch_time = (stat64_get(&c->fetch_time_us) +
-                          nas_dedup_load_busy_us()) / 1000;
+                          (since ? g_get_monotonic_time() - since : 0)) / 1000;
         return;
     }
     st->ref_pages = stat64_get(&c->ref_pages);

@@ -45,6 +45,7 @@ typedef struct NasDedupCounters {
     Stat64 read_errors;
     Stat64 resend_requests;
     Stat64 fetch_time_us;       /* with at least one read in flight */
+    int64_t fetch_busy_since;   /* reads in flight since (us); 0: none */
 } NasDedupCounters;
 extern NasDedupCounters nas_dedup_counters;
 
@@ -135,7 +136,5 @@ void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset);
  * reference was neither verified nor sent again.
  */
 bool nas_dedup_load_check(Error **errp);
-/* Microseconds the reads in flight now have been running (main loop). */
-uint64_t nas_dedup_load_busy_us(void);
 
 #endif

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
+#
+# Write the series as it would be posted to qemu-devel, from our sources of
+# truth: the pinned upstream tree, patches/series (changes to upstream
+# files, one commit each) and patches/posting (which of those commits adds
+# each of our files).  Each patch of the posting is one commit of
+# patches/series with our files it adds, the posting's author and a
+# Signed-off-by; a cover letter (patches/cover-letter) goes first.
+#
+#   build/posting/qemu-src   git tree: tag "upstream", branch "posting"
+#   build/posting/series/    0000-cover-letter.patch, 0001-....patch, ...
+#
+# Usage: scripts/posting.sh           write the series
+#        scripts/posting.sh --check   write it, then check that every patch
+#                                     passes QEMU's scripts/checkpatch.pl and
+#                                     that every prefix of the series builds
+#                                     (incrementally, in build/posting/qemu,
+#                                     through ccache); ends with
+#                                     "posting: N patches, ..."
+set -euo pipefail
+# shellcheck disable=SC2034 # read by lib/common.sh
+NASDEDUP_NAME=posting
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/series.sh
+. "$NASDEDUP_TOP/scripts/lib/series.sh"
+
+check=0
+case "${1:-}" in
+    --check) check=1 ;;
+    "") ;;
+    *) die "usage: $0 [--check]" ;;
+esac
+top=$NASDEDUP_TOP
+map=$top/patches/posting
+out=$NASDEDUP_BUILD/posting
+psrc=$out/qemu-src
+pbld=$out/qemu
+series_dir=$out/series
+
+"$top/scripts/assemble.sh"
+upstream_tree=$NASDEDUP_BUILD/qemu-src
+[ -f "$map" ] || die "no $map"
+
+# --- patches/posting ---------------------------------------------------------
+author=$(sed -n 's/^author: *//p' "$map")
+prefix=$(sed -n 's/^prefix: *//p' "$map")
+[ -n "$author" ] || die "$map: no 'author:' line"
+name=${author% <*}
+email=${author##*<}
+email=${email%>}
+# Files of subject S: the lines after "[S]" up to the next "[".
+files_of() {
+    awk -v s="[$1]" '
+        /^\[/ { on = ($0 == s); next }
+        on && NF && !/^#/ { print $1 }' "$map"
+}
+# Our files: everything the overlay puts into the tree (assemble.sh's list).
+overlay_files() {
+    local d
+    for d in migration hw/nas-dedup include/migration tests/qtest \
+             tests/functional docs/devel/nas-dedup.rst; do
+        [ -e "$top/$d" ] || continue
+        (cd "$top" && find "$d" -type f ! -name '*.pyc' ! -path '*/__pycache__/*')
+    done | sort
+}
+mapped=$(awk '/^\[/ { on = 1; next } on && NF && !/^#/ && !/^[a-z]+:/ { print $1 }' "$map" | sort)
+dups=$(printf '%s\n' "$mapped" | uniq -d)
+[ -z "$dups" ] || die "$map: in two patches: $dups"
+missing=$(comm -23 <(overlay_files) <(printf '%s\n' "$mapped"))
+[ -z "$missing" ] || die "$map: in no patch: $missing"
+extra=$(comm -13 <(overlay_files) <(printf '%s\n' "$mapped"))
+[ -z "$extra" ] || die "$map: not our files: $extra"
+
+# --- the posting tree -----------------------------------------------------------
+if [ ! -d "$psrc/.git" ]; then
+    say "cloning the upstream tree into $psrc"
+    mkdir -p "$out"
+    git clone -q --no-checkout "$upstream_tree" "$psrc"
+    git -C "$psrc" fetch -q "$upstream_tree" 'refs/tags/upstream:refs/tags/upstream'
+fi
+gitp() {
+    git -C "$psrc" -c user.name="$name" -c user.email="$email" \
+        -c core.autocrlf=false -c advice.detachedHead=false "$@"
+}
+gitp checkout -q -f -B posting upstream
+gitp clean -q -fdx
+n=0
+subjects=()
+while read -r p; do
+    n=$((n + 1))
+    subject=$(git mailinfo /dev/null /dev/null <"$top/patches/$p" | sed -n 's/^Subject: //p')
+    [ -n "$subject" ] || die "$p: no subject"
+    grep -qxF "[$subject]" "$map" || die "$map: no [$subject] (patch $p)"
+    subjects+=("$subject")
+    gitp am -q --committer-date-is-author-date "$top/patches/$p" ||
+        die "$p does not apply to the upstream tree"
+    while read -r f; do
+        [ -n "$f" ] || continue
+        mkdir -p "$psrc/$(dirname "$f")"
+        cp "$top/$f" "$psrc/$f"
+        gitp add -f "$f"
+    done < <(files_of "$subject")
+    gitp commit -q --amend --no-edit --reset-author -s
+done < <(series_list "$top")
+
+rm -rf "$series_dir"
+gitp format-patch -q --cover-letter --no-signature --base=upstream \
+    ${prefix:+--subject-prefix="$prefix"} -o "$series_dir" upstream..posting
+cover=$(ls "$series_dir"/0000-*.patch)
+python3 - "$cover" "$top/patches/cover-letter" <<'EOF'
+import sys
+cover, src = sys.argv[1], sys.argv[2]
+text = open(src).read().split('\n', 1)
+subject, blurb = text[0], text[1].strip('\n')
+s = open(cover).read()
+s = s.replace('*** SUBJECT HERE ***', subject)
+s = s.replace('*** BLURB HERE ***', blurb)
+open(cover, 'w').write(s)
+EOF
+say "$n patches and a cover letter in $series_dir"
+[ "$check" = 1 ] || exit 0
+
+# --- checks -----------------------------------------------------------------------
+bad=0
+for f in "$series_dir"/0*.patch; do
+    case $f in */0000-*) continue ;; esac
+    if ! (cd "$psrc" && ./scripts/checkpatch.pl -q "$f") >"$out/checkpatch.log" 2>&1; then
+        say "checkpatch: $(basename "$f"):"
+        sed 's/^/    /' "$out/checkpatch.log" >&2
+        bad=$((bad + 1))
+    fi
+    grep -q "^Signed-off-by: $author\$" "$f" || { say "no Signed-off-by in $(basename "$f")"; bad=$((bad + 1)); }
+done
+
+# Every prefix builds.  ccache with the tree's directory as base: the
+# main build (build/qemu from build/qemu-src) and this one share objects.
+export CCACHE_BASEDIR=$NASDEDUP_BUILD CCACHE_NOHASHDIR=1
+export PATH=/usr/lib/ccache:$PATH
+CONFIGURE=(--python=/usr/bin/python3 --target-list=x86_64-softmmu
+           --without-default-features --enable-tcg --enable-libnfs
+           --enable-slirp --enable-zstd --enable-fdt=system --disable-docs
+           --disable-install-blobs --disable-werror)
+built=0
+i=0
+for c in $(gitp rev-list --reverse upstream..posting); do
+    i=$((i + 1))
+    gitp checkout -q "$c"
+    t0=$(now_ms)
+    if [ ! -f "$pbld/build.ninja" ]; then
+        mkdir -p "$pbld"
+        (cd "$pbld" && "$psrc/configure" "${CONFIGURE[@]}" >configure.log 2>&1) ||
+            die "configure failed at patch $i: $pbld/configure.log"
+    fi
+    targets=(qemu-system-x86_64)
+    [ -f "$psrc/tests/qtest/nas-dedup-test.c" ] && targets+=(tests/qtest/nas-dedup-test)
+    if ninja -C "$pbld" "${targets[@]}" >"$out/build-$i.log" 2>&1; then
+        built=$((built + 1))
+        say "patch $i/$n builds ($((($(now_ms) - t0) / 1000)) s): ${subjects[$((i - 1))]}"
+    else
+        say "patch $i/$n does NOT build: ${subjects[$((i - 1))]}"
+        grep -E 'error|undefined reference' "$out/build-$i.log" | head -10 | sed 's/^/    /' >&2
+        bad=$((bad + 1))
+    fi
+done
+gitp checkout -q posting
+say "posting: $n patches, $built of $n prefixes build, $bad problems"
+[ "$bad" = 0 ]
