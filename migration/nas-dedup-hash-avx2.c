@@ -9,12 +9,14 @@
  * faster on 4 KiB); nas_dedup_hash64() calls it when the CPU has
  * AVX2.  The result is the same XXH3-64 value: xxHash's vector
  * implementations agree bit for bit, so hosts with and without AVX2
- * interoperate.
+ * interoperate.  xxHash picks its vector code from __AVX2__, so the file
+ * is compiled for AVX2 with a pragma rather than a target attribute on
+ * one function.
  */
 #include "qemu/osdep.h"
 #include "nas-dedup-hash.h"
 
-#ifdef NAS_DEDUP_HASH_AVX2
+#ifdef CONFIG_AVX2_OPT
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #define XXH_INLINE_ALL

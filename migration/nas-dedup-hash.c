@@ -5,6 +5,9 @@
  */
 #include "qemu/osdep.h"
 #include <xxhash.h>
+#ifdef CONFIG_AVX2_OPT
+#include "host/cpuinfo.h"
+#endif
 #include "nas-dedup-hash.h"
 
 QEMU_BUILD_BUG_ON(NAS_DEDUP_SECRET_SIZE < XXH3_SECRET_SIZE_MIN);
@@ -16,25 +19,17 @@ uint64_t nas_dedup_hash64_generic(const NasDedupKey *key, int which,
                                   NAS_DEDUP_SECRET_SIZE);
 }
 
-#ifdef NAS_DEDUP_HASH_AVX2
-static bool hash_avx2;
-
-static void __attribute__((constructor)) nas_dedup_hash_init(void)
-{
-    __builtin_cpu_init();
-    hash_avx2 = __builtin_cpu_supports("avx2");
-}
-
+#ifdef CONFIG_AVX2_OPT
 bool nas_dedup_hash_have_avx2(void)
 {
-    return hash_avx2;
+    return cpuinfo & CPUINFO_AVX2;
 }
 #endif
 
 uint64_t nas_dedup_hash64(const NasDedupKey *key, int which, const void *buf)
 {
-#ifdef NAS_DEDUP_HASH_AVX2
-    if (hash_avx2) {
+#ifdef CONFIG_AVX2_OPT
+    if (cpuinfo & CPUINFO_AVX2) {
         return nas_dedup_hash64_avx2(key, which, buf);
     }
 #endif

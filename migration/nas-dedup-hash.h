@@ -53,8 +53,7 @@ void nas_dedup_hash_chunk(const NasDedupKey *key, const void *buf,
 /* The same, portable (libxxhash as built), and for CPUs with AVX2. */
 uint64_t nas_dedup_hash64_generic(const NasDedupKey *key, int which,
                                   const void *buf);
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NAS_DEDUP_HASH_AVX2
+#ifdef CONFIG_AVX2_OPT
 uint64_t nas_dedup_hash64_avx2(const NasDedupKey *key, int which,
                                const void *buf);
 /* True if this CPU runs nas_dedup_hash64_avx2(). */

@@ -19,10 +19,10 @@
  * number and entries, but for those of blocks a shrink cut.  A drive that
  * loses its medium or is detached from its device (hot-unplug) is
  * *retired*: its number is never used again, so everything the index
- * knows of it is stale at once, in O(1), from the block layer's callback.  The source
- * drops a retired drive's entries as it finds them (and CLOCK evicts the
- * rest); the next I/O of the BlockBackend gives it a new number and learns
- * its identity and size afresh.
+ * knows of it is stale at once, in O(1), from the block layer's callback.
+ * The source drops a retired drive's entries as it finds them (and CLOCK
+ * evicts the rest); the next I/O of the BlockBackend gives it a new number
+ * and learns its identity and size afresh.
  */
 #include "qemu/osdep.h"
 #include "qemu/rcu.h"

@@ -190,8 +190,9 @@ bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
             return false;
         }
         if (rec->npages < 1 || rec->npages > NAS_DEDUP_REFS_MAX) {
-            *err = g_strdup_printf("REFS record: run of %u pages (1..%u allowed)",
-                                   rec->npages, NAS_DEDUP_REFS_MAX);
+            *err = g_strdup_printf("REFS record: run of %u pages "
+                                   "(1..%u allowed)", rec->npages,
+                                   NAS_DEDUP_REFS_MAX);
             return false;
         }
         if (!QEMU_IS_ALIGNED(rec->disk_offset, NAS_DEDUP_CHUNK) ||

@@ -91,7 +91,8 @@ bool nas_dedup_index_size_check(uint64_t size, Error **errp)
                       size > NAS_DEDUP_INDEX_MAX_BYTES)) {
         error_setg(errp, "Parameter 'dedup-nas-index-size' must be 0 (auto) "
                    "or between %u and %" PRIu64 " bytes",
-                   NAS_DEDUP_INDEX_MIN_BYTES, (uint64_t)NAS_DEDUP_INDEX_MAX_BYTES);
+                   NAS_DEDUP_INDEX_MIN_BYTES,
+                   (uint64_t)NAS_DEDUP_INDEX_MAX_BYTES);
         return false;
     }
     return true;

@@ -7,24 +7,18 @@
 #
 # Usage: scripts/build.sh [extra ninja targets...]
 set -euo pipefail
-top=$(cd "$(dirname "$0")/.." && pwd)
-say() { printf '[build] %s\n' "$*" >&2; }
+# shellcheck disable=SC2034 # read by lib/common.sh
+NASDEDUP_NAME=build
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+top=$NASDEDUP_TOP
 
 "$top/scripts/assemble.sh"
 src="$top/build/qemu-src"
 bld="$top/build/qemu"
 
-# Firmware comes from Debian's packages (seabios, ipxe-qemu, qemu-system-data):
-# --firmwarepath makes the binary find it without -L.
-CONFIGURE=(
-    --python=/usr/bin/python3
-    --target-list=x86_64-softmmu
-    --without-default-features
-    --enable-tcg --enable-libnfs --enable-slirp --enable-zstd
-    --enable-fdt=system --enable-tools
-    --disable-docs --disable-install-blobs --disable-werror
-    --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
-)
+use_ccache
+CONFIGURE=("${QEMU_CONFIGURE[@]}")
 want="${CONFIGURE[*]}"
 if [ ! -f "$bld/build.ninja" ] || [ "$(cat "$bld/.nasdedup-configure" 2>/dev/null)" != "$want" ]; then
     say "configure ${CONFIGURE[*]}"

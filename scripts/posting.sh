@@ -13,11 +13,12 @@
 #
 # Usage: scripts/posting.sh           write the series
 #        scripts/posting.sh --check   write it, then check that every patch
-#                                     passes QEMU's scripts/checkpatch.pl and
-#                                     that every prefix of the series builds
+#                                     passes QEMU's scripts/checkpatch.pl
+#                                     (no error, no warning) and that every
+#                                     prefix of the series builds
 #                                     (incrementally, in build/posting/qemu,
-#                                     through ccache); ends with
-#                                     "posting: N patches, ..."
+#                                     through ccache); one TAP line a check
+#                                     on stdout
 set -euo pipefail
 # shellcheck disable=SC2034 # read by lib/common.sh
 NASDEDUP_NAME=posting
@@ -124,44 +125,61 @@ say "$n patches and a cover letter in $series_dir"
 
 # --- checks -----------------------------------------------------------------------
 bad=0
-for f in "$series_dir"/0*.patch; do
-    case $f in */0000-*) continue ;; esac
-    if ! (cd "$psrc" && ./scripts/checkpatch.pl -q "$f") >"$out/checkpatch.log" 2>&1; then
-        say "checkpatch: $(basename "$f"):"
-        sed 's/^/    /' "$out/checkpatch.log" >&2
+tap=0
+echo "1..$((2 * n))"
+result() {    # ok?, description
+    tap=$((tap + 1))
+    if [ "$1" = 0 ]; then
+        echo "ok $tap - $2"
+    else
+        echo "not ok $tap - $2"
         bad=$((bad + 1))
     fi
-    grep -q "^Signed-off-by: $author\$" "$f" || { say "no Signed-off-by in $(basename "$f")"; bad=$((bad + 1)); }
+}
+for f in "$series_dir"/0*.patch; do
+    case $f in */0000-*) continue ;; esac
+    rc=0
+    (cd "$psrc" && ./scripts/checkpatch.pl "$f") >"$out/checkpatch.log" 2>&1 || rc=$?
+    # Clean: no error and no warning.
+    if [ "$rc" = 0 ] && grep -q '^total: 0 errors, 0 warnings' "$out/checkpatch.log"; then
+        :
+    else
+        rc=1
+        say "checkpatch: $(basename "$f"):"
+        grep -A4 -E '^(ERROR|WARNING)' "$out/checkpatch.log" | sed 's/^/    /' >&2
+    fi
+    grep -q "^Signed-off-by: $author\$" "$f" || { say "no Signed-off-by in $(basename "$f")"; rc=1; }
+    result "$rc" "checkpatch, Signed-off-by: $(basename "$f")"
 done
 
-# Every prefix builds.  ccache with the tree's directory as base: the
-# main build (build/qemu from build/qemu-src) and this one share objects.
-export CCACHE_BASEDIR=$NASDEDUP_BUILD CCACHE_NOHASHDIR=1
-export PATH=/usr/lib/ccache:$PATH
-CONFIGURE=(--python=/usr/bin/python3 --target-list=x86_64-softmmu
-           --without-default-features --enable-tcg --enable-libnfs
-           --enable-slirp --enable-zstd --enable-fdt=system --disable-docs
-           --disable-install-blobs --disable-werror)
+# Every prefix builds, configured as the main build (build/qemu) is and
+# through ccache, so that the two share objects.
+use_ccache
+CONFIGURE=("${QEMU_CONFIGURE[@]}")
 built=0
 i=0
 for c in $(gitp rev-list --reverse upstream..posting); do
     i=$((i + 1))
     gitp checkout -q "$c"
     t0=$(now_ms)
-    if [ ! -f "$pbld/build.ninja" ]; then
+    if [ ! -f "$pbld/build.ninja" ] ||
+       [ "$(cat "$pbld/.nasdedup-configure" 2>/dev/null)" != "${CONFIGURE[*]}" ]; then
+        rm -rf "$pbld"
         mkdir -p "$pbld"
         (cd "$pbld" && "$psrc/configure" "${CONFIGURE[@]}" >configure.log 2>&1) ||
             die "configure failed at patch $i: $pbld/configure.log"
+        echo "${CONFIGURE[*]}" >"$pbld/.nasdedup-configure"
     fi
     targets=(qemu-system-x86_64)
     [ -f "$psrc/tests/qtest/nas-dedup-test.c" ] && targets+=(tests/qtest/nas-dedup-test)
     if ninja -C "$pbld" "${targets[@]}" >"$out/build-$i.log" 2>&1; then
         built=$((built + 1))
         say "patch $i/$n builds ($((($(now_ms) - t0) / 1000)) s): ${subjects[$((i - 1))]}"
+        result 0 "patches 1-$i build"
     else
         say "patch $i/$n does NOT build: ${subjects[$((i - 1))]}"
         grep -E 'error|undefined reference' "$out/build-$i.log" | head -10 | sed 's/^/    /' >&2
-        bad=$((bad + 1))
+        result 1 "patches 1-$i build"
     fi
 done
 gitp checkout -q posting

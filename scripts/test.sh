@@ -9,7 +9,8 @@
 #
 #   1. unit tests of the QEMU-independent core (standalone meson build),
 #      and 60 s of fuzzing of its decoders
-#   2. builds QEMU 10.0.x with our patch series
+#   2. builds QEMU 10.0.x with our patch series; then writes the series as
+#      it would be posted and checks it: checkpatch, every prefix builds
 #   3. the dedup-nas qtests (tests/qtest/nas-dedup-test.c)
 #   4. the functional test: Linux guest on an NFS export, pre-copy vs dedup-nas
 #   5. the benchmark's smoke mode (one scenario, two modes, one round of the
@@ -106,6 +107,10 @@ if ! scripts/build.sh > "$logdir/qemu-build.log" 2>&1; then
     failed=$((failed + 1)); broken=1; finish
 fi
 say "QEMU built in $(( $(date +%s) - t0 )) s since start: $(build/qemu/qemu-system-x86_64 --version | head -1)"
+
+# 2b. The series as it would be posted (build/posting/series): every patch
+#     checkpatch-clean and signed off, every prefix builds.
+run_tap posting timeout 2400 scripts/posting.sh --check
 
 export QTEST_QEMU_BINARY="$top/build/qemu/qemu-system-x86_64"
 export QTEST_QEMU_IMG="$top/build/qemu/qemu-img"

@@ -80,6 +80,30 @@ wait_for() {
     done
 }
 
+# How QEMU is configured, for the patched build (build.sh) and the
+# posting's prefix builds (posting.sh): the same line, so that the two
+# share objects through ccache.  Firmware comes from Debian's packages
+# (seabios, ipxe-qemu, qemu-system-data): --firmwarepath makes the binary
+# find it without -L.
+QEMU_CONFIGURE=(
+    --python=/usr/bin/python3
+    --target-list=x86_64-softmmu
+    --without-default-features
+    --enable-tcg --enable-libnfs --enable-slirp --enable-zstd --enable-avx2
+    --enable-fdt=system --enable-tools
+    --disable-docs --disable-install-blobs --disable-werror
+    --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
+)
+# Compile through ccache, paths relative to build/ (both trees are
+# build/<x>/qemu-src with build/<x>/qemu beside it, or build/qemu-src and
+# build/qemu), and without the build directory in the hash.
+use_ccache() {
+    if [ -d /usr/lib/ccache ]; then
+        export PATH=/usr/lib/ccache:$PATH
+        export CCACHE_BASEDIR=$NASDEDUP_BUILD CCACHE_NOHASHDIR=1
+    fi
+}
+
 # The QEMU binaries of the patched build.  Another job may be (re)building
 # them, so callers can wait a bounded time for them to appear.
 qemu_system() { printf '%s\n' "${NASDEDUP_QEMU:-$NASDEDUP_QEMU_BUILD/qemu-system-x86_64}"; }

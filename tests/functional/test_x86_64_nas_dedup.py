@@ -383,7 +383,8 @@ class NasDedupMigration(QemuSystemTest):
                 f'dirty-sync-count={ram["dirty-sync-count"]} '
                 f'total-time={s.get("total-time")} ms '
                 f'downtime={s.get("downtime")} ms; '
-                f'boot {res["boot_s"]:.1f} s, migrate {res["migrate_s"]:.1f} s, '
+                f'boot {res["boot_s"]:.1f} s, '
+                f'migrate {res["migrate_s"]:.1f} s, '
                 f'verify {res["verify_s"]:.1f} s, all {res["total_s"]:.1f} s')
         for side, info in (('src', s), ('dst', d)):
             st = info.get('dedup-nas')

@@ -909,19 +909,32 @@ static void test_collision(void)
 #define INJECT_AFTER                (64 * KiB)
 
 typedef enum ProxyMode {
-    PROXY_FAKE_DEST,    /* no destination: drain the stream, and send
-                           @inject on the return path once the source has
-                           sent INJECT_AFTER bytes (set up by then) */
+    /*
+     * No destination: drain the stream, and send @inject on the return path
+     * once the source has sent INJECT_AFTER bytes (set up by then)
+     */
+    PROXY_FAKE_DEST,
     PROXY_HOLD_ACKS,    /* forward, but never a DEDUP_SYNC_ACK */
-    PROXY_CUT,          /* forward, and cut the connection once the source
-                           sent @cut_after bytes (0: once the first
-                           DEDUP_SYNC_ACK went back to it) */
-    PROXY_SWAP_MSGS,    /* swap the return-path numbers the SETUP record
-                           declares, and swap them back on the way back */
-    PROXY_NO_RP,        /* forward the stream, but close the return path:
-                           the destination's messages cannot be sent */
-    PROXY_MUTATE,       /* rewrite the first REFS record as @mutation says
-                           (the stream is held until it has passed) */
+    /*
+     * Forward, and cut the connection once the source sent @cut_after bytes
+     * (0: once the first DEDUP_SYNC_ACK went back to it)
+     */
+    PROXY_CUT,
+    /*
+     * Swap the return-path numbers the SETUP record declares, and swap them
+     * back on the way back
+     */
+    PROXY_SWAP_MSGS,
+    /*
+     * Forward the stream, but close the return path: the destination's
+     * messages cannot be sent
+     */
+    PROXY_NO_RP,
+    /*
+     * Rewrite the first REFS record as @mutation says (the stream is held
+     * until it has passed)
+     */
+    PROXY_MUTATE,
 } ProxyMode;
 
 typedef struct Mutation Mutation;
@@ -1208,22 +1221,27 @@ typedef enum MutationKind {
     MUT_ABSURD_RUN,         /* a run longer than allowed */
     MUT_UNALIGNED,          /* a disk offset not 4 KiB aligned */
     MUT_TRUNCATED,          /* the stream ends inside the record */
-    MUT_BAD_NEXT,           /* the record is fine, the next one has an
-                               unknown type */
-    MUT_UNKNOWN_DRIVE,      /* the DRIVE record names a drive the
-                               destination lacks */
+    /* The record is fine, the next one has an unknown type */
+    MUT_BAD_NEXT,
+    /* The DRIVE record names a drive the destination lacks */
+    MUT_UNKNOWN_DRIVE,
     MUT_PAST_DISK_END,      /* a disk range past the end of the drive */
     MUT_BAD_HASH,           /* two hashes of the run changed */
-    MUT_GROWN_BLOCK,        /* a reference into a resizable RAMBlock, the
-                               block grown by a later MEM_SIZE, then a
-                               reference past its old end */
+    /*
+     * A reference into a resizable RAMBlock, the block grown by a later
+     * MEM_SIZE, then a reference past its old end
+     */
+    MUT_GROWN_BLOCK,
 } MutationKind;
 
 struct Mutation {
     const char *name;           /* first, for add_cases() */
     MutationKind kind;
-    const char *expect;         /* in the destination's error; NULL: the
-                                   migration completes, RAM identical */
+    /*
+     * In the destination's error; NULL: the migration completes, RAM
+     * identical
+     */
+    const char *expect;
 };
 
 static const Mutation malformed_cases[] = {

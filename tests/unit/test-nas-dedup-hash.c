@@ -165,7 +165,7 @@ static void test_hash_impls(void)
     NasDedupHash g, d;
     unsigned int i;
 
-#ifdef NAS_DEDUP_HASH_AVX2
+#ifdef CONFIG_AVX2_OPT
     if (!nas_dedup_hash_have_avx2()) {
         g_test_skip("this CPU has no AVX2");
     }
@@ -179,7 +179,7 @@ static void test_hash_impls(void)
         g.lo = nas_dedup_hash64_generic(&key, 1, p);
         nas_dedup_hash_chunk(&key, p, &d);
         g_assert_true(nas_dedup_hash_equal(&g, &d));
-#ifdef NAS_DEDUP_HASH_AVX2
+#ifdef CONFIG_AVX2_OPT
         if (nas_dedup_hash_have_avx2()) {
             d.hi = nas_dedup_hash64_avx2(&key, 0, p);
             d.lo = nas_dedup_hash64_avx2(&key, 1, p);
