@@ -14,7 +14,7 @@
  * one function.
  */
 #include "qemu/osdep.h"
-#include "nas-dedup-hash.h"
+#include "migration/nas-dedup-hash.h"
 
 #ifdef CONFIG_AVX2_OPT
 #pragma GCC push_options

@@ -8,7 +8,7 @@
 #ifdef CONFIG_AVX2_OPT
 #include "host/cpuinfo.h"
 #endif
-#include "nas-dedup-hash.h"
+#include "migration/nas-dedup-hash.h"
 
 QEMU_BUILD_BUG_ON(NAS_DEDUP_SECRET_SIZE < XXH3_SECRET_SIZE_MIN);
 

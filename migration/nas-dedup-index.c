@@ -49,7 +49,7 @@
  */
 #include "qemu/osdep.h"
 #include "qemu/thread.h"
-#include "nas-dedup-index.h"
+#include "migration/nas-dedup-index.h"
 
 /*
  * Entry.loc: bit 63 valid, bit 62 referenced, bits 45..59 drive,

@@ -44,7 +44,7 @@
 #include "exec/target_page.h"
 #include "migration.h"
 #include "qemu-file.h"
-#include "nas-dedup.h"
+#include "nas-dedup-int.h"
 #include "nas-dedup-wire.h"
 #include "trace.h"
 
@@ -564,7 +564,7 @@ static int coroutine_fn load_drive(const NasDedupRecord *rec, Error **errp)
     }
     d->blk = v->blk;
     d->size = MIN(v->size, rec->disk_size);
-    trace_nas_dedup_drive_new(rec->drive, rec->id, d->size);
+    trace_nas_dedup_load_drive(rec->drive, rec->id, d->size);
     return 0;
 }
 

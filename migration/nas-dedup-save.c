@@ -25,7 +25,7 @@
 #include "migration.h"
 #include "qemu-file.h"
 #include "ram.h"
-#include "nas-dedup.h"
+#include "nas-dedup-int.h"
 #include "nas-dedup-wire.h"
 #include "options.h"
 #include "trace.h"

@@ -37,7 +37,7 @@
 #ifndef MIGRATION_NAS_DEDUP_WIRE_H
 #define MIGRATION_NAS_DEDUP_WIRE_H
 
-#include "nas-dedup-index.h"
+#include "migration/nas-dedup-index.h"
 
 enum {
     NAS_DEDUP_REC_DRIVE = 1,
@@ -49,7 +49,7 @@ enum {
 #define NAS_DEDUP_WIRE_VERSION 1
 
 #define NAS_DEDUP_REFS_MAX     256     /* pages in one REFS run */
-#define NAS_DEDUP_ID_MAX       255     /* drive / RAMBlock id length */
+/* NAS_DEDUP_ID_MAX (nas-dedup-index.h) bounds drive and RAMBlock ids. */
 
 typedef struct NasDedupRecord {
     uint8_t type;

@@ -14,7 +14,7 @@
 #include "monitor/monitor.h"
 #include "migration.h"
 #include "options.h"
-#include "nas-dedup.h"
+#include "nas-dedup-int.h"
 #include "trace.h"
 
 NasDedupCounters nas_dedup_counters;
@@ -124,6 +124,11 @@ static uint64_t nas_dedup_index_budget(void)
     uint64_t size = migrate_get_current()->parameters.dedup_nas_index_size;
 
     return size ? size : nas_dedup_auto_size();
+}
+
+bool nas_dedup_tracking(void)
+{
+    return migrate_dedup_nas();
 }
 
 NasDedupIndex *nas_dedup_index_get(void)

@@ -131,12 +131,13 @@ deps=$(pkg-config --cflags --libs glib-2.0 libxxhash) ||
 cflags=(-g -O1 -std=gnu11 -fno-omit-frame-pointer
         -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
         -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
-        -Istandalone/include -Imigration)
+        -Istandalone/include -Imigration -Iinclude)
 mkdir -p "$out"
 bin=$out/$name
 # Rebuild when a source, a header, a flag or the compiler changed.
 key=$( { "$CC" --version; echo "${cflags[*]} $deps ${srcs[*]}";
-         cat "${srcs[@]}" migration/*.h standalone/include/qemu/*.h; } |
+         cat "${srcs[@]}" migration/*.h include/migration/nas-dedup*.h \
+             standalone/include/qemu/*.h standalone/include/host/*.h; } |
        sha256sum | cut -d' ' -f1)
 if [ ! -x "$bin" ] || [ "$(cat "$bin.key" 2>/dev/null)" != "$key" ]; then
     say "building $bin ($wire_src)"

@@ -17,7 +17,7 @@
  * Usage: bench-nas-dedup-index [MiB of guest I/O (256)] [request KiB (128)]
  */
 #include "qemu/osdep.h"
-#include "nas-dedup-index.h"
+#include "migration/nas-dedup-index.h"
 
 #define C NAS_DEDUP_CHUNK
 

@@ -6,7 +6,7 @@
 #include "qemu/osdep.h"
 #define XXH_INLINE_ALL          /* for XXH3_kSecret, the published secret */
 #include <xxhash.h>
-#include "nas-dedup-hash.h"
+#include "migration/nas-dedup-hash.h"
 
 #define C NAS_DEDUP_CHUNK
 

@@ -4,7 +4,7 @@
  * Unit tests of the dedup-nas content index.
  */
 #include "qemu/osdep.h"
-#include "nas-dedup-index.h"
+#include "migration/nas-dedup-index.h"
 
 #define MiB (1024 * 1024)
 #define C NAS_DEDUP_CHUNK

@@ -1,7 +1,7 @@
 /*
  * SPDX-License-Identifier: GPL-2.0-or-later
  *
- * dedup-nas: tracking of guest disk I/O
+ * dedup-nas: tracking of guest disk I/O (the storage side)
  *
  * Every completed read and write of a BlockBackend attached to a guest
  * device goes through the block layer's I/O observer; with the capability
@@ -27,9 +27,7 @@
 #include "qemu/osdep.h"
 #include "qemu/rcu.h"
 #include "system/block-backend.h"
-#include "nas-dedup.h"
-#include "nas-dedup-wire.h"
-#include "options.h"
+#include "migration/nas-dedup.h"
 #include "trace.h"
 
 typedef struct NasDedupDrive {
@@ -127,7 +125,7 @@ static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
                                            QEMUIOVector *qiov,
                                            size_t qiov_offset)
 {
-    bool on = migrate_dedup_nas();
+    bool on = nas_dedup_tracking();
     NasDedupIndex *idx;
     int drive;
 

@@ -10,8 +10,7 @@
 #include "qapi/qapi-types-migration.h"
 #include "qemu/stats64.h"
 #include "exec/ramblock.h"
-#include "nas-dedup-hash.h"
-#include "nas-dedup-index.h"
+#include "migration/nas-dedup.h"
 
 typedef struct QEMUFile QEMUFile;
 typedef struct MigrationIncomingState MigrationIncomingState;
@@ -24,10 +23,6 @@ bool nas_dedup_caps_check(const bool *new_caps, Error **errp);
 bool nas_dedup_switchover_slack_check(uint64_t ms, Error **errp);
 bool nas_dedup_index_size_check(uint64_t size, Error **errp);
 void nas_dedup_index_resize(Error **errp);
-/* The index, created on first use; call within an RCU read section. */
-NasDedupIndex *nas_dedup_index_get(void);
-/* The index if it exists, without creating it; same rules. */
-NasDedupIndex *nas_dedup_index_peek(void);
 void nas_dedup_fill_info(MigrationInfo *info, bool incoming);
 void nas_dedup_hmp_info(Monitor *mon, const DedupNasStats *st);
 void nas_dedup_stats_reset(bool incoming);
@@ -48,19 +43,6 @@ typedef struct NasDedupCounters {
     int64_t fetch_busy_since;   /* reads in flight since (us); 0: none */
 } NasDedupCounters;
 extern NasDedupCounters nas_dedup_counters;
-
-/* nas-dedup-track.c: guest disk I/O tracking */
-void nas_dedup_track_init(void);
-/*
- * The identity (attached device's id or QOM path) and size of tracked drive
- * number @drive, as the index knows it.  False if there is no such drive.
- */
-bool nas_dedup_drive_info(uint16_t drive, char **id, uint64_t *size);
-/*
- * False once drive number @drive was resized, lost its medium or was
- * detached: its index entries are stale.  Lock-free.
- */
-bool nas_dedup_drive_live(uint16_t drive);
 
 /* nas-dedup-save.c: source side, called from ram.c */
 /*

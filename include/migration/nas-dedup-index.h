@@ -17,10 +17,12 @@
 #define MIGRATION_NAS_DEDUP_INDEX_H
 
 #include <sys/uio.h>
-#include "nas-dedup-hash.h"
+#include "migration/nas-dedup-hash.h"
 
 /* Drive numbers fit in 15 bits (see the entry layout in the .c file). */
 #define NAS_DEDUP_MAX_DRIVES 32767
+/* A drive's identity (its device's qdev id or QOM path): at most this long */
+#define NAS_DEDUP_ID_MAX 255
 /* Offsets are chunk-aligned and below 2^57 bytes (128 PiB). */
 #define NAS_DEDUP_MAX_OFFSET (1ull << 57)
 /*
