@@ -40,7 +40,8 @@ typedef struct NasDedupCounters {
     Stat64 read_errors;
     Stat64 resend_requests;
     Stat64 fetch_time_us;       /* with at least one read in flight */
-    int64_t fetch_busy_since;   /* reads in flight since (us); 0: none */
+    /* Reads in flight since (us); 0: none.  qatomic_*_i64() access. */
+    int64_t fetch_busy_since;
 } NasDedupCounters;
 extern NasDedupCounters nas_dedup_counters;
 

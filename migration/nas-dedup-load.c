@@ -463,9 +463,16 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
         g_ptr_array_add(st->bufs, buf);
     }
     if (--st->inflight == 0) {
-        stat64_add(&nas_dedup_counters.fetch_time_us,
-                   g_get_monotonic_time() - st->busy_since);
-        qatomic_set(&nas_dedup_counters.fetch_busy_since, 0);
+        if (!st->dead) {
+            /*
+             * (A reader between the two may count the interval twice, for
+             * that instant.)  A dead load's reads no longer count: the
+             * counters may be a new load's.
+             */
+            stat64_add(&nas_dedup_counters.fetch_time_us,
+                       g_get_monotonic_time() - st->busy_since);
+            qatomic_set_i64(&nas_dedup_counters.fetch_busy_since, 0);
+        }
         if (st->dead) {
             load_state_free(st);
             return;
@@ -618,8 +625,8 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     if (load->inflight < NAS_DEDUP_INFLIGHT) {
         if (!load->inflight++) {
             load->busy_since = g_get_monotonic_time();
-            qatomic_set(&nas_dedup_counters.fetch_busy_since,
-                        load->busy_since);
+            qatomic_set_i64(&nas_dedup_counters.fetch_busy_since,
+                            load->busy_since);
         }
         qemu_coroutine_enter(qemu_coroutine_create(nas_dedup_fetch_co, fe));
         return 0;

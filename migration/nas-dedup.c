@@ -199,6 +199,7 @@ void nas_dedup_stats_reset(bool incoming)
         stat64_set(&c->read_errors, 0);
         stat64_set(&c->resend_requests, 0);
         stat64_set(&c->fetch_time_us, 0);
+        qatomic_set_i64(&c->fetch_busy_since, 0);
     } else {
         stat64_set(&c->ref_pages, 0);
         stat64_set(&c->ref_bytes, 0);
@@ -223,7 +224,7 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
         st->mismatches = stat64_get(&c->mismatches);
         st->read_errors = stat64_get(&c->read_errors);
         st->resend_requests = stat64_get(&c->resend_requests);
-        since = qatomic_read(&c->fetch_busy_since);
+        since = qatomic_read_i64(&c->fetch_busy_since);
         st->fetch_time = (stat64_get(&c->fetch_time_us) +
                           (since ? g_get_monotonic_time() - since : 0)) / 1000;
         return;

@@ -23,10 +23,6 @@ die() { printf '[assemble] ERROR: %s\n' "$*" >&2; exit 1; }
 force=0
 [ "${1:-}" = --force ] && force=1
 
-# Our new files, at their QEMU paths (directories or single files).
-OVERLAY=(migration hw/nas-dedup include/migration tests/qtest tests/functional
-         docs/devel/nas-dedup.rst)
-
 "$top/scripts/fetch-qemu.sh"
 upstream=$(cat "$top/build/debian-src/.extracted")
 src="$top/build/qemu-src"
@@ -79,20 +75,17 @@ fi
 exclude="$src/.git/info/exclude"
 mkdir -p "$(dirname "$exclude")"
 : > "$exclude.new"
-for o in "${OVERLAY[@]}"; do
-    [ -e "$top/$o" ] || continue
-    while IFS= read -r f; do
-        rel=${f#"$top/"}
-        if git_ cat-file -e "upstream:$rel" 2>/dev/null; then
-            die "$rel exists upstream: change it with a patch, not an overlay"
-        fi
-        mkdir -p "$src/$(dirname "$rel")"
-        if [ "$(readlink "$src/$rel" 2>/dev/null)" != "$f" ]; then
-            ln -sfn "$f" "$src/$rel"
-        fi
-        printf '/%s\n' "$rel" >> "$exclude.new"
-    done < <(find "$top/$o" -type f | sort)
-done
+while IFS= read -r rel; do
+    f=$top/$rel
+    if git_ cat-file -e "upstream:$rel" 2>/dev/null; then
+        die "$rel exists upstream: change it with a patch, not an overlay"
+    fi
+    mkdir -p "$src/$(dirname "$rel")"
+    if [ "$(readlink "$src/$rel" 2>/dev/null)" != "$f" ]; then
+        ln -sfn "$f" "$src/$rel"
+    fi
+    printf '/%s\n' "$rel" >> "$exclude.new"
+done < <(overlay_files "$top")
 # Remove links to overlay files that no longer exist.
 if [ -f "$exclude" ]; then
     while IFS= read -r rel; do

@@ -54,6 +54,8 @@ PKGS=(
     # fuzzing (scripts/fuzz.sh): clang, its libFuzzer/sanitizer runtimes,
     # llvm-symbolizer for the reports
     clang libclang-rt-dev llvm
+    # the posting's doc check (scripts/posting.sh --check): Sphinx
+    python3-sphinx
 )
 # Packages we need newer than bookworm has.
 BPO_PKGS=(meson python3-pycotap qemu-system-data)

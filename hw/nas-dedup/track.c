@@ -141,11 +141,10 @@ static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
     if (drive < 0) {
         return;
     }
-    if (kind == BLK_IO_OBSERVE_INVALIDATE &&
-        (uint64_t)offset + bytes > NAS_DEDUP_MAX_OFFSET) {
+    if (kind == BLK_IO_OBSERVE_INVALIDATE_ALL) {
         /*
-         * All of it, e.g. a failed zone append.  Not a retirement: the
-         * guest can do this at will, and numbers are never reused.
+         * A failed zone append.  Not a retirement: the guest can do this
+         * at will, and numbers are never reused.
          */
         nas_dedup_index_invalidate_drive(idx, drive);
         return;

@@ -91,7 +91,7 @@ QEMU_CONFIGURE=(
     --without-default-features
     --enable-tcg --enable-libnfs --enable-slirp --enable-zstd --enable-avx2
     --enable-fdt=system --enable-tools
-    --disable-docs --disable-install-blobs --disable-werror
+    --disable-docs --disable-install-blobs --enable-werror
     --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu
 )
 # Compile through ccache, paths relative to build/ (both trees are

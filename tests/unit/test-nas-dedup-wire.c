@@ -5,7 +5,7 @@
  * every truncated or malformed form.
  */
 #include "qemu/osdep.h"
-#include "nas-dedup-wire.h"
+#include "../migration/nas-dedup-wire.h"
 
 typedef struct Buf {
     const uint8_t *p;
