@@ -2197,8 +2197,9 @@ static void test_dest_killed(void)
  * runs 30 from a seed of the time), each with parameters drawn from
  * NAS_DEDUP_STRESS_SEED + its number (default 1, so that the test command
  * runs the same cases each time; a replay repeats the parameters and the
- * sequence of operations, not their timing against the migration): how much of guest RAM is disk content, raw or qcow2,
- * an index of the minimum size or the default (the minimum holds fewer
+ * sequence of operations, not their timing against the migration): how
+ * much of guest RAM is disk content, raw or qcow2, an index of the minimum
+ * size or the default (the minimum holds fewer
  * entries than the cache has pages: evictions), bandwidth, and while
  * migrating a random sequence of guest disk reads into that cache, guest
  * disk writes, guest RAM writes over cached pages and, for raw, blocks

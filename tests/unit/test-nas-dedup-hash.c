@@ -41,12 +41,13 @@ static void wr64(uint8_t *p, uint64_t v)
 
 /*
  * Make two different 4 KiB blocks @a and @b that XXH3 with @secret
- * (NAS_DEDUP_SECRET_SIZE bytes) hashes alike, 64 or 128 bits.  XXH3 adds, for each 8-byte
- * lane d of a 64-byte stripe with secret word k, lo32(d ^ k) * hi32(d ^ k)
- * to one accumulator and d to its neighbour.  Lane 0 of stripes 0 and 1
- * (secret words at 0 and 8): with lo32(d ^ k) = 0 the product is 0 whatever
- * the high half, so moving 2^32 * c from one lane to the other keeps both
- * sums.  This is what a guest that knows the secret can do.
+ * (NAS_DEDUP_SECRET_SIZE bytes) hashes alike, 64 or 128 bits.  XXH3 adds,
+ * for each 8-byte lane d of a 64-byte stripe with secret word k,
+ * lo32(d ^ k) * hi32(d ^ k) to one accumulator and d to its neighbour.
+ * Lane 0 of stripes 0 and 1 (secret words at 0 and 8): with
+ * lo32(d ^ k) = 0 the product is 0 whatever the high half, so moving
+ * 2^32 * c from one lane to the other keeps both sums.  This is what a
+ * guest that knows the secret can do.
  */
 static void make_collision(const uint8_t *secret, GRand *r, uint8_t *a,
                            uint8_t *b)

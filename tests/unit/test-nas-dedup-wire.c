@@ -159,39 +159,33 @@ static void expect_reject(const uint8_t *data, size_t len, const char *what)
     g_free(out);
 }
 
+/* expect_reject() of the bytes listed, as many as there are. */
+#define REJECT(what, ...) \
+    expect_reject((const uint8_t[]){ __VA_ARGS__ }, \
+                  sizeof((const uint8_t[]){ __VA_ARGS__ }), what)
+
 static void test_malformed(void)
 {
     /* unknown type */
-    expect_reject((const uint8_t[]){ 0 }, 1, "unknown record type 0");
-    expect_reject((const uint8_t[]){ 9, 0, 0 }, 3, "unknown record type 9");
+    REJECT("unknown record type 0", 0);
+    REJECT("unknown record type 9", 9, 0, 0);
     /* DRIVE: drive number out of range, empty id, unprintable id, size */
-    expect_reject((const uint8_t[]){ 1, 0x80, 0x00, 1, 'a',
-                                     0, 0, 0, 0, 0, 0, 0, 1 }, 13, "drive number");
-    expect_reject((const uint8_t[]){ 1, 0, 1, 0,
-                                     0, 0, 0, 0, 0, 0, 0, 1 }, 12, "invalid DRIVE");
-    expect_reject((const uint8_t[]){ 1, 0, 1, 2, 'a', '\n',
-                                     0, 0, 0, 0, 0, 0, 0, 1 }, 14, "invalid DRIVE");
-    expect_reject((const uint8_t[]){ 1, 0, 1, 1, 'a',
-                                     0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff },
-                  13, "absurd disk size");
+    REJECT("drive number", 1, 0x80, 0x00, 1, 'a', 0, 0, 0, 0, 0, 0, 0, 1);
+    REJECT("invalid DRIVE", 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1);
+    REJECT("invalid DRIVE", 1, 0, 1, 2, 'a', '\n', 0, 0, 0, 0, 0, 0, 0, 1);
+    REJECT("absurd disk size", 1, 0, 1, 1, 'a', 0xff, 0xff, 0xff, 0xff, 0xff,
+           0xff, 0xff, 0xff);
     /* REFS: drive, run length 0 and too long, unaligned and absurd offset */
-    expect_reject((const uint8_t[]){ 2, 0xff, 0xff, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0 },
-                  13, "drive number");
-    expect_reject((const uint8_t[]){ 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
-                  13, "run of 0 pages");
-    expect_reject((const uint8_t[]){ 2, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0 },
-                  13, "run of 257 pages");
-    expect_reject((const uint8_t[]){ 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x10, 0x01 },
-                  13, "bad disk offset");
-    expect_reject((const uint8_t[]){ 2, 0, 0, 0, 1, 0xf0, 0, 0, 0, 0, 0, 0, 0 },
-                  13, "bad disk offset");
+    REJECT("drive number", 2, 0xff, 0xff, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    REJECT("run of 0 pages", 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    REJECT("run of 257 pages", 2, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    REJECT("bad disk offset", 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x10, 0x01);
+    REJECT("bad disk offset", 2, 0, 0, 0, 1, 0xf0, 0, 0, 0, 0, 0, 0, 0);
     /* SYNC: bad final flag */
-    expect_reject((const uint8_t[]){ 3, 0, 0, 0, 1, 2 }, 6, "final flag");
+    REJECT("final flag", 3, 0, 0, 0, 1, 2);
     /* SETUP: unknown version, wrong key length */
-    expect_reject((const uint8_t[]){ 4, 2, 0, 9, 0, 10, 1, 128 }, 8,
-                  "protocol version 2");
-    expect_reject((const uint8_t[]){ 4, 1, 0, 9, 0, 10, 0, 16 }, 8,
-                  "key of 16 bytes");
+    REJECT("protocol version 2", 4, 2, 0, 9, 0, 10, 1, 128);
+    REJECT("key of 16 bytes", 4, 1, 0, 9, 0, 10, 0, 16);
 }
 
 static void test_refs_check(void)
