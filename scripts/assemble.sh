@@ -18,8 +18,8 @@
 # Usage: scripts/assemble.sh [--force]   (--force drops unexported changes)
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-say() { printf '[assemble] %s\n' "$*" >&2; }
-die() { printf '[assemble] ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"   # say, die, warn
 force=0
 [ "${1:-}" = --force ] && force=1
 

@@ -12,7 +12,8 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
-say() { printf '[demo] %s\n' "$*" >&2; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"   # say, die, warn
 
 say "step 1/4: packages"
 scripts/install-deps.sh

@@ -132,7 +132,15 @@ mkdir -p "$RUN"
 rm -f "$RUN"/*.sock "$RUN"/*.log "$RUN"/*.json
 # A fresh copy under a new name each run: ganesha caches directory entries
 # and handles, so a file replaced by rename reads as NFS3ERR_STALE.
-rm -f "$NASDEDUP_EXPORT_DIR"/e2e-*.raw "$NASDEDUP_EXPORT_DIR"/e2e-*.qcow2
+# Copies left by earlier runs that were killed (their PID is gone); another
+# run's copy stays.
+for f in "$NASDEDUP_EXPORT_DIR"/e2e-*.raw "$NASDEDUP_EXPORT_DIR"/e2e-*.qcow2; do
+    [ -e "$f" ] || continue
+    pid=${f##*/e2e-}
+    pid=${pid%.*}
+    case $pid in *[!0-9]* | "") continue ;; esac
+    pid_alive "$pid" || rm -f "$f"
+done
 DISK=e2e-$$.$FMT
 t0=$(now_ms)
 cp --sparse=always "$NASDEDUP_GUEST_DIR/data.$FMT" "$NASDEDUP_EXPORT_DIR/$DISK"

@@ -7,8 +7,8 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 src="$top/build/qemu-src"
 . "$top/scripts/lib/series.sh"
-say() { printf '[export-patches] %s\n' "$*" >&2; }
-die() { printf '[export-patches] ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"   # say, die, warn
 [ -d "$src/.git" ] || die "no assembled tree; run scripts/assemble.sh first"
 if [ -n "$(git -C "$src" status --porcelain --untracked-files=no)" ]; then
     die "build/qemu-src has uncommitted changes to upstream files: commit them first"

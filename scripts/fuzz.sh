@@ -28,7 +28,8 @@ cd "$top" || exit 1
 name=fuzz-nas-dedup-wire
 seeds=tests/fuzz/corpus
 out=build/fuzz
-say() { printf '[fuzz] %s\n' "$*" >&2; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"   # say, die, warn
 
 # ---------------------------------------------------------------------------
 # Seeds: real encodings (layouts of migration/nas-dedup-wire.h), each behind

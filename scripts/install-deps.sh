@@ -11,7 +11,8 @@ set -euo pipefail
 
 SOURCES=/etc/apt/sources.list.d/qemu-nas-dedup.sources
 STAMP_DIR=${NASDEDUP_STAMP_DIR:-/var/lib/qemu-nas-dedup}
-say() { printf '[install-deps] %s\n' "$*" >&2; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"   # say, die, warn
 
 if [ "$(id -u)" != 0 ]; then
     SUDO=sudo

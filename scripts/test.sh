@@ -22,7 +22,8 @@ set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 logdir="$top/build/test-logs"
-say() { printf '[test] %s\n' "$*" >&2; }
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$(dirname "$0")/lib/common.sh"   # say, die, warn
 
 passed=0 failed=0 skipped=0 broken=0
 
