@@ -181,6 +181,9 @@ class NasDedupMigration(QemuSystemTest):
         self.nfs_url = os.environ.get('NASDEDUP_NFS_URL',
                                       'nfs://127.0.0.1/export').rstrip('/')
         self.prefix = os.environ.get('NASDEDUP_FT_PREFIX', f'ft-{os.getpid()}')
+        if os.geteuid() != 0:
+            self._missing('needs root: the NFS export runs in a network '
+                          'namespace and the fault cases signal its server')
         self.require_accelerator('tcg')
         self.set_machine('q35')
         self.require_device('virtio-blk-pci')
