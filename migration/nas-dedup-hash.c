@@ -47,20 +47,3 @@ bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b)
 {
     return a->hi == b->hi && a->lo == b->lo;
 }
-
-bool nas_dedup_chunk_is_zero(const void *buf)
-{
-    const uint8_t *p = buf;
-    size_t i;
-
-    /* @buf may be unaligned (a guest DMA buffer): load through memcpy. */
-    for (i = 0; i < NAS_DEDUP_CHUNK; i += 4 * sizeof(uint64_t)) {
-        uint64_t w[4];
-
-        memcpy(w, p + i, sizeof(w));
-        if (w[0] | w[1] | w[2] | w[3]) {
-            return false;
-        }
-    }
-    return true;
-}

@@ -49,6 +49,8 @@
  */
 #include "qemu/osdep.h"
 #include "qemu/thread.h"
+#include "qemu/cutils.h"
+#include "qemu/iov.h"
 #include "migration/nas-dedup-index.h"
 
 /*
@@ -770,7 +772,7 @@ static const void *iov_chunk(const struct iovec *iov, unsigned int niov,
                              size_t pos, void *buf, size_t len)
 {
     unsigned int i = 0;
-    size_t done = 0;
+    size_t done;
 
     while (i < niov && pos >= iov[i].iov_len) {
         pos -= iov[i].iov_len;
@@ -779,15 +781,7 @@ static const void *iov_chunk(const struct iovec *iov, unsigned int niov,
     if (i < niov && iov[i].iov_len - pos >= len) {
         return (const uint8_t *)iov[i].iov_base + pos;
     }
-    while (i < niov && done < len) {
-        size_t n = MIN(len - done, iov[i].iov_len - pos);
-
-        memcpy((uint8_t *)buf + done,
-               (const uint8_t *)iov[i].iov_base + pos, n);
-        done += n;
-        pos = 0;
-        i++;
-    }
+    done = i < niov ? iov_to_buf(iov + i, niov - i, pos, buf, len) : 0;
     return done == len ? buf : NULL;
 }
 
@@ -838,7 +832,7 @@ void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
                 n = k;          /* iovec shorter than announced */
                 break;
             }
-            zero[k] = nas_dedup_chunk_is_zero(p);
+            zero[k] = buffer_is_zero(p, NAS_DEDUP_CHUNK);
             if (!zero[k]) {
                 hashes[k] = nas_dedup_hash64(&idx->key, 0, p);
             }

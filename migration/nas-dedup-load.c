@@ -7,7 +7,7 @@
  * the same bytes on the source.  The loader starts an asynchronous read of
  * the blocks from this VM's own drive (the same shared image) and goes on
  * with the stream; up to NAS_DEDUP_INFLIGHT reads run at once.  When a read
- * completes, each block whose keyed XXH3-128 (the key comes in the SETUP
+ * completes, each block whose keyed hash (two XXH3-64, the key in the SETUP
  * record) matches goes into guest RAM, unless newer data for that page
  * arrived meanwhile; any other page is asked from the source again on the
  * return path.  So is every page of a reference that this VM cannot
@@ -580,7 +580,7 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
 {
     LoadDrive *d = g_hash_table_lookup(load->drives,
                                        GUINT_TO_POINTER(rec->drive));
-    g_autofree char *err = NULL;
+    g_autoptr(Error) err = NULL;
     unsigned long first = offset >> TARGET_PAGE_BITS;
     uint32_t *t, k, ticket;
     Fetch *fe;
@@ -598,7 +598,8 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     /* Pages outside guest RAM are a protocol error; disk ranges are not. */
     if (!nas_dedup_refs_check(rec, offset, block->used_length, UINT64_MAX,
                               &err)) {
-        error_setg(errp, "dedup-nas: %s (RAMBlock %s)", err, block->idstr);
+        error_setg(errp, "dedup-nas: %s (RAMBlock %s)",
+                   error_get_pretty(err), block->idstr);
         return -EINVAL;
     }
     trace_nas_dedup_load_refs(block->idstr, offset, rec->drive,
@@ -705,7 +706,7 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
                           Error **errp)
 {
     NasDedupRecord *rec = g_new0(NasDedupRecord, 1);
-    g_autofree char *err = NULL;
+    g_autoptr(Error) err = NULL;
     int ret;
 
     if (!qemu_in_coroutine() || !load) {
@@ -716,7 +717,8 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
     flush_resends(load);
     if (!nas_dedup_record_decode(qemufile_read, f, rec, &err)) {
         error_setg(errp, "dedup-nas: malformed record at %s 0x%" PRIx64
-                   ": %s", block->idstr, (uint64_t)offset, err);
+                   ": %s", block->idstr, (uint64_t)offset,
+                   error_get_pretty(err));
         g_free(rec);
         return -EINVAL;
     }

@@ -85,7 +85,12 @@ static struct {
     unsigned long asked_pages;  /* bits set in the asked bitmaps */
     uint32_t sent_seq;          /* last SYNC sent */
     uint32_t acked_seq;         /* last SYNC answered */
-    uint32_t acked_pending;
+    /*
+     * Pages the destination asked again (RESEND) since its previous
+     * SYNC_ACK, as its last SYNC_ACK says: sent in full before the next
+     * SYNC.
+     */
+    uint32_t acked_resends;
 
     /*
      * The watchdog thread, one a migration with a return path.  Armed by
@@ -321,7 +326,7 @@ int nas_dedup_save_setup(Error **errp)
         qatomic_set(&save.asked_pages, 0);
         save.sent_seq = 0;
         save.acked_seq = 0;
-        save.acked_pending = 0;
+        save.acked_resends = 0;
         save.final_sent = false;
         save.active = true;
     }
@@ -729,7 +734,7 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
                            MIN(100, MAX(1, save.deadline_ms -
                                qemu_clock_get_ms(QEMU_CLOCK_REALTIME))));
     }
-    if (qatomic_read(&save.acked_pending)) {
+    if (qatomic_read(&save.acked_resends)) {
         /*
          * RESEND came before the ACK: dirty those pages again.  If none
          * is dirty any more (a free page hint cleared its bit since), send
@@ -740,8 +745,9 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
             ret = redirty_requested(true, errp);
         }
         if (!ret) {
-            error_setg(errp, "dedup-nas: the destination waits for %u pages "
-                       "that it never asked for", save.acked_pending);
+            error_setg(errp, "dedup-nas: the destination asked again for %u "
+                       "pages that were never sent as references",
+                       save.acked_resends);
             return -EIO;
         }
         return ret < 0 ? ret : 1;
@@ -774,13 +780,13 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
  * too late to matter and not to fail), or -EINVAL with @errp set to fail
  * the migration.
  */
-static int rp_accept(const char *what, const char *err, Error **errp)
+static int rp_accept(const char *what, const Error *err, Error **errp)
 {
     if (save.final_sent) {
         return 0;
     }
     if (err) {
-        error_setg(errp, "dedup-nas: %s", err);
+        error_setg(errp, "dedup-nas: %s", error_get_pretty(err));
         return -EINVAL;
     }
     if (!save.active) {
@@ -795,7 +801,7 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
                         Error **errp)
 {
     NasDedupResend r;
-    g_autofree char *err = NULL;
+    g_autoptr(Error) err = NULL;
     RAMBlock *block;
     SaveBlock *sb;
     unsigned long first, n;
@@ -855,12 +861,12 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
 int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
                           Error **errp)
 {
-    g_autofree char *err = NULL;
-    uint32_t seq, pending;
+    g_autoptr(Error) err = NULL;
+    uint32_t seq, resends;
     int ret;
 
-    if (nas_dedup_sync_ack_decode(buf, len, &seq, &pending, &err)) {
-        trace_nas_dedup_rp_sync_ack(seq, pending);
+    if (nas_dedup_sync_ack_decode(buf, len, &seq, &resends, &err)) {
+        trace_nas_dedup_rp_sync_ack(seq, resends);
     }
     WITH_QEMU_LOCK_GUARD(&save.lock) {
         ret = rp_accept("DEDUP_SYNC_ACK", err, errp);
@@ -874,7 +880,7 @@ int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
                        save.sent_seq, save.acked_seq);
             return -EINVAL;
         }
-        qatomic_set(&save.acked_pending, pending);
+        qatomic_set(&save.acked_resends, resends);
         qatomic_store_release(&save.acked_seq, seq);
     }
     qemu_sem_post(&save.ack_sem);

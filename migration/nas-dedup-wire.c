@@ -4,6 +4,8 @@
  * dedup-nas: wire records (see nas-dedup-wire.h for the format)
  */
 #include "qemu/osdep.h"
+#include "qemu/bswap.h"
+#include "qapi/error.h"
 #include "nas-dedup-wire.h"
 
 static void put_u8(GByteArray *out, uint8_t v)
@@ -13,22 +15,26 @@ static void put_u8(GByteArray *out, uint8_t v)
 
 static void put_be16(GByteArray *out, uint16_t v)
 {
-    uint8_t b[2] = { v >> 8, v };
+    uint8_t b[2];
 
+    stw_be_p(b, v);
     g_byte_array_append(out, b, sizeof(b));
 }
 
 static void put_be32(GByteArray *out, uint32_t v)
 {
-    uint8_t b[4] = { v >> 24, v >> 16, v >> 8, v };
+    uint8_t b[4];
 
+    stl_be_p(b, v);
     g_byte_array_append(out, b, sizeof(b));
 }
 
 static void put_be64(GByteArray *out, uint64_t v)
 {
-    put_be32(out, v >> 32);
-    put_be32(out, v);
+    uint8_t b[8];
+
+    stq_be_p(b, v);
+    g_byte_array_append(out, b, sizeof(b));
 }
 
 static void put_id(GByteArray *out, const char *id)
@@ -38,17 +44,6 @@ static void put_id(GByteArray *out, const char *id)
     assert(len >= 1 && len <= NAS_DEDUP_ID_MAX);
     put_u8(out, len);
     g_byte_array_append(out, (const guint8 *)id, len);
-}
-
-static uint64_t get_be(const uint8_t *b, int n)
-{
-    uint64_t v = 0;
-    int i;
-
-    for (i = 0; i < n; i++) {
-        v = (v << 8) | b[i];
-    }
-    return v;
 }
 
 /* A bounded cursor over a byte buffer, used for return-path payloads. */
@@ -84,17 +79,17 @@ static bool id_valid(const char *id, size_t len)
 
 /* Read a u8 length + id; @what names the id in messages. */
 static bool read_id(NasDedupReadFn read, void *opaque, char *id,
-                    const char *what, char **err)
+                    const char *what, Error **errp)
 {
     uint8_t len;
 
     if (!read(opaque, &len, 1) || !read(opaque, id, len)) {
-        *err = g_strdup_printf("truncated %s", what);
+        error_setg(errp, "truncated %s", what);
         return false;
     }
     id[len] = '\0';
     if (!id_valid(id, len)) {
-        *err = g_strdup_printf("invalid %s (empty or not printable)", what);
+        error_setg(errp, "invalid %s (empty or not printable)", what);
         return false;
     }
     return true;
@@ -139,138 +134,136 @@ void nas_dedup_record_encode(GByteArray *out, const NasDedupRecord *rec)
 }
 
 bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
-                             NasDedupRecord *rec, char **err)
+                             NasDedupRecord *rec, Error **errp)
 {
     uint8_t b[16];
     uint32_t k;
 
-    *err = NULL;
     if (!read(opaque, b, 1)) {
-        *err = g_strdup("truncated record: no type");
+        error_setg(errp, "truncated record: no type");
         return false;
     }
     rec->type = b[0];
     switch (rec->type) {
     case NAS_DEDUP_REC_DRIVE:
         if (!read(opaque, b, 2)) {
-            *err = g_strdup("truncated DRIVE record");
+            error_setg(errp, "truncated DRIVE record");
             return false;
         }
-        rec->drive = get_be(b, 2);
+        rec->drive = lduw_be_p(b);
         if (rec->drive > NAS_DEDUP_MAX_DRIVES) {
-            *err = g_strdup_printf("DRIVE record: drive number %u out of range",
-                                   rec->drive);
+            error_setg(errp, "DRIVE record: drive number %u out of range",
+                       rec->drive);
             return false;
         }
-        if (!read_id(read, opaque, rec->id, "DRIVE record id", err)) {
+        if (!read_id(read, opaque, rec->id, "DRIVE record id", errp)) {
             return false;
         }
         if (!read(opaque, b, 8)) {
-            *err = g_strdup("truncated DRIVE record");
+            error_setg(errp, "truncated DRIVE record");
             return false;
         }
-        rec->disk_size = get_be(b, 8);
+        rec->disk_size = ldq_be_p(b);
         if (rec->disk_size > NAS_DEDUP_MAX_OFFSET) {
-            *err = g_strdup_printf("DRIVE record: absurd disk size %" PRIu64,
-                                   rec->disk_size);
+            error_setg(errp, "DRIVE record: absurd disk size %" PRIu64,
+                       rec->disk_size);
             return false;
         }
         return true;
     case NAS_DEDUP_REC_REFS:
         if (!read(opaque, b, 12)) {
-            *err = g_strdup("truncated REFS record");
+            error_setg(errp, "truncated REFS record");
             return false;
         }
-        rec->drive = get_be(b, 2);
-        rec->npages = get_be(b + 2, 2);
-        rec->disk_offset = get_be(b + 4, 8);
+        rec->drive = lduw_be_p(b);
+        rec->npages = lduw_be_p(b + 2);
+        rec->disk_offset = ldq_be_p(b + 4);
         if (rec->drive > NAS_DEDUP_MAX_DRIVES) {
-            *err = g_strdup_printf("REFS record: drive number %u out of range",
-                                   rec->drive);
+            error_setg(errp, "REFS record: drive number %u out of range",
+                       rec->drive);
             return false;
         }
         if (rec->npages < 1 || rec->npages > NAS_DEDUP_REFS_MAX) {
-            *err = g_strdup_printf("REFS record: run of %u pages "
-                                   "(1..%u allowed)", rec->npages,
-                                   NAS_DEDUP_REFS_MAX);
+            error_setg(errp, "REFS record: run of %u pages "
+                       "(1..%u allowed)", rec->npages,
+                       NAS_DEDUP_REFS_MAX);
             return false;
         }
         if (!QEMU_IS_ALIGNED(rec->disk_offset, NAS_DEDUP_CHUNK) ||
             rec->disk_offset >= NAS_DEDUP_MAX_OFFSET) {
-            *err = g_strdup_printf("REFS record: bad disk offset 0x%" PRIx64,
-                                   rec->disk_offset);
+            error_setg(errp, "REFS record: bad disk offset 0x%" PRIx64,
+                       rec->disk_offset);
             return false;
         }
         for (k = 0; k < rec->npages; k++) {
             if (!read(opaque, b, 16)) {
-                *err = g_strdup_printf("truncated REFS record: %u of %u hashes",
-                                       k, rec->npages);
+                error_setg(errp, "truncated REFS record: %u of %u hashes",
+                           k, rec->npages);
                 return false;
             }
-            rec->hash[k].hi = get_be(b, 8);
-            rec->hash[k].lo = get_be(b + 8, 8);
+            rec->hash[k].hi = ldq_be_p(b);
+            rec->hash[k].lo = ldq_be_p(b + 8);
         }
         return true;
     case NAS_DEDUP_REC_SYNC:
         if (!read(opaque, b, 5)) {
-            *err = g_strdup("truncated SYNC record");
+            error_setg(errp, "truncated SYNC record");
             return false;
         }
-        rec->seq = get_be(b, 4);
+        rec->seq = (uint32_t)ldl_be_p(b);
         if (b[4] > 1) {
-            *err = g_strdup_printf("SYNC record: bad final flag %u", b[4]);
+            error_setg(errp, "SYNC record: bad final flag %u", b[4]);
             return false;
         }
         rec->final = b[4];
         return true;
     case NAS_DEDUP_REC_SETUP:
         if (!read(opaque, b, 7)) {
-            *err = g_strdup("truncated SETUP record");
+            error_setg(errp, "truncated SETUP record");
             return false;
         }
         rec->version = b[0];
-        rec->resend_msg = get_be(b + 1, 2);
-        rec->sync_ack_msg = get_be(b + 3, 2);
+        rec->resend_msg = lduw_be_p(b + 1);
+        rec->sync_ack_msg = lduw_be_p(b + 3);
         if (rec->version != NAS_DEDUP_WIRE_VERSION) {
-            *err = g_strdup_printf("SETUP record: protocol version %u, this "
-                                   "QEMU speaks version %u", rec->version,
-                                   NAS_DEDUP_WIRE_VERSION);
+            error_setg(errp, "SETUP record: protocol version %u, this "
+                       "QEMU speaks version %u", rec->version,
+                       NAS_DEDUP_WIRE_VERSION);
             return false;
         }
-        if (get_be(b + 5, 2) != sizeof(rec->key.secret)) {
-            *err = g_strdup_printf("SETUP record: key of %u bytes (%zu "
-                                   "expected)", (unsigned)get_be(b + 5, 2),
-                                   sizeof(rec->key.secret));
+        if (lduw_be_p(b + 5) != sizeof(rec->key.secret)) {
+            error_setg(errp, "SETUP record: key of %u bytes (%zu "
+                       "expected)", (unsigned)lduw_be_p(b + 5),
+                       sizeof(rec->key.secret));
             return false;
         }
         if (!read(opaque, rec->key.secret, sizeof(rec->key.secret))) {
-            *err = g_strdup("truncated SETUP record");
+            error_setg(errp, "truncated SETUP record");
             return false;
         }
         return true;
     default:
-        *err = g_strdup_printf("unknown record type %u", rec->type);
+        error_setg(errp, "unknown record type %u", rec->type);
         return false;
     }
 }
 
 bool nas_dedup_refs_check(const NasDedupRecord *rec, uint64_t page_offset,
-                          uint64_t ram_len, uint64_t disk_len, char **err)
+                          uint64_t ram_len, uint64_t disk_len, Error **errp)
 {
     uint64_t run = (uint64_t)rec->npages * NAS_DEDUP_CHUNK;
 
-    *err = NULL;
     if (page_offset > ram_len || run > ram_len - page_offset) {
-        *err = g_strdup_printf("REFS record: pages 0x%" PRIx64 "+0x%" PRIx64
-                               " outside RAMBlock of 0x%" PRIx64 " bytes",
-                               page_offset, run, ram_len);
+        error_setg(errp, "REFS record: pages 0x%" PRIx64 "+0x%" PRIx64
+                   " outside RAMBlock of 0x%" PRIx64 " bytes",
+                   page_offset, run, ram_len);
         return false;
     }
     if (rec->disk_offset > disk_len || run > disk_len - rec->disk_offset) {
-        *err = g_strdup_printf("REFS record: disk range 0x%" PRIx64 "+0x%"
-                               PRIx64 " past the end of drive %u (0x%" PRIx64
-                               " bytes)", rec->disk_offset, run, rec->drive,
-                               disk_len);
+        error_setg(errp, "REFS record: disk range 0x%" PRIx64 "+0x%"
+                   PRIx64 " past the end of drive %u (0x%" PRIx64
+                   " bytes)", rec->disk_offset, run, rec->drive,
+                   disk_len);
         return false;
     }
     return true;
@@ -284,23 +277,22 @@ void nas_dedup_resend_encode(GByteArray *out, const NasDedupResend *r)
 }
 
 bool nas_dedup_resend_decode(const uint8_t *buf, size_t len,
-                             NasDedupResend *r, char **err)
+                             NasDedupResend *r, Error **errp)
 {
     Cursor c = { buf, len };
     uint8_t b[12];
 
-    *err = NULL;
-    if (!read_id(cursor_read, &c, r->id, "RESEND RAMBlock id", err)) {
+    if (!read_id(cursor_read, &c, r->id, "RESEND RAMBlock id", errp)) {
         return false;
     }
     if (!cursor_read(&c, b, 12) || c.left) {
-        *err = g_strdup_printf("RESEND message of %zu bytes is malformed", len);
+        error_setg(errp, "RESEND message of %zu bytes is malformed", len);
         return false;
     }
-    r->offset = get_be(b, 8);
-    r->npages = get_be(b + 8, 4);
+    r->offset = ldq_be_p(b);
+    r->npages = (uint32_t)ldl_be_p(b + 8);
     if (r->npages < 1 || r->npages > NAS_DEDUP_REFS_MAX) {
-        *err = g_strdup_printf("RESEND message: %u pages", r->npages);
+        error_setg(errp, "RESEND message: %u pages", r->npages);
         return false;
     }
     return true;
@@ -314,15 +306,14 @@ void nas_dedup_sync_ack_encode(GByteArray *out, uint32_t seq,
 }
 
 bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
-                               uint32_t *seq, uint32_t *resends, char **err)
+                               uint32_t *seq, uint32_t *resends, Error **errp)
 {
-    *err = NULL;
     if (len != 8) {
-        *err = g_strdup_printf("SYNC_ACK message of %zu bytes (8 expected)",
-                               len);
+        error_setg(errp, "SYNC_ACK message of %zu bytes (8 expected)",
+                   len);
         return false;
     }
-    *seq = get_be(buf, 4);
-    *resends = get_be(buf + 4, 4);
+    *seq = (uint32_t)ldl_be_p(buf);
+    *resends = (uint32_t)ldl_be_p(buf + 4);
     return true;
 }

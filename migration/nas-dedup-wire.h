@@ -23,7 +23,8 @@
  *          npages x (be64 hash_hi, be64 hash_lo)
  *          Page k of the run (k = 0..npages-1) at the header's page address
  *          + k x 4 KiB holds the 4 KiB at disk_offset + k x 4 KiB of the
- *          drive, whose keyed XXH3-128 (SETUP's key) is hash k.
+ *          drive, whose keyed hash (two XXH3-64 under SETUP's key) is
+ *          hash k.
  *   SYNC:  be32 seq, u8 final
  *          Asks the destination to resolve every reference it has and to
  *          answer SYNC_ACK(seq) on the return path after any RESEND.
@@ -38,6 +39,8 @@
 #define MIGRATION_NAS_DEDUP_WIRE_H
 
 #include "migration/nas-dedup-index.h"
+
+typedef struct Error Error;
 
 enum {
     NAS_DEDUP_REC_DRIVE = 1,
@@ -80,12 +83,12 @@ typedef bool (*NasDedupReadFn)(void *opaque, void *buf, size_t len);
 void nas_dedup_record_encode(GByteArray *out, const NasDedupRecord *rec);
 
 /*
- * Decode one record through @read.  Returns false with a message naming
- * what is wrong in *@err (g_free it) for a truncated or malformed record.
+ * Decode one record through @read.  Returns false with @errp set to a
+ * message naming what is wrong for a truncated or malformed record.
  * Checks only what the record itself says; see nas_dedup_refs_check().
  */
 bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
-                             NasDedupRecord *rec, char **err);
+                             NasDedupRecord *rec, Error **errp);
 
 /*
  * Check a REFS record against its surroundings: the run of pages starting
@@ -93,14 +96,15 @@ bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
  * fit the drive's @disk_len (the smaller of what both sides know).
  */
 bool nas_dedup_refs_check(const NasDedupRecord *rec, uint64_t page_offset,
-                          uint64_t ram_len, uint64_t disk_len, char **err);
+                          uint64_t ram_len, uint64_t disk_len, Error **errp);
 
 void nas_dedup_resend_encode(GByteArray *out, const NasDedupResend *r);
 bool nas_dedup_resend_decode(const uint8_t *buf, size_t len,
-                             NasDedupResend *r, char **err);
+                             NasDedupResend *r, Error **errp);
 void nas_dedup_sync_ack_encode(GByteArray *out, uint32_t seq,
                                uint32_t resends);
 bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
-                               uint32_t *seq, uint32_t *resends, char **err);
+                               uint32_t *seq, uint32_t *resends,
+                               Error **errp);
 
 #endif

@@ -55,6 +55,13 @@ bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
     };
     size_t i;
 
+#ifndef CONFIG_LIBXXHASH
+    error_setg(errp, "Capability 'dedup-nas' is not available: this QEMU "
+               "was built without libxxhash");
+    error_append_hint(errp, "Build it with libxxhash (configure "
+                      "--enable-libxxhash) for dedup-nas.\n");
+    return false;
+#endif
     if (!new_caps[MIGRATION_CAPABILITY_RETURN_PATH]) {
         error_setg(errp, "Capability 'dedup-nas' requires capability "
                    "'return-path'");

@@ -125,7 +125,7 @@ esac
 CC=${CC:-clang}
 command -v "$CC" >/dev/null || fail "$CC not found: run scripts/install-deps.sh"
 wire_src=${NASDEDUP_FUZZ_WIRE_SRC:-migration/nas-dedup-wire.c}
-srcs=("tests/fuzz/$name.c" "$wire_src" migration/nas-dedup-hash.c)
+srcs=("tests/fuzz/$name.c" "$wire_src" migration/nas-dedup-hash.c standalone/error.c)
 deps=$(pkg-config --cflags --libs glib-2.0 libxxhash) ||
     fail "glib-2.0 or libxxhash development files missing"
 # shellcheck disable=SC2054  # (the commas are clang's)

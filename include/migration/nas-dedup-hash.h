@@ -60,7 +60,5 @@ uint64_t nas_dedup_hash64_avx2(const NasDedupKey *key, int which,
 bool nas_dedup_hash_have_avx2(void);
 #endif
 bool nas_dedup_hash_equal(const NasDedupHash *a, const NasDedupHash *b);
-/* True if the NAS_DEDUP_CHUNK bytes at @buf are all zero. */
-bool nas_dedup_chunk_is_zero(const void *buf);
 
 #endif

@@ -90,6 +90,7 @@ QEMU_CONFIGURE=(
     --target-list=x86_64-softmmu
     --without-default-features
     --enable-tcg --enable-libnfs --enable-slirp --enable-zstd --enable-avx2
+    --enable-libxxhash
     --enable-fdt=system --enable-tools
     --disable-docs --disable-install-blobs --enable-werror
     --firmwarepath=/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu

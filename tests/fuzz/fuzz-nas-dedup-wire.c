@@ -24,6 +24,7 @@
  * Build and run: scripts/fuzz.sh [SECONDS].
  */
 #include "qemu/osdep.h"
+#include "qapi/error.h"
 #include "nas-dedup-wire.h"
 
 #define CHECK(cond, ...)                                                     \
@@ -37,10 +38,9 @@
         }                                                                    \
     } while (0)
 
-/* What *err holds before a call: a decoder must always set it. */
-static char err_unset[] = "(decoder did not set *err)";
-#define ERR_UNSET err_unset
-#define HAS_MSG(err) ((err) && (err) != ERR_UNSET && *(err))
+/* A decoder that fails must say why. */
+#define HAS_MSG(err) ((err) && *error_get_pretty(err))
+#define MSG(err) ((err) ? error_get_pretty(err) : "(no message)")
 
 /* The peer's bytes, read exactly as the migration stream hands them out. */
 typedef struct Stream {
@@ -152,17 +152,18 @@ static bool record_equal(const NasDedupRecord *a, const NasDedupRecord *b)
 static bool decode_one(Stream *s, NasDedupRecord *rec)
 {
     const uint8_t *start = s->p;
-    char *err = ERR_UNSET;
+    Error *err = NULL;
     bool ok;
 
     memset(rec, 0, sizeof(*rec));
     ok = nas_dedup_record_decode(stream_read, s, rec, &err);
     if (!ok) {
         CHECK(HAS_MSG(err), "decode failed without a message");
-        g_free(err);
+        error_free(err);
+        err = NULL;
         return false;
     }
-    CHECK(err == NULL, "decode succeeded with message '%s'", err);
+    CHECK(err == NULL, "decode succeeded with message '%s'", MSG(err));
     check_record_rules(rec);
 
     {
@@ -179,7 +180,7 @@ static bool decode_one(Stream *s, NasDedupRecord *rec)
         s2 = (Stream){ a->data, a->len, 0 };
         ok = nas_dedup_record_decode(stream_read, &s2, again, &err);
         CHECK(ok, "re-encoded record type %u does not decode: %s", rec->type,
-              err ? err : "(no message)");
+              MSG(err));
         CHECK(err == NULL && s2.left == 0,
               "re-decode left %zu bytes", s2.left);
         CHECK(record_equal(rec, again), "record type %u differs after a "
@@ -220,7 +221,7 @@ static void fuzz_refs_check(const uint8_t *data, size_t size)
                                 NAS_DEDUP_CHUNK;
         bool want = page_offset + run <= ram_len &&
                     rec->disk_offset + run <= disk_len;
-        char *err = ERR_UNSET;
+        Error *err = NULL;
         bool ok = nas_dedup_refs_check(rec, page_offset, ram_len, disk_len,
                                        &err);
 
@@ -230,7 +231,8 @@ static void fuzz_refs_check(const uint8_t *data, size_t size)
               page_offset, ram_len, disk_len, ok, want);
         CHECK(ok ? err == NULL : HAS_MSG(err), "refs_check error message");
         if (!ok) {
-            g_free(err);
+            error_free(err);
+            err = NULL;
         }
     }
     free(rec);
@@ -239,17 +241,18 @@ static void fuzz_refs_check(const uint8_t *data, size_t size)
 static void fuzz_resend(const uint8_t *data, size_t size)
 {
     NasDedupResend *r = malloc(sizeof(*r)), *again;
-    char *err = ERR_UNSET;
+    Error *err = NULL;
     GByteArray *a;
 
     memset(r, 0, sizeof(*r));
     if (!nas_dedup_resend_decode(data, size, r, &err)) {
         CHECK(HAS_MSG(err), "RESEND decode failed without a message");
-        g_free(err);
+        error_free(err);
+        err = NULL;
         free(r);
         return;
     }
-    CHECK(err == NULL, "RESEND decode succeeded with message '%s'", err);
+    CHECK(err == NULL, "RESEND decode succeeded with message '%s'", MSG(err));
     CHECK(id_ok(r->id), "RESEND id not printable");
     CHECK(r->npages >= 1 && r->npages <= NAS_DEDUP_REFS_MAX, "RESEND npages %u",
           r->npages);
@@ -260,7 +263,7 @@ static void fuzz_resend(const uint8_t *data, size_t size)
           "RESEND of %zu bytes re-encodes to %u different bytes", size, a->len);
     again = g_new0(NasDedupResend, 1);
     CHECK(nas_dedup_resend_decode(a->data, a->len, again, &err),
-          "re-encoded RESEND does not decode: %s", err ? err : "");
+          "re-encoded RESEND does not decode: %s", MSG(err));
     CHECK(err == NULL, "RESEND re-decode message");
     CHECK(!strcmp(r->id, again->id) && r->offset == again->offset &&
           r->npages == again->npages, "RESEND differs after a round trip");
@@ -272,22 +275,23 @@ static void fuzz_resend(const uint8_t *data, size_t size)
 static void fuzz_sync_ack(const uint8_t *data, size_t size)
 {
     uint32_t seq, resends, seq2, resends2;
-    char *err = ERR_UNSET;
+    Error *err = NULL;
     GByteArray *a;
 
     if (!nas_dedup_sync_ack_decode(data, size, &seq, &resends, &err)) {
         CHECK(HAS_MSG(err), "SYNC_ACK decode failed without a message");
-        g_free(err);
+        error_free(err);
+        err = NULL;
         return;
     }
-    CHECK(err == NULL, "SYNC_ACK decode succeeded with message '%s'", err);
+    CHECK(err == NULL, "SYNC_ACK decode succeeded with message '%s'", MSG(err));
     a = g_byte_array_new();
     nas_dedup_sync_ack_encode(a, seq, resends);
     CHECK(a->len == size && !memcmp(a->data, data, size),
           "SYNC_ACK of %zu bytes re-encodes to %u different bytes", size,
           a->len);
     CHECK(nas_dedup_sync_ack_decode(a->data, a->len, &seq2, &resends2, &err),
-          "re-encoded SYNC_ACK does not decode: %s", err ? err : "");
+          "re-encoded SYNC_ACK does not decode: %s", MSG(err));
     CHECK(err == NULL && seq == seq2 && resends == resends2,
           "SYNC_ACK differs after a round trip");
     g_byte_array_free(a, true);

@@ -5,6 +5,7 @@
  * every truncated or malformed form.
  */
 #include "qemu/osdep.h"
+#include "qapi/error.h"
 #include "../migration/nas-dedup-wire.h"
 
 typedef struct Buf {
@@ -26,7 +27,7 @@ static bool buf_read(void *opaque, void *dst, size_t len)
 }
 
 static bool decode(const uint8_t *data, size_t len, NasDedupRecord *rec,
-                   char **err, size_t *left)
+                   Error **err, size_t *left)
 {
     Buf b = { data, len };
     bool ok = nas_dedup_record_decode(buf_read, &b, rec, err);
@@ -77,7 +78,7 @@ static void test_round_trip(void)
     sample_records(in);
     for (i = 0; i < NRECS; i++) {
         g_autoptr(GByteArray) a = g_byte_array_new();
-        g_autofree char *err = NULL;
+        g_autoptr(Error) err = NULL;
         size_t left;
 
         nas_dedup_record_encode(a, &in[i]);
@@ -133,12 +134,12 @@ static void test_truncated(void)
 
         nas_dedup_record_encode(a, &in[i]);
         for (cut = 0; cut < a->len; cut++) {
-            g_autofree char *err = NULL;
+            g_autoptr(Error) err = NULL;
             size_t left;
 
             g_assert_false(decode(a->data, cut, out, &err, &left));
             g_assert_nonnull(err);
-            g_assert_nonnull(strstr(err, "truncated"));
+            g_assert_nonnull(strstr(error_get_pretty(err), "truncated"));
         }
     }
     g_free(in);
@@ -148,13 +149,13 @@ static void test_truncated(void)
 static void expect_reject(const uint8_t *data, size_t len, const char *what)
 {
     NasDedupRecord *out = g_new0(NasDedupRecord, 1);
-    g_autofree char *err = NULL;
+    g_autoptr(Error) err = NULL;
     size_t left;
 
     g_assert_false(decode(data, len, out, &err, &left));
     g_assert_nonnull(err);
-    if (!strstr(err, what)) {
-        g_error("error '%s' does not mention '%s'", err, what);
+    if (!strstr(error_get_pretty(err), what)) {
+        g_error("error '%s' does not mention '%s'", error_get_pretty(err), what);
     }
     g_free(out);
 }
@@ -192,7 +193,7 @@ static void test_refs_check(void)
 {
     NasDedupRecord *r = g_new0(NasDedupRecord, 1);
     const uint64_t C = NAS_DEDUP_CHUNK;
-    char *err;
+    Error *err = NULL;
 
     r->type = NAS_DEDUP_REC_REFS;
     r->npages = 4;
@@ -202,17 +203,21 @@ static void test_refs_check(void)
     g_assert_true(nas_dedup_refs_check(r, 12 * C, 16 * C, 100 * C, &err));
     /* run runs past the RAMBlock */
     g_assert_false(nas_dedup_refs_check(r, 13 * C, 16 * C, 100 * C, &err));
-    g_assert_nonnull(strstr(err, "outside RAMBlock"));
-    g_free(err);
+    g_assert_nonnull(strstr(error_get_pretty(err), "outside RAMBlock"));
+    error_free(err);
+    err = NULL;
     g_assert_false(nas_dedup_refs_check(r, UINT64_MAX - C + 1, 16 * C,
                                         100 * C, &err));
-    g_free(err);
+    error_free(err);
+    err = NULL;
     /* disk range past the end of the drive */
     g_assert_false(nas_dedup_refs_check(r, 0, 16 * C, 11 * C, &err));
-    g_assert_nonnull(strstr(err, "past the end of drive"));
-    g_free(err);
+    g_assert_nonnull(strstr(error_get_pretty(err), "past the end of drive"));
+    error_free(err);
+    err = NULL;
     g_assert_false(nas_dedup_refs_check(r, 0, 16 * C, 4 * C, &err));
-    g_free(err);
+    error_free(err);
+    err = NULL;
     g_free(r);
 }
 
@@ -221,7 +226,7 @@ static void test_return_path(void)
     g_autoptr(GByteArray) a = g_byte_array_new();
     NasDedupResend in = { .offset = 0x7000, .npages = 3 }, out;
     uint32_t seq, n;
-    char *err;
+    Error *err = NULL;
     size_t cut;
 
     strcpy(in.id, "pc.ram");
@@ -233,18 +238,21 @@ static void test_return_path(void)
     for (cut = 0; cut < a->len; cut++) {
         g_assert_false(nas_dedup_resend_decode(a->data, cut, &out, &err));
         g_assert_nonnull(err);
-        g_free(err);
+        error_free(err);
+        err = NULL;
     }
     /* trailing garbage */
     g_byte_array_append(a, (const guint8 *)"x", 1);
     g_assert_false(nas_dedup_resend_decode(a->data, a->len, &out, &err));
-    g_free(err);
+    error_free(err);
+    err = NULL;
     /* zero pages */
     g_byte_array_set_size(a, 0);
     in.npages = 0;
     nas_dedup_resend_encode(a, &in);
     g_assert_false(nas_dedup_resend_decode(a->data, a->len, &out, &err));
-    g_free(err);
+    error_free(err);
+    err = NULL;
 
     g_byte_array_set_size(a, 0);
     nas_dedup_sync_ack_encode(a, 42, 17);
@@ -253,7 +261,8 @@ static void test_return_path(void)
     g_assert_cmpuint(n, ==, 17);
     g_assert_false(nas_dedup_sync_ack_decode(a->data, a->len - 1, &seq, &n,
                                              &err));
-    g_free(err);
+    error_free(err);
+    err = NULL;
 }
 
 int main(int argc, char **argv)
