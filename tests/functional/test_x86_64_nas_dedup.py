@@ -737,6 +737,31 @@ class NasDedupMigration(QemuSystemTest):
         dst, _, _ = self._fm_migrate(f'{case}-again', src, disk)
         self._fm_shutdown(dst)
 
+    def _fm_at_switchover(self, case):
+        """
+        Boot the source of @case and migrate it to a fresh paused
+        destination until it pauses before switchover (the guest stopped,
+        its disks drained and flushed, the BQL free): with
+        avail-switchover-bandwidth high, the switchover comes right after
+        the migration starts, so most of RAM, page cache included, is sent
+        as the guest is stopped.  Returns (disk, src, con, ganesha pid,
+        guest uptime before, dst, downtime-limit + slack in ms).
+        """
+        disk, src, con = self._fm_start(case)
+        _, gpid = self._ganesha_pid()
+        uptime0 = self._fm_ping(con)
+        dst, uri = self._fm_dest(f'dst-{case}', disk)
+        self._fm_defaults(src)
+        self._fm_set(src, caps={'pause-before-switchover': True,
+                                'events': True},
+                     downtime_limit=self.FM_DOWNTIME_MS,
+                     dedup_nas_switchover_slack=self.FM_SLACK_MS,
+                     avail_switchover_bandwidth=10 * 1000 * MiB)
+        src.cmd('migrate', uri=uri)
+        self._wait_status_migrate(src, case, 'pre-switchover', 60)
+        return (disk, src, con, gpid, uptime0, dst,
+                self.FM_DOWNTIME_MS + self.FM_SLACK_MS)
+
     # --- the NFS server ------------------------------------------------------
 
     def _ganesha_pid(self):
@@ -842,19 +867,8 @@ class NasDedupMigration(QemuSystemTest):
         guest stopped).
         """
         case = 'f2-nfs-stop-switchover'
-        disk, src, con = self._fm_start(case)
-        _, gpid = self._ganesha_pid()
-        uptime0 = self._fm_ping(con)
-        dst, uri = self._fm_dest(f'dst-{case}', disk)
-        self._fm_defaults(src)
-        self._fm_set(src, caps={'pause-before-switchover': True,
-                                'events': True},
-                     downtime_limit=self.FM_DOWNTIME_MS,
-                     dedup_nas_switchover_slack=self.FM_SLACK_MS,
-                     avail_switchover_bandwidth=10 * 1000 * MiB)
-        bound_ms = self.FM_DOWNTIME_MS + self.FM_SLACK_MS
-        src.cmd('migrate', uri=uri)
-        self._wait_status_migrate(src, case, 'pre-switchover', 60)
+        disk, src, con, gpid, uptime0, dst, bound_ms = \
+            self._fm_at_switchover(case)
         t_stop = time.monotonic()
         os.kill(gpid, signal.SIGSTOP)
         # Whatever happens, ganesha runs again after 10 s (well past the
@@ -1128,17 +1142,8 @@ class NasDedupMigration(QemuSystemTest):
         it, ganesha let go on right after.
         """
         case = 'f9-dst-kill-handshake'
-        disk, src, con = self._fm_start(case)
-        _, gpid = self._ganesha_pid()
-        uptime0 = self._fm_ping(con)
-        dst, uri = self._fm_dest(f'dst-{case}', disk)
-        self._fm_defaults(src)
-        self._fm_set(src, caps={'pause-before-switchover': True},
-                     dedup_nas_switchover_slack=self.FM_SLACK_MS,
-                     avail_switchover_bandwidth=10 * 1000 * MiB)
-        bound_ms = self.FM_DOWNTIME_MS + self.FM_SLACK_MS
-        src.cmd('migrate', uri=uri)
-        self._wait_status_migrate(src, case, 'pre-switchover', 60)
+        disk, src, con, gpid, uptime0, dst, bound_ms = \
+            self._fm_at_switchover(case)
         os.kill(gpid, signal.SIGSTOP)
         try:
             t0 = time.monotonic()
