@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Tiny QMP client and serial-console helper (Python stdlib only).
+"""QMP and serial-console helper for shell scripts.
 
   qmp.py cmd SOCKET COMMAND [JSON-ARGS]
         run one QMP command, print its "return" value as JSON
@@ -15,53 +15,42 @@
         (a newline is appended), then copy the console output to stdout until
         a line matches REGEX; exit 0 on a match, 1 on timeout/EOF
 
-SOCKET is a unix socket path.  All waits are bounded.
+SOCKET is a unix socket path.  All waits are bounded.  QMP goes through
+QEMU's own client library, python/qemu/qmp of the assembled tree
+(build/qemu-src/python, or $NASDEDUP_QEMU_PYTHON).
 """
 
 import argparse
 import json
+import os
 import re
 import socket
 import sys
 import time
 
-
-class QMPError(Exception):
-    pass
+sys.path.insert(0, os.environ.get(
+    "NASDEDUP_QEMU_PYTHON",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build",
+                 "qemu-src", "python")))
+# pylint: disable=wrong-import-position
+from qemu.qmp import QMPError                         # noqa: E402
+from qemu.qmp.legacy import QEMUMonitorProtocol        # noqa: E402
 
 
 class QMP:
-    def __init__(self, path, timeout=10.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.rfile = self.sock.makefile("r", encoding="utf-8")
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise QMPError("no QMP greeting: %r" % greeting)
-        self.execute("qmp_capabilities")
+    """One QMP connection (QEMU's legacy synchronous client)."""
 
-    def _read(self):
-        line = self.rfile.readline()
-        if not line:
-            raise QMPError("connection closed by QEMU")
-        return json.loads(line)
+    def __init__(self, path, timeout=10.0):
+        self.mon = QEMUMonitorProtocol(path)
+        self.mon.connect(negotiate=True)
+        self.mon.settimeout(timeout)
 
     def execute(self, command, arguments=None):
-        msg = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self.sock.sendall((json.dumps(msg) + "\n").encode())
-        while True:
-            reply = self._read()
-            if "return" in reply:
-                return reply["return"]
-            if "error" in reply:
-                raise QMPError("%s: %s" % (command, reply["error"].get("desc", reply["error"])))
-            # anything else is an asynchronous event: skip it
+        """The command's "return" value; QMPError on an error reply."""
+        return self.mon.cmd(command, **(arguments or {}))
 
     def close(self):
-        self.sock.close()
+        self.mon.close()
 
 
 def connect(path, timeout):
@@ -70,7 +59,7 @@ def connect(path, timeout):
     while True:
         try:
             return QMP(path, max(10.0, timeout))
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (OSError, QMPError):
             if time.monotonic() >= deadline:
                 raise
             time.sleep(0.1)
