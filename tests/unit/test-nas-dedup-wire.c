@@ -155,7 +155,8 @@ static void expect_reject(const uint8_t *data, size_t len, const char *what)
     g_assert_false(decode(data, len, out, &err, &left));
     g_assert_nonnull(err);
     if (!strstr(error_get_pretty(err), what)) {
-        g_error("error '%s' does not mention '%s'", error_get_pretty(err), what);
+        g_error("error '%s' does not mention '%s'", error_get_pretty(err),
+                what);
     }
     g_free(out);
 }
