@@ -158,14 +158,15 @@ static void coroutine_fn nas_dedup_observe(BlockBackend *blk,
 }
 
 /*
- * Resized (by the guest's device or block_resize; the resizing request's
- * coroutine, with the graph lock held): a shrink cuts blocks, whose
- * entries go; a grow cuts nothing, the content of every offset stays.
- * Either way the size sent in later DRIVE records is the new one.
+ * Resized to @len bytes (by the guest's device or block_resize; the
+ * resizing request's coroutine, with the graph lock held): a shrink cuts
+ * blocks, whose entries go; a grow cuts nothing, the content of every
+ * offset stays.  Either way the size sent in later DRIVE records is the
+ * new one.  (A DRIVE record already sent keeps the old size: references
+ * past it are asked again.)
  */
-static void resize(BlockBackend *blk)
+static void resize(BlockBackend *blk, int64_t len)
 {
-    int64_t len = blk_getlength(blk);     /* the node's, no request */
     NasDedupIndex *idx;
     NasDedupDrive *d;
     uint64_t old;
@@ -201,10 +202,11 @@ static void resize(BlockBackend *blk)
  * The drive as a whole changed.  Resized: see resize().  Medium gone or
  * device detached (main loop): retire its number, in O(1).
  */
-static void nas_dedup_observe_change(BlockBackend *blk, BlkChangeKind kind)
+static void nas_dedup_observe_change(BlockBackend *blk, BlkChangeKind kind,
+                                     int64_t size)
 {
     if (kind == BLK_CHANGE_RESIZE) {
-        resize(blk);
+        resize(blk, size);
     } else {
         retire(blk, kind);
     }
