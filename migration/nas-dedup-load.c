@@ -463,20 +463,15 @@ static void coroutine_fn nas_dedup_fetch_co(void *opaque)
         g_ptr_array_add(st->bufs, buf);
     }
     if (--st->inflight == 0) {
-        if (!st->dead) {
-            /*
-             * (A reader between the two may count the interval twice, for
-             * that instant.)  A dead load's reads no longer count: the
-             * counters may be a new load's.
-             */
-            stat64_add(&nas_dedup_counters.fetch_time_us,
-                       g_get_monotonic_time() - st->busy_since);
-            qatomic_set_i64(&nas_dedup_counters.fetch_busy_since, 0);
-        }
         if (st->dead) {
+            /* Its reads no longer count: the counters may be a new load's. */
             load_state_free(st);
             return;
         }
+        /* (A reader between the two may count the interval twice.) */
+        stat64_add(&nas_dedup_counters.fetch_time_us,
+                   g_get_monotonic_time() - st->busy_since);
+        qatomic_set_i64(&nas_dedup_counters.fetch_busy_since, 0);
     }
     qemu_co_queue_restart_all(&st->waitq);
 }

@@ -173,10 +173,6 @@ static void resize(BlockBackend *blk, int64_t len)
     gpointer n;
     int drive;
 
-    if (len < 0) {
-        retire(blk, BLK_CHANGE_RESIZE);
-        return;
-    }
     WITH_QEMU_LOCK_GUARD(&track.lock) {
         n = g_hash_table_lookup(track.by_blk, blk);
         if (!n) {

@@ -299,6 +299,19 @@ class NasDedupMigration(QemuSystemTest):
                           f'after {timeout} s')
             time.sleep(0.2)
 
+    def _assert_completed(self, tag, src, sinfo, dst, dst_status):
+        """Both sides say completed (@sinfo: the source's last
+        query-migrate), the destination reaches @dst_status and the source
+        is postmigrate.  Returns the destination's query-migrate."""
+        self.assertEqual(sinfo['status'], 'completed',
+                         f'{tag}: source: {sinfo.get("error-desc")}')
+        dinfo = self._wait_migration(dst, f'dst-{tag}', 60)
+        self.assertEqual(dinfo['status'], 'completed',
+                         f'{tag}: destination: {dinfo.get("error-desc")}')
+        self._wait_status(dst, f'dst-{tag}', dst_status, 30)
+        self.assertEqual(src.cmd('query-status')['status'], 'postmigrate')
+        return dinfo
+
     def _wait_migration(self, vm, name, timeout):
         """Poll query-migrate until it is over; return its last answer."""
         deadline = time.monotonic() + timeout
@@ -355,13 +368,7 @@ class NasDedupMigration(QemuSystemTest):
             sinfo = self._wait_migration(src, f'src-{tag}',
                                          self.MIGRATE_TIMEOUT)
             res['migrate_s'] = time.monotonic() - t1
-            self.assertEqual(sinfo['status'], 'completed',
-                             f'{tag}: source: {sinfo.get("error-desc")}')
-            dinfo = self._wait_migration(dst, f'dst-{tag}', 60)
-            self.assertEqual(dinfo['status'], 'completed',
-                             f'{tag}: destination: {dinfo.get("error-desc")}')
-            self._wait_status(dst, f'dst-{tag}', 'running', 30)
-            self.assertEqual(src.cmd('query-status')['status'], 'postmigrate')
+            dinfo = self._assert_completed(tag, src, sinfo, dst, 'running')
             res['src'], res['dst'] = sinfo, dinfo
 
             t2 = time.monotonic()
@@ -641,13 +648,7 @@ class NasDedupMigration(QemuSystemTest):
 
     def _fm_expect_completed(self, tag, src, sinfo, dst):
         """Outcome (a).  Returns the destination's query-migrate."""
-        self.assertEqual(sinfo['status'], 'completed',
-                         f'{tag}: source: {sinfo.get("error-desc")}')
-        dinfo = self._wait_migration(dst, f'dst-{tag}', 60)
-        self.assertEqual(dinfo['status'], 'completed',
-                         f'{tag}: destination: {dinfo.get("error-desc")}')
-        self._wait_status(dst, f'dst-{tag}', 'paused', 30)
-        self.assertEqual(src.cmd('query-status')['status'], 'postmigrate')
+        dinfo = self._assert_completed(tag, src, sinfo, dst, 'paused')
         self._fm_compare_ram(tag, src, dst)
         dst.cmd('cont')
         self._wait_status(dst, f'dst-{tag}', 'running', 30)
