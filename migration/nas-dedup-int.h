@@ -24,7 +24,7 @@ bool nas_dedup_switchover_slack_check(uint64_t ms, Error **errp);
 bool nas_dedup_index_size_check(uint64_t size, Error **errp);
 void nas_dedup_index_resize(Error **errp);
 void nas_dedup_fill_info(MigrationInfo *info, bool incoming);
-void nas_dedup_hmp_info(Monitor *mon, const DedupNasStats *st);
+void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info);
 void nas_dedup_stats_reset(bool incoming);
 
 typedef struct NasDedupCounters {

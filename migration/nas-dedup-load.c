@@ -4,20 +4,17 @@
  * dedup-nas: destination side
  *
  * A REFS record names a run of guest pages and the drive blocks that held
- * the same bytes on the source.  The loader starts an asynchronous read of
- * the blocks from this VM's own drive (the same shared image) and goes on
- * with the stream; up to NAS_DEDUP_INFLIGHT reads run at once.  When a read
- * completes, each block whose keyed hash (two XXH3-64, the key in the SETUP
+ * the same bytes on the source.  The loader asks the fetch engine
+ * (hw/nas-dedup/fetch.c) for an asynchronous read of the blocks from this
+ * VM's own drive (the same shared image) and goes on with the stream.
+ * When a read completes, each block whose keyed hash (two XXH3-64, the key
+ * in the SETUP
  * record) matches goes into guest RAM, unless newer data for that page
  * arrived meanwhile; any other page is asked from the source again on the
  * return path.  So is every page of a reference that this VM cannot
  * resolve: a drive it does not have, a range past the end of its view of
  * the drive.  Only protocol violations (malformed records, pages outside
  * guest RAM, REFS before SETUP) fail the incoming migration.
- *
- * Reads go to the drive's node through a BlockBackend of our own: not
- * throttled by the guest's iotune limits, and keeping the node alive if
- * the device is unplugged while the migration comes in.
  *
  * Every page sent as a reference carries a ticket (its record's sequence
  * number) until it is resolved: verified, superseded by newer data, or
@@ -26,7 +23,7 @@
  * loading, fail the migration if any page is unresolved.
  *
  * Everything here runs in the main loop: the incoming coroutine and the
- * fetch coroutines it starts.  Only the incoming coroutine writes to the
+ * fetch engine's callbacks.  Only the incoming coroutine writes to the
  * return path: fetches queue their RESEND requests for it.  The return path
  * is a non-blocking channel, so a writer yields when it is full, holding
  * the (thread) mutex of the return path; a second coroutine writing then
@@ -36,11 +33,8 @@
 #include "qemu/coroutine.h"
 #include "qemu/cutils.h"
 #include "qemu/error-report.h"
-#include "qemu/main-loop.h"
-#include "qemu/memalign.h"
 #include "qapi/error.h"
 #include "io/channel.h"
-#include "system/block-backend.h"
 #include "exec/target_page.h"
 #include "migration.h"
 #include "qemu-file.h"
@@ -48,37 +42,7 @@
 #include "nas-dedup-wire.h"
 #include "trace.h"
 
-/*
- * Reads in flight.  The read of a run is up to 1 MiB; more than a few in
- * flight only made them slower here (loopback nfs-ganesha on 2 cores:
- * 4 and 8 best, 32 a third slower, 64 slower still).
- */
-#define NAS_DEDUP_INFLIGHT 8
-/*
- * REFS records waiting for a free read slot.  While the queue has room
- * the incoming stream goes on at link speed; when it is full (~4 GiB of
- * references queued, ~20 MiB of records), the stream waits.
- */
-#define NAS_DEDUP_QUEUE_MAX 4096
-/* Read buffers are kept for the next fetch: fresh ones cost page faults. */
-#define NAS_DEDUP_BUF_SIZE (NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK)
 #define TICKET_AWAITING UINT32_MAX  /* asked from the source again */
-
-/*
- * A read-only view of one of this VM's guest drives: a BlockBackend of
- * our own on the drive's node.
- */
-typedef struct LoadView {
-    char *id;                   /* the guest device's id or QOM path */
-    BlockBackend *blk;
-    uint64_t size;
-} LoadView;
-
-/* A drive number of the stream. */
-typedef struct LoadDrive {
-    BlockBackend *blk;          /* a view's; NULL: this VM has no such drive */
-    uint64_t size;              /* the smaller of what both sides know */
-} LoadDrive;
 
 /* The tickets of the pages of one RAMBlock. */
 typedef struct Tickets {
@@ -95,23 +59,18 @@ typedef struct Resend {
     uint32_t npages;
 } Resend;
 
+/* The fetch of one REFS record. */
 typedef struct Fetch {
     LoadState *st;
-    LoadDrive *drive;
     RAMBlock *block;
     ram_addr_t offset;
     NasDedupRecord *rec;
     uint32_t ticket;
 } Fetch;
 
-/*
- * One incoming migration.  Fetches still running when the load ends (it
- * failed) keep it alive; the last one frees it.
- */
+/* One incoming migration. */
 struct LoadState {
-    bool dead;
-    GHashTable *drives;         /* drive number -> LoadDrive */
-    GPtrArray *views;           /* LoadView, made at the first DRIVE */
+    NasDedupFetcher *fetcher;
     GHashTable *tickets;        /* RAMBlock * -> Tickets */
     RAMBlock *last_block;       /* cache for tickets_of() */
     Tickets *last_tickets;
@@ -123,57 +82,15 @@ struct LoadState {
     uint32_t next_ticket;
     uint64_t pending;           /* pages with a ticket */
     uint64_t awaiting;          /* of which asked from the source */
-    unsigned inflight;          /* fetch coroutines */
-    GQueue queue;               /* Fetch, waiting for a fetch coroutine */
-    int64_t busy_since;         /* when inflight became non-zero, in us */
-    CoQueue waitq;
+    unsigned fetches;           /* Fetch not over yet */
+    int64_t busy_since;         /* when fetches became non-zero, in us */
     GArray *resends;            /* Resend, queued by fetches */
-    GPtrArray *bufs;            /* free read buffers, NAS_DEDUP_BUF_SIZE */
     bool refs_seen;
     bool final_seen;
     bool rp_nodelay;
 };
 
 static LoadState *load;
-
-static void views_free_bh(void *opaque)
-{
-    GPtrArray *views = opaque;
-    guint i;
-
-    for (i = 0; i < views->len; i++) {
-        LoadView *v = g_ptr_array_index(views, i);
-
-        blk_unref(v->blk);
-        g_free(v->id);
-        g_free(v);
-    }
-    g_ptr_array_free(views, true);
-}
-
-/*
- * Let go of the views, once no fetch uses them: from a bottom half, as
- * unref may need to change the block graph, which a coroutine (the
- * incoming one, or the last fetch) must not do while it is in the middle
- * of tearing the load down.  Until then, a view keeps the node alive and
- * lets it move to another AioContext (an iothread started with the
- * guest).
- */
-static void views_drop(LoadState *st)
-{
-    GHashTableIter iter;
-    gpointer value;
-
-    if (!st->views) {
-        return;
-    }
-    g_hash_table_iter_init(&iter, st->drives);
-    while (g_hash_table_iter_next(&iter, NULL, &value)) {
-        ((LoadDrive *)value)->blk = NULL;
-    }
-    aio_bh_schedule_oneshot(qemu_get_aio_context(), views_free_bh, st->views);
-    st->views = NULL;
-}
 
 static void tickets_free(gpointer p)
 {
@@ -185,15 +102,8 @@ static void tickets_free(gpointer p)
 
 static void load_state_free(LoadState *st)
 {
-    Fetch *fe;
-
-    while ((fe = g_queue_pop_head(&st->queue))) {
-        g_free(fe->rec);
-        g_free(fe);
-    }
-    g_ptr_array_free(st->bufs, true);
-    views_drop(st);
-    g_hash_table_destroy(st->drives);
+    /* Cancels the fetches still queued or in flight. */
+    nas_dedup_fetcher_free(st->fetcher);
     g_hash_table_destroy(st->tickets);
     g_array_free(st->resends, true);
     g_free(st);
@@ -203,12 +113,9 @@ int nas_dedup_load_setup(Error **errp)
 {
     LoadState *st = g_new0(LoadState, 1);
 
-    st->drives = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    st->fetcher = nas_dedup_fetcher_new(NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK);
     st->tickets = g_hash_table_new_full(NULL, NULL, NULL, tickets_free);
-    qemu_co_queue_init(&st->waitq);
-    g_queue_init(&st->queue);
     st->resends = g_array_new(false, false, sizeof(Resend));
-    st->bufs = g_ptr_array_new_with_free_func(qemu_vfree);
     nas_dedup_load_cleanup();
     load = st;
     nas_dedup_stats_reset(true);
@@ -220,11 +127,7 @@ void nas_dedup_load_cleanup(void)
     if (!load) {
         return;
     }
-    if (load->inflight) {
-        load->dead = true;      /* the last fetch frees it */
-    } else {
-        load_state_free(load);
-    }
+    load_state_free(load);
     load = NULL;
 }
 
@@ -364,36 +267,30 @@ static void resend_run(LoadState *st, Fetch *fe, uint32_t *t, uint32_t first,
         t[first + k] = TICKET_AWAITING;
         st->awaiting++;
     }
-    if (!st->dead) {
-        g_array_append_val(st->resends, r);
-    }
+    g_array_append_val(st->resends, r);
 }
 
 /*
- * Read, verify and install one run; frees @fe.  @buf may be NULL (no
- * memory: every page is asked again), and so may the drive's BlockBackend
- * (this VM has no such drive).
+ * The fetch engine read the blocks of @opaque's run into @buf, or could
+ * not (@ret < 0): verify and install them, ask the source for the others.
  */
-static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
+static void fetch_done(void *opaque, uint8_t *buf, int ret)
 {
+    Fetch *fe = opaque;
+    LoadState *st = fe->st;
     NasDedupRecord *rec = fe->rec;
-    size_t len = (size_t)rec->npages * NAS_DEDUP_CHUNK;
     unsigned long first = fe->offset >> TARGET_PAGE_BITS;
     uint32_t *t;
     uint32_t k, bad_start = 0, bad = 0;
-    int ret = -ENOMEM;
 
-    if (!fe->drive->blk ||
-        rec->disk_offset + len > fe->drive->size) {
-        ret = -ENOENT;
-    } else if (buf) {
-        ret = blk_co_pread(fe->drive->blk, rec->disk_offset, len, buf, 0);
-        trace_nas_dedup_load_fetch_done(rec->drive, rec->disk_offset,
-                                        rec->npages, ret);
-        if (ret >= 0) {
-            stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
-            stat64_add(&nas_dedup_counters.fetched_bytes, len);
-        }
+    if (ret == -ECANCELED) {
+        /* The load is over: guest RAM and @st are no longer ours. */
+        goto out;
+    }
+    if (ret >= 0) {
+        stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
+        stat64_add(&nas_dedup_counters.fetched_bytes,
+                   (uint64_t)rec->npages * NAS_DEDUP_CHUNK);
     }
     /* Created for this run by load_refs(); never shrinks. */
     t = tickets_of(st, fe->block, first + rec->npages, false)->t;
@@ -405,9 +302,6 @@ static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
 
             if (t[first + k] != fe->ticket) {
                 ok = true;      /* superseded by newer data: nothing to do */
-            } else if (st->dead) {
-                /* The load failed: guest RAM is no longer ours to write. */
-                ok = true;
             } else if (ret == -ENOENT) {
                 /* not ours to read: asked again */
             } else if (ret < 0) {
@@ -438,42 +332,15 @@ static void coroutine_fn fetch_one(LoadState *st, Fetch *fe, uint8_t *buf)
             bad = 0;
         }
     }
-    g_free(rec);
-    g_free(fe);
-}
-
-/*
- * A fetch coroutine: reads the run it was started for, then those queued
- * meanwhile, with one buffer.
- */
-static void coroutine_fn nas_dedup_fetch_co(void *opaque)
-{
-    Fetch *fe = opaque;
-    LoadState *st = fe->st;
-    uint8_t *buf = st->bufs->len ? g_ptr_array_steal_index_fast(st->bufs, 0) :
-                   qemu_try_memalign(qemu_real_host_page_size(),
-                                     NAS_DEDUP_BUF_SIZE);
-
-    while (fe) {
-        fetch_one(st, fe, buf);
-        fe = st->dead ? NULL : g_queue_pop_head(&st->queue);
-        qemu_co_queue_restart_all(&st->waitq);  /* the queue has room */
-    }
-    if (buf) {
-        g_ptr_array_add(st->bufs, buf);
-    }
-    if (--st->inflight == 0) {
-        if (st->dead) {
-            /* Its reads no longer count: the counters may be a new load's. */
-            load_state_free(st);
-            return;
-        }
+    if (--st->fetches == 0) {
         /* (A reader between the two may count the interval twice.) */
         stat64_add(&nas_dedup_counters.fetch_time_us,
                    g_get_monotonic_time() - st->busy_since);
         qatomic_set_i64(&nas_dedup_counters.fetch_busy_since, 0);
     }
-    qemu_co_queue_restart_all(&st->waitq);
+out:
+    g_free(rec);
+    g_free(fe);
 }
 
 static bool qemufile_read(void *opaque, void *buf, size_t len)
@@ -483,109 +350,25 @@ static bool qemufile_read(void *opaque, void *buf, size_t len)
     return qemu_get_buffer(f, buf, len) == len && !qemu_file_get_error(f);
 }
 
-/*
- * Views of every drive attached to a guest device, made at once before
- * the first fetch: making one takes the block graph's writer lock, which
- * waits for every read in flight, and a read stuck on a stalled NAS would
- * then stall the main loop.  Devices on -blockdev nodes have anonymous
- * BlockBackends: walk them all.
- */
-static void coroutine_fn make_views(LoadState *st)
-{
-    g_autoptr(GPtrArray) ids = g_ptr_array_new_with_free_func(g_free);
-    g_autoptr(GPtrArray) nodes = g_ptr_array_new();
-    BlockBackend *blk;
-    guint i;
-
-    /*
-     * First the drives and their nodes, referenced, without yielding:
-     * making a view yields, and the monitor may eject or unplug meanwhile.
-     */
-    for (blk = blk_all_next(NULL); blk; blk = blk_all_next(blk)) {
-        if (!blk_get_attached_dev(blk) || !blk_bs(blk)) {
-            continue;           /* not a guest drive, or no medium */
-        }
-        g_ptr_array_add(ids, blk_get_attached_dev_id(blk));
-        bdrv_ref(blk_bs(blk));
-        g_ptr_array_add(nodes, blk_bs(blk));
-    }
-    st->views = g_ptr_array_new();
-    for (i = 0; i < nodes->len; i++) {
-        Error *local_err = NULL;
-        LoadView *v = g_new0(LoadView, 1);
-        int64_t len;
-
-        v->id = g_strdup(g_ptr_array_index(ids, i));
-        v->blk = blk_co_new_with_bs(g_ptr_array_index(nodes, i),
-                                    BLK_PERM_CONSISTENT_READ, BLK_PERM_ALL,
-                                    &local_err);
-        bdrv_co_unref(g_ptr_array_index(nodes, i));
-        if (!v->blk) {
-            warn_reportf_err(local_err, "dedup-nas: no view of drive '%s', "
-                             "its pages will be sent in full: ", v->id);
-            g_free(v->id);
-            g_free(v);
-            continue;
-        }
-        blk_set_allow_aio_context_change(v->blk, true);
-        len = blk_co_getlength(v->blk);
-        v->size = len < 0 ? 0 : len;
-        g_ptr_array_add(st->views, v);
-    }
-}
-
 static int coroutine_fn load_drive(const NasDedupRecord *rec, Error **errp)
 {
-    LoadDrive *d = g_hash_table_lookup(load->drives,
-                                       GUINT_TO_POINTER(rec->drive));
-    LoadView *v = NULL;
-    guint i;
-
-    if (d) {
-        error_setg(errp, "dedup-nas: drive %u defined twice", rec->drive);
-        return -EINVAL;
-    }
-    if (!load->views) {
-        make_views(load);
-    }
-    d = g_new0(LoadDrive, 1);
-    g_hash_table_insert(load->drives, GUINT_TO_POINTER(rec->drive), d);
-    for (i = 0; i < load->views->len; i++) {
-        v = g_ptr_array_index(load->views, i);
-        if (!strcmp(v->id, rec->id)) {
-            break;
-        }
-        v = NULL;
-    }
-    if (!v) {
-        /* Not a protocol error: its references are asked again. */
-        warn_report("dedup-nas: the source refers to drive '%s', which this "
-                    "VM does not have (or has no medium in); its pages will "
-                    "be sent in full", rec->id);
-        return 0;
-    }
-    d->blk = v->blk;
-    d->size = MIN(v->size, rec->disk_size);
-    trace_nas_dedup_load_drive(rec->drive, rec->id, d->size);
-    return 0;
+    return nas_dedup_fetcher_define(load->fetcher, rec->drive, rec->id,
+                                    rec->disk_size, errp);
 }
 
 static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
                                   ram_addr_t offset, Error **errp)
 {
-    LoadDrive *d = g_hash_table_lookup(load->drives,
-                                       GUINT_TO_POINTER(rec->drive));
     g_autoptr(Error) err = NULL;
     unsigned long first = offset >> TARGET_PAGE_BITS;
     uint32_t *t, k, ticket;
     Fetch *fe;
 
-
     if (!load->have_setup) {
         error_setg(errp, "dedup-nas: REFS record before the SETUP record");
         return -EINVAL;
     }
-    if (!d) {
+    if (!nas_dedup_fetcher_has_drive(load->fetcher, rec->drive)) {
         error_setg(errp, "dedup-nas: REFS record for drive %u, which the "
                    "source never defined", rec->drive);
         return -EINVAL;
@@ -613,24 +396,18 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
 
     fe = g_new0(Fetch, 1);
     fe->st = load;
-    fe->drive = d;
     fe->block = block;
     fe->offset = offset;
     fe->rec = rec;
     fe->ticket = ticket;
-    if (load->inflight < NAS_DEDUP_INFLIGHT) {
-        if (!load->inflight++) {
-            load->busy_since = g_get_monotonic_time();
-            qatomic_set_i64(&nas_dedup_counters.fetch_busy_since,
-                            load->busy_since);
-        }
-        qemu_coroutine_enter(qemu_coroutine_create(nas_dedup_fetch_co, fe));
-        return 0;
+    if (!load->fetches++) {
+        load->busy_since = g_get_monotonic_time();
+        qatomic_set_i64(&nas_dedup_counters.fetch_busy_since,
+                        load->busy_since);
     }
-    g_queue_push_tail(&load->queue, fe);
-    while (load->queue.length >= NAS_DEDUP_QUEUE_MAX) {
-        qemu_co_queue_wait(&load->waitq, NULL);
-    }
+    nas_dedup_fetcher_read(load->fetcher, rec->drive, rec->disk_offset,
+                           (size_t)rec->npages * NAS_DEDUP_CHUNK,
+                           fetch_done, fe);
     return 0;
 }
 
@@ -643,15 +420,13 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
         error_setg(errp, "dedup-nas: SYNC record before the SETUP record");
         return -EINVAL;
     }
-    while (load->inflight) {
-        qemu_co_queue_wait(&load->waitq, NULL);
-    }
+    nas_dedup_fetcher_drain(load->fetcher);
     /* Every RESEND goes before the SYNC_ACK that counts it. */
     flush_resends(load);
     trace_nas_dedup_load_sync(rec->seq, rec->final, load->pending);
     if (rec->final) {
         load->final_seen = true;
-        views_drop(load);       /* no more reads */
+        nas_dedup_fetcher_close(load->fetcher);     /* no more reads */
         return nas_dedup_load_check(errp) ? 0 : -EINVAL;
     }
     /* With no read in flight, every pending page awaits the source. */
@@ -745,10 +520,11 @@ bool nas_dedup_load_check(Error **errp)
     if (!load || !load->refs_seen) {
         return true;
     }
-    if (load->inflight || load->pending) {
+    if (load->fetches || load->pending) {
         error_setg(errp, "dedup-nas: %" PRIu64 " pages sent as references "
                    "were neither verified nor sent again (%u reads in "
-                   "flight)", load->pending, load->inflight);
+                   "flight)", load->pending,
+                   nas_dedup_fetcher_inflight(load->fetcher));
         return false;
     }
     if (!load->final_seen) {

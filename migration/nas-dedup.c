@@ -217,14 +217,14 @@ void nas_dedup_stats_reset(bool incoming)
 void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
 {
     NasDedupCounters *c = &nas_dedup_counters;
-    DedupNasStats *st;
     int64_t since;
 
-    if (!migrate_dedup_nas() || info->dedup_nas) {
+    if (!migrate_dedup_nas()) {
         return;
     }
-    st = info->dedup_nas = g_new0(DedupNasStats, 1);
     if (incoming) {
+        DedupNasIncomingStats *st = g_new0(DedupNasIncomingStats, 1);
+
         st->fetched_blocks = stat64_get(&c->fetched_blocks);
         st->fetched_bytes = stat64_get(&c->fetched_bytes);
         st->verified_pages = stat64_get(&c->verified_pages);
@@ -234,55 +234,62 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
         since = qatomic_read_i64(&c->fetch_busy_since);
         st->fetch_time = (stat64_get(&c->fetch_time_us) +
                           (since ? g_get_monotonic_time() - since : 0)) / 1000;
-        return;
-    }
-    st->ref_pages = stat64_get(&c->ref_pages);
-    st->ref_bytes = stat64_get(&c->ref_bytes);
-    st->resent_pages = stat64_get(&c->resent_pages);
-    st->bytes_saved = nas_dedup_saved(st->ref_pages, st->ref_bytes);
-    WITH_RCU_READ_LOCK_GUARD() {
-        NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
-        NasDedupIndexStats is;
+        info->dedup_nas_incoming = st;
+    } else {
+        DedupNasSourceStats *st = g_new0(DedupNasSourceStats, 1);
 
-        if (idx) {
-            nas_dedup_index_get_stats(idx, &is);
-            st->index_size = is.bytes;
-            st->index_capacity = is.capacity;
-            st->index_entries = is.entries;
-            st->index_hits = is.hits;
-            st->index_misses = is.misses;
-            st->index_evictions = is.evictions;
+        st->ref_pages = stat64_get(&c->ref_pages);
+        st->ref_bytes = stat64_get(&c->ref_bytes);
+        st->resent_pages = stat64_get(&c->resent_pages);
+        st->bytes_saved = nas_dedup_saved(st->ref_pages, st->ref_bytes);
+        WITH_RCU_READ_LOCK_GUARD() {
+            NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
+            NasDedupIndexStats is;
+
+            if (idx) {
+                nas_dedup_index_get_stats(idx, &is);
+                st->index_size = is.bytes;
+                st->index_capacity = is.capacity;
+                st->index_entries = is.entries;
+                st->index_hits = is.hits;
+                st->index_misses = is.misses;
+                st->index_evictions = is.evictions;
+            }
         }
+        info->dedup_nas = st;
     }
 }
 
-void nas_dedup_hmp_info(Monitor *mon, const DedupNasStats *st)
+void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info)
 {
-    if (st->ref_pages || st->index_capacity) {
+    const DedupNasSourceStats *s = info->dedup_nas;
+    const DedupNasIncomingStats *d = info->dedup_nas_incoming;
+
+    if (s) {
         monitor_printf(mon, "dedup-nas reference pages: %" PRIu64 "\n",
-                       st->ref_pages);
+                       s->ref_pages);
         monitor_printf(mon, "dedup-nas reference bytes: %" PRIu64 "\n",
-                       st->ref_bytes);
+                       s->ref_bytes);
         monitor_printf(mon, "dedup-nas bytes saved: %" PRIu64 "\n",
-                       st->bytes_saved);
+                       s->bytes_saved);
         monitor_printf(mon, "dedup-nas resent pages: %" PRIu64 "\n",
-                       st->resent_pages);
+                       s->resent_pages);
         monitor_printf(mon, "dedup-nas index: %" PRIu64 " of %" PRIu64
-                       " entries, %" PRIu64 " bytes\n", st->index_entries,
-                       st->index_capacity, st->index_size);
+                       " entries, %" PRIu64 " bytes\n", s->index_entries,
+                       s->index_capacity, s->index_size);
         monitor_printf(mon, "dedup-nas index hits: %" PRIu64 " misses: %"
-                       PRIu64 " evictions: %" PRIu64 "\n", st->index_hits,
-                       st->index_misses, st->index_evictions);
+                       PRIu64 " evictions: %" PRIu64 "\n", s->index_hits,
+                       s->index_misses, s->index_evictions);
     }
-    if (st->fetched_blocks || st->mismatches || st->read_errors) {
+    if (d) {
         monitor_printf(mon, "dedup-nas fetched: %" PRIu64 " blocks, %" PRIu64
-                       " bytes in %" PRIu64 " ms\n", st->fetched_blocks,
-                       st->fetched_bytes, st->fetch_time);
+                       " bytes in %" PRIu64 " ms\n", d->fetched_blocks,
+                       d->fetched_bytes, d->fetch_time);
         monitor_printf(mon, "dedup-nas verified pages: %" PRIu64 "\n",
-                       st->verified_pages);
+                       d->verified_pages);
         monitor_printf(mon, "dedup-nas mismatches: %" PRIu64
                        " read errors: %" PRIu64 " resend requests: %" PRIu64
-                       "\n", st->mismatches, st->read_errors,
-                       st->resend_requests);
+                       "\n", d->mismatches, d->read_errors,
+                       d->resend_requests);
     }
 }

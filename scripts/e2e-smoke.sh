@@ -324,8 +324,9 @@ print("total_ms=%d downtime_ms=%d setup_ms=%d ram_transferred_bytes=%d "
       r.get("total", 0) / MiB, r.get("normal", -1), r.get("duplicate", -1),
       r.get("dirty-sync-count", -1), r.get("mbps", 0.0)), end="")
 # Statistics of the project's dedup-nas capability, when it is on.
-for side, info in (("src", m), ("dst", dst)):
-    for k, v in sorted(info.get("dedup-nas", {}).items()):
+for side, key, info in (("src", "dedup-nas", m),
+                        ("dst", "dedup-nas-incoming", dst)):
+    for k, v in sorted(info.get(key, {}).items()):
         if v:
             print(" %s_dedup_%s=%s" % (side, k.replace("-", "_"), v), end="")
 print()

@@ -5,7 +5,8 @@
  *
  * The stream side (migration/nas-dedup*.c: the index, the wire records,
  * sending and loading) and the storage side (hw/nas-dedup/: the observer
- * of guest device I/O, which talks to drives, not to the stream) meet here.
+ * of guest device I/O on the source and the fetch engine of the
+ * destination, which talk to drives, not to the stream) meet here.
  * See docs/devel/nas-dedup.rst.
  */
 #ifndef INCLUDE_MIGRATION_NAS_DEDUP_H
@@ -37,5 +38,49 @@ bool nas_dedup_drive_info(uint16_t drive, char **id, uint64_t *size);
  * entries are stale.  Lock-free.
  */
 bool nas_dedup_drive_live(uint16_t drive);
+
+/* Storage side (hw/nas-dedup/fetch.c), for the destination's loader. */
+
+typedef struct NasDedupFetcher NasDedupFetcher;
+/*
+ * A read asked with nas_dedup_fetcher_read() is over: @buf holds its data
+ * if @ret >= 0 (valid until the callback returns).  Otherwise @buf is
+ * NULL and @ret is -ENOENT if the drive or the range is not this VM's to
+ * read (no such drive, past the end of it), -ECANCELED if the fetcher was
+ * freed meanwhile (free @opaque, touch nothing else), another negative
+ * errno if the read failed.  Runs in the main loop; must not yield.
+ */
+typedef void NasDedupFetchDone(void *opaque, uint8_t *buf, int ret);
+/* A fetcher for one incoming migration; reads are at most @max_len. */
+NasDedupFetcher *nas_dedup_fetcher_new(size_t max_len);
+/*
+ * Drive number @drive of the source is the guest drive whose attached
+ * device has id (or QOM path) @id, and @size bytes long on the source.
+ * A drive this VM does not have is only warned about: its reads fail
+ * with -ENOENT.  Fails if @drive was defined before.
+ */
+int coroutine_fn nas_dedup_fetcher_define(NasDedupFetcher *f, uint16_t drive,
+                                          const char *id, uint64_t size,
+                                          Error **errp);
+bool nas_dedup_fetcher_has_drive(NasDedupFetcher *f, uint16_t drive);
+/*
+ * Read @len bytes at @offset of defined drive @drive, then call @done.
+ * Waits (yields) while too many reads are queued.  Incoming coroutine.
+ */
+void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
+                                         uint64_t offset, size_t len,
+                                         NasDedupFetchDone *done,
+                                         void *opaque);
+/* Wait until every read asked so far is over. */
+void coroutine_fn nas_dedup_fetcher_drain(NasDedupFetcher *f);
+/* Reads asked and not over yet. */
+unsigned nas_dedup_fetcher_inflight(NasDedupFetcher *f);
+/* No more reads: let go of the drives (later reads fail with -ENOENT). */
+void nas_dedup_fetcher_close(NasDedupFetcher *f);
+/*
+ * Free @f (NULL: nothing).  Reads still queued or in flight are cancelled
+ * (their callbacks run with -ECANCELED); the last read in flight frees it.
+ */
+void nas_dedup_fetcher_free(NasDedupFetcher *f);
 
 #endif

@@ -396,8 +396,9 @@ class NasDedupMigration(QemuSystemTest):
                 f'boot {res["boot_s"]:.1f} s, '
                 f'migrate {res["migrate_s"]:.1f} s, '
                 f'verify {res["verify_s"]:.1f} s, all {res["total_s"]:.1f} s')
-        for side, info in (('src', s), ('dst', d)):
-            st = info.get('dedup-nas')
+        for side, key, info in (('src', 'dedup-nas', s),
+                                ('dst', 'dedup-nas-incoming', d)):
+            st = info.get(key)
             if st:
                 line += f'; {side} dedup-nas ' + ' '.join(
                     f'{k}={v}' for k, v in sorted(st.items()) if v)
@@ -422,7 +423,7 @@ class NasDedupMigration(QemuSystemTest):
         """
         tag = res['tag']
         s = res['src'].get('dedup-nas')
-        d = res['dst'].get('dedup-nas')
+        d = res['dst'].get('dedup-nas-incoming')
         self.assertIsNotNone(s, f'{tag}: no dedup-nas stats on the source')
         self.assertIsNotNone(d, f'{tag}: no dedup-nas stats on the '
                                 'destination')
@@ -686,7 +687,7 @@ class NasDedupMigration(QemuSystemTest):
         s = (sinfo.get('dedup-nas') or
              (getattr(self, 'fm_live', None) or {}).get('dedup-nas') or {})
         self.fm_live = None
-        d = (dinfo or {}).get('dedup-nas') or {}
+        d = (dinfo or {}).get('dedup-nas-incoming') or {}
         row = {'tag': tag, 'outcome': outcome,
                'downtime': sinfo.get('downtime'),
                'resent': s.get('resent-pages', 0),
@@ -1001,7 +1002,7 @@ class NasDedupMigration(QemuSystemTest):
                  'file.set-state.0.state=1,'
                  'file.set-state.0.new_state=2')
         dst, sinfo, dinfo = self._fm_migrate(case, src, disk, drive=drive)
-        s, d = sinfo['dedup-nas'], dinfo['dedup-nas']
+        s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
         self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
         self.assertGreater(d['mismatches'] + d['read-errors'], 0,
                            f'{case}: {d}')
@@ -1094,7 +1095,7 @@ class NasDedupMigration(QemuSystemTest):
         self.fm_inspect = inspect
 
         dst, sinfo, dinfo = self._fm_migrate(case, src, disk, extra=port)
-        s, d = sinfo['dedup-nas'], dinfo['dedup-nas']
+        s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
         self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
         self.assertGreater(found[0], self.FM_EXTRA_MB * MiB // PAGE // 4,
                            f'{case}: the unplugged disk is not in RAM')
@@ -1126,7 +1127,7 @@ class NasDedupMigration(QemuSystemTest):
         sinfo = self._fm_wait_end(src, f'src-{case}',
                                   self.FM_MIGRATE_TIMEOUT)
         dinfo = self._fm_expect_completed(case, src, sinfo, dst)
-        s, d = sinfo['dedup-nas'], dinfo['dedup-nas']
+        s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
         # The iothread's I/O was tracked: references were sent and verified.
         self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
         self.assertGreater(d['verified-pages'], 0, f'{case}: {d}')
@@ -1216,7 +1217,7 @@ class NasDedupMigration(QemuSystemTest):
         self.assertEqual(os.path.getsize(os.path.join(self.export_dir, disk)),
                          size + 64 * MiB)
         dst, sinfo, dinfo = self._fm_migrate(case, src, disk)
-        s, d = sinfo['dedup-nas'], dinfo['dedup-nas']
+        s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
         self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
         self.assertEqual(d['resend-requests'], 0, f'{case}: {d}')
         self._fm_shutdown(dst)
@@ -1233,7 +1234,7 @@ class NasDedupMigration(QemuSystemTest):
         disk, src, con = self._fm_start(case, churn_mb=0)
         dst, sinfo, dinfo = self._fm_migrate(
             case, src, disk, dev='virtio-blk-pci,drive=disk0,id=vd1')
-        s, d = sinfo['dedup-nas'], dinfo['dedup-nas']
+        s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
         self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
         self.assertEqual(d['verified-pages'], 0, f'{case}: {d}')
         self.assertEqual(d['resend-requests'], s['ref-pages'],

@@ -440,6 +440,8 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
     st->transferred = stat_u64(ram, "transferred");
     dn = qdict_get_qdict(rsp, "dedup-nas");
     g_assert(!dn == !dedup);
+    /* Each side returns its own statistics only. */
+    g_assert(!qdict_haskey(rsp, "dedup-nas-incoming"));
     if (dn) {
         st->ref_pages = stat_u64(dn, "ref-pages");
         st->ref_bytes = stat_u64(dn, "ref-bytes");
@@ -451,8 +453,9 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
 
     rsp = migrate_query(to);
     g_assert_cmpstr(qdict_get_str(rsp, "status"), ==, "completed");
-    dn = qdict_get_qdict(rsp, "dedup-nas");
+    dn = qdict_get_qdict(rsp, "dedup-nas-incoming");
     g_assert(!dn == !dedup);
+    g_assert(!qdict_haskey(rsp, "dedup-nas"));
     if (dn) {
         st->fetched_blocks = stat_u64(dn, "fetched-blocks");
         st->fetched_bytes = stat_u64(dn, "fetched-bytes");
@@ -1654,7 +1657,7 @@ static void test_fetch_after_failure(void)
                             "file.driver=raw,file.file.driver=file,"
                             "file.file.filename=%s", image_path);
     extra = g_strdup_printf("-object throttle-group,id=tg0,x-bps-read=%u "
-                            "-trace nas_dedup_load_fetch_done "
+                            "-trace nas_dedup_fetch_done "
                             "-incoming defer 2>%s",
                             (unsigned)SLOW_READ_BPS, log);
     args = machine_args_drive(true, false, drive, extra);
@@ -1669,14 +1672,14 @@ static void test_fetch_after_failure(void)
     g_assert(strstr(desc, m.expect));
     qobject_unref(rsp);
     g_assert(g_file_get_contents(log, &out, NULL, NULL));
-    g_assert(!strstr(out, "nas_dedup_load_fetch_done"));
+    g_assert(!strstr(out, "nas_dedup_fetch_done"));
     g_clear_pointer(&out, g_free);
     assert_source_survived(g.src.qts);
 
     /* The read completes, after the failure... */
     for (;;) {
         g_assert(g_file_get_contents(log, &out, NULL, NULL));
-        if (strstr(out, "nas_dedup_load_fetch_done")) {
+        if (strstr(out, "nas_dedup_fetch_done")) {
             break;
         }
         g_clear_pointer(&out, g_free);
