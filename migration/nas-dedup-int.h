@@ -52,7 +52,6 @@ extern NasDedupCounters nas_dedup_counters;
  */
 typedef size_t (*NasDedupPutHeader)(void *opaque, QEMUFile *f,
                                     RAMBlock *block, ram_addr_t offset_flags);
-void nas_dedup_save_init(void);
 int nas_dedup_save_setup(Error **errp);
 void nas_dedup_save_cleanup(void);
 /*
@@ -63,10 +62,18 @@ void nas_dedup_save_cleanup(void);
 int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
                         void *opaque, RAMBlock *block, ram_addr_t offset);
 /*
- * Send the pending run of references, if any, and a live SYNC if one is
- * due; dirty again the pages the destination asked for.
+ * Send the pending run of references, if any; dirty again the pages the
+ * destination asked for.
  */
 int nas_dedup_save_flush(Error **errp);
+/*
+ * Send a SYNC record (@final: the last one) on the stream of the last
+ * reference.  Returns its sequence number, or 0 if no reference was sent
+ * yet (no stream to send it on).
+ */
+uint32_t nas_dedup_save_put_sync(bool final);
+/* Pages sent (or queued in a run) as references; 0 if none. */
+uint64_t nas_dedup_save_refs_sent(void);
 /*
  * Bytes that references saved on the wire so far (what the pages would
  * have taken in full, less what the references took).
@@ -79,14 +86,6 @@ static inline uint64_t nas_dedup_saved(uint64_t pages, uint64_t bytes)
                                            : 0;
 }
 /*
- * Migration thread, about to stop the guest with @pending_bytes left to
- * send: false while that and the blocks of the references the destination
- * has not resolved yet exceed @threshold_bytes (the downtime budget); a
- * live SYNC then lets the destination catch up while the guest runs.
- */
-bool nas_dedup_save_can_switchover(uint64_t pending_bytes,
-                                   uint64_t threshold_bytes);
-/*
  * The guest just stopped for switchover (top of ram_save_complete()): arm
  * the bound on how long dedup-nas may keep it stopped.
  */
@@ -98,13 +97,76 @@ void nas_dedup_save_switchover(void);
  */
 int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
                             void *opaque, Error **errp);
-/* Return-path handlers (source). */
+
+/* nas-dedup-rp.c: the source's end of the return path */
+/* Once, at start-up (migration_object_init()). */
+void nas_dedup_rp_init(void);
+/* A migration with dedup-nas and a return path starts, and ends. */
+void nas_dedup_rp_start(MigrationState *s);
+void nas_dedup_rp_stop(void);
+/* Return-path handlers, in the return-path thread. */
 int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
                         Error **errp);
 int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
                           Error **errp);
 /* A return-path handler above failed with @err: fail the migration now. */
 void nas_dedup_rp_error(MigrationState *s, const Error *err);
+/*
+ * Fail the migration with @err from any thread, unless the final SYNC
+ * went out: from then on the destination may complete and run the guest,
+ * and a source that resumed too would run it twice.  Shutting the
+ * channels down, as migrate_cancel does, also frees a migration thread
+ * blocked writing to a destination that stopped reading.
+ */
+void nas_dedup_rp_fail(MigrationState *s, const Error *err);
+/*
+ * The final SYNC is about to go: from then on nothing of ours may fail
+ * the migration, or the guest could run on both sides.  Fails if the
+ * migration failed already.
+ */
+int nas_dedup_rp_final(MigrationState *s, Error **errp);
+/*
+ * Migration thread: true if the destination asked for this page (send it
+ * in full, once).
+ */
+bool nas_dedup_rp_take_noref(RAMBlock *block, ram_addr_t offset);
+/*
+ * Migration thread, without ram.c's bitmap mutex: dirty again the pages
+ * the destination asked for since the last call (@all: every page asked
+ * and not sent in full yet), unless they were sent in full meanwhile.
+ * Returns how many pages it dirtied.
+ */
+int64_t nas_dedup_rp_redirty(bool all, Error **errp);
+/* SYNC @seq is being sent. */
+void nas_dedup_rp_sync_sent(uint32_t seq);
+/*
+ * The last SYNC answered and (@resends) how many pages the destination
+ * asked again before that answer.
+ */
+uint32_t nas_dedup_rp_acked(uint32_t *resends);
+/* Wait up to @ms for an answer to a SYNC. */
+void nas_dedup_rp_wait(int64_t ms);
+typedef enum NasDedupWatch {
+    NAS_DEDUP_WATCH_NONE,
+    NAS_DEDUP_WATCH_SYNC,       /* SYNC seq must be answered by deadline */
+    NAS_DEDUP_WATCH_SWITCHOVER, /* the guest is stopped until deadline */
+} NasDedupWatch;
+/* Arm (or, NONE, disarm) the watchdog: it fails the migration. */
+void nas_dedup_rp_watch(NasDedupWatch kind, int64_t deadline_ms,
+                        uint32_t seq);
+
+/* nas-dedup-live.c: live SYNC before switchover, source */
+void nas_dedup_live_setup(void);
+/* Send a live SYNC if nas_dedup_live_can_switchover() asked for one. */
+void nas_dedup_live_flush(void);
+/*
+ * Migration thread, about to stop the guest with @pending_bytes left to
+ * send: false while that and the blocks of the references the destination
+ * has not resolved yet exceed @threshold_bytes (the downtime budget); a
+ * live SYNC then lets the destination catch up while the guest runs.
+ */
+bool nas_dedup_live_can_switchover(uint64_t pending_bytes,
+                                   uint64_t threshold_bytes);
 
 /* nas-dedup-load.c: destination side, called from ram.c */
 int nas_dedup_load_setup(Error **errp);

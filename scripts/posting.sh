@@ -19,6 +19,10 @@
 #                                     (incrementally, in build/posting/qemu,
 #                                     through ccache); one TAP line a check
 #                                     on stdout
+#        NASDEDUP_POSTING_AUTHOR="Name <email>" scripts/posting.sh
+#                                     post under that identity (author and
+#                                     Signed-off-by) instead of the
+#                                     project's placeholder in patches/posting
 set -euo pipefail
 # shellcheck disable=SC2034 # read by lib/common.sh
 NASDEDUP_NAME=posting
@@ -45,7 +49,9 @@ upstream_tree=$NASDEDUP_BUILD/qemu-src
 [ -f "$map" ] || die "no $map"
 
 # --- patches/posting ---------------------------------------------------------
-author=$(sed -n 's/^author: *//p' "$map")
+# The identity the series is posted under: the person posting it certifies
+# the DCO with their Signed-off-by, so they name themselves here.
+author=${NASDEDUP_POSTING_AUTHOR:-$(sed -n 's/^author: *//p' "$map")}
 prefix=$(sed -n 's/^prefix: *//p' "$map")
 [ -n "$author" ] || die "$map: no 'author:' line"
 name=${author% <*}

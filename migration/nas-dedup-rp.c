@@ -1,0 +1,460 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas: the source's end of the return path
+ *
+ * The destination answers on the return path: DEDUP_RESEND names pages it
+ * could not verify, DEDUP_SYNC_ACK answers a SYNC record.  The handlers
+ * run in the return-path thread and only record what came; the migration
+ * thread (nas-dedup-save.c) acts on it.  A message that is malformed,
+ * unexpected (dedup-nas off, or not set up yet, or torn down already) or
+ * inconsistent fails the migration, never QEMU.
+ *
+ * Waiting for the destination is bounded: a watchdog thread fails the
+ * migration when an answer does not come in time, or when the stopped
+ * guest would wait longer than it may (docs/devel/nas-dedup.rst, "Bounds").
+ */
+#include "qemu/osdep.h"
+#include "qemu/bitmap.h"
+#include "qemu/host-utils.h"
+#include "qemu/rcu.h"
+#include "qapi/error.h"
+#include "exec/target_page.h"
+#include "migration.h"
+#include "qemu-file.h"
+#include "ram.h"
+#include "nas-dedup-int.h"
+#include "nas-dedup-wire.h"
+#include "options.h"
+#include "trace.h"
+
+/* Pages the destination asked again, by RAMBlock. */
+typedef struct RpBlock {
+    unsigned long *noref;       /* send in full, not as a reference */
+    unsigned long *asked;       /* of those, not dirtied again yet */
+    unsigned long *scratch;     /* for nas_dedup_rp_redirty() */
+    unsigned long npages;
+} RpBlock;
+
+static struct {
+    /*
+     * The return-path thread and the migration thread share what @lock
+     * protects.  The lock and @ack_sem live as long as QEMU
+     * (nas_dedup_rp_init()), so that a message arriving before setup,
+     * after cleanup, or in a migration without dedup-nas finds them and
+     * fails that migration, never QEMU.  The return-path thread must not
+     * take ram.c's bitmap mutex: the migration thread holds it while it
+     * blocks sending to a destination that may itself be blocked sending
+     * on the return path.  So RESEND only marks pages in @blocks, and the
+     * migration thread dirties them (nas_dedup_rp_redirty()).  Lock order:
+     * bitmap mutex, then @lock.
+     */
+    QemuMutex lock;
+    QemuSemaphore ack_sem;      /* posted on SYNC_ACK */
+    bool active;                /* set up, with a return path */
+    bool final_sent;            /* no more failing on our account */
+    GHashTable *blocks;         /* RAMBlock * -> RpBlock */
+    unsigned long noref_pages;  /* bits set in the noref bitmaps */
+    unsigned long asked_pages;  /* bits set in the asked bitmaps */
+    uint32_t sent_seq;          /* last SYNC sent */
+    uint32_t acked_seq;         /* last SYNC answered */
+    /*
+     * Pages the destination asked again (RESEND) since its previous
+     * SYNC_ACK, as its last SYNC_ACK says: sent in full before the next
+     * SYNC.
+     */
+    uint32_t acked_resends;
+
+    /*
+     * The watchdog thread, one a migration with a return path.  Armed by
+     * the migration thread (@wd_kind, @wd_deadline_ms, @wd_seq under
+     * @wd_lock): when the deadline passes and, for a SYNC, no answer came,
+     * it fails the migration by shutting its channels down, as
+     * migrate_cancel does, which also unblocks a migration thread stuck
+     * writing to a destination that stopped reading.
+     */
+    QemuThread wd_thread;
+    QemuMutex wd_lock;
+    QemuCond wd_cond;
+    bool wd_running;
+    bool wd_quit;
+    NasDedupWatch wd_kind;
+    int64_t wd_deadline_ms;
+    uint32_t wd_seq;
+} rp;
+
+void nas_dedup_rp_init(void)
+{
+    qemu_mutex_init(&rp.lock);
+    qemu_sem_init(&rp.ack_sem, 0);
+    qemu_mutex_init(&rp.wd_lock);
+    qemu_cond_init(&rp.wd_cond);
+}
+
+static void rp_block_free(gpointer p)
+{
+    RpBlock *rb = p;
+
+    g_free(rb->noref);
+    g_free(rb->asked);
+    g_free(rb->scratch);
+    g_free(rb);
+}
+
+void nas_dedup_rp_fail(MigrationState *s, const Error *err)
+{
+    /* Atomic with "the final SYNC goes out" (nas_dedup_rp_final()). */
+    QEMU_LOCK_GUARD(&rp.lock);
+    if (rp.final_sent) {
+        return;
+    }
+    migrate_set_error(s, err);
+    WITH_QEMU_LOCK_GUARD(&s->qemu_file_lock) {
+        if (s->rp_state.from_dst_file) {
+            qemu_file_shutdown(s->rp_state.from_dst_file);
+        }
+        if (s->to_dst_file) {
+            qemu_file_shutdown(s->to_dst_file);
+        }
+    }
+}
+
+static void *watchdog_thread(void *opaque)
+{
+    MigrationState *s = opaque;
+    Error *err = NULL;
+
+    qemu_mutex_lock(&rp.wd_lock);
+    while (!rp.wd_quit) {
+        int64_t left;
+
+        if (rp.wd_kind == NAS_DEDUP_WATCH_NONE) {
+            qemu_cond_wait(&rp.wd_cond, &rp.wd_lock);
+            continue;
+        }
+        if (rp.wd_kind == NAS_DEDUP_WATCH_SYNC &&
+            (int32_t)(qatomic_load_acquire(&rp.acked_seq) -
+                      rp.wd_seq) >= 0) {
+            rp.wd_kind = NAS_DEDUP_WATCH_NONE;      /* answered */
+            continue;
+        }
+        left = rp.wd_deadline_ms - qemu_clock_get_ms(QEMU_CLOCK_REALTIME);
+        if (left > 0) {
+            qemu_cond_timedwait(&rp.wd_cond, &rp.wd_lock, MIN(left, 1000));
+            continue;
+        }
+        if (rp.wd_kind == NAS_DEDUP_WATCH_SYNC) {
+            error_setg(&err, "dedup-nas: the destination did not answer "
+                       "SYNC %u in time (its reads of shared storage are "
+                       "stalled?)", rp.wd_seq);
+        } else {
+            error_setg(&err, "dedup-nas: switchover exceeded "
+                       "downtime-limit + dedup-nas-switchover-slack (%"
+                       PRIu64 " ms); the source resumes",
+                       migrate_downtime_limit() +
+                       migrate_dedup_nas_switchover_slack());
+        }
+        trace_nas_dedup_rp_watchdog(rp.wd_kind);
+        rp.wd_kind = NAS_DEDUP_WATCH_NONE;
+        qemu_mutex_unlock(&rp.wd_lock);
+        nas_dedup_rp_fail(s, err);
+        error_free(err);
+        err = NULL;
+        qemu_mutex_lock(&rp.wd_lock);
+    }
+    qemu_mutex_unlock(&rp.wd_lock);
+    return NULL;
+}
+
+void nas_dedup_rp_watch(NasDedupWatch kind, int64_t deadline_ms,
+                        uint32_t seq)
+{
+    QEMU_LOCK_GUARD(&rp.wd_lock);
+    rp.wd_kind = kind;
+    rp.wd_deadline_ms = deadline_ms;
+    rp.wd_seq = seq;
+    qemu_cond_signal(&rp.wd_cond);
+}
+
+void nas_dedup_rp_start(MigrationState *s)
+{
+    nas_dedup_rp_stop();
+    /* An answer to an earlier migration's SYNC must not count. */
+    while (qemu_sem_timedwait(&rp.ack_sem, 0) == 0) {
+        /* drain */
+    }
+    WITH_QEMU_LOCK_GUARD(&rp.lock) {
+        rp.blocks = g_hash_table_new_full(NULL, NULL, NULL, rp_block_free);
+        qatomic_set(&rp.noref_pages, 0);
+        qatomic_set(&rp.asked_pages, 0);
+        rp.sent_seq = 0;
+        rp.acked_seq = 0;
+        rp.acked_resends = 0;
+        rp.final_sent = false;
+        rp.active = true;
+    }
+    rp.wd_quit = false;
+    rp.wd_kind = NAS_DEDUP_WATCH_NONE;
+    rp.wd_running = true;
+    object_ref(OBJECT(s));      /* until the thread is joined */
+    qemu_thread_create(&rp.wd_thread, "mig/dedup-wd", watchdog_thread, s,
+                       QEMU_THREAD_JOINABLE);
+}
+
+void nas_dedup_rp_stop(void)
+{
+    if (rp.wd_running) {
+        WITH_QEMU_LOCK_GUARD(&rp.wd_lock) {
+            rp.wd_quit = true;
+            qemu_cond_signal(&rp.wd_cond);
+        }
+        qemu_thread_join(&rp.wd_thread);
+        rp.wd_running = false;
+        object_unref(OBJECT(migrate_get_current()));
+    }
+    WITH_QEMU_LOCK_GUARD(&rp.lock) {
+        rp.active = false;
+        if (rp.blocks) {
+            g_hash_table_destroy(rp.blocks);
+            rp.blocks = NULL;
+        }
+    }
+}
+
+int nas_dedup_rp_final(MigrationState *s, Error **errp)
+{
+    nas_dedup_rp_watch(NAS_DEDUP_WATCH_NONE, 0, 0);
+    QEMU_LOCK_GUARD(&rp.lock);
+    if (migrate_has_error(s)) {
+        error_setg(errp, "dedup-nas: migration failed during switchover");
+        return -EIO;
+    }
+    rp.final_sent = true;
+    return 0;
+}
+
+bool nas_dedup_rp_take_noref(RAMBlock *block, ram_addr_t offset)
+{
+    RpBlock *rb;
+
+    if (!qatomic_read(&rp.noref_pages)) {
+        return false;
+    }
+    QEMU_LOCK_GUARD(&rp.lock);
+    rb = rp.blocks ? g_hash_table_lookup(rp.blocks, block) : NULL;
+    if (rb && (offset >> TARGET_PAGE_BITS) < rb->npages &&
+        test_and_clear_bit(offset >> TARGET_PAGE_BITS, rb->noref)) {
+        qatomic_set(&rp.noref_pages, rp.noref_pages - 1);
+        return true;
+    }
+    return false;
+}
+
+/*
+ * A block's pages are moved to its scratch bitmap under rp.lock, then
+ * dirtied under the bitmap mutex.  No memory is allocated on the way,
+ * however many requests came.
+ */
+int64_t nas_dedup_rp_redirty(bool all, Error **errp)
+{
+    g_autofree gpointer *keys = NULL;
+    guint nkeys = 0, k;
+    int64_t pages = 0;
+
+    if (!all && !qatomic_read(&rp.asked_pages)) {
+        return 0;
+    }
+    RCU_READ_LOCK_GUARD();      /* the RAMBlocks we hold keys of */
+    WITH_QEMU_LOCK_GUARD(&rp.lock) {
+        if (!rp.active) {
+            return 0;
+        }
+        /* The table may grow while we drop the lock: keep its keys. */
+        keys = g_hash_table_get_keys_as_array(rp.blocks, &nkeys);
+    }
+    for (k = 0; k < nkeys; k++) {
+        RpBlock *rb;
+        unsigned long i;
+        bool any = false;
+        int64_t ret;
+
+        WITH_QEMU_LOCK_GUARD(&rp.lock) {
+            rb = rp.active ? g_hash_table_lookup(rp.blocks, keys[k]) : NULL;
+            if (!rb) {
+                break;
+            }
+            for (i = 0; i < BITS_TO_LONGS(rb->npages); i++) {
+                /* Only those still to be sent in full. */
+                rb->scratch[i] = (all ? ~0UL : rb->asked[i]) & rb->noref[i];
+                any |= rb->scratch[i] != 0;
+                qatomic_set(&rp.asked_pages,
+                            rp.asked_pages - ctpopl(rb->asked[i]));
+                rb->asked[i] = 0;
+            }
+        }
+        if (!rb) {
+            break;
+        }
+        if (!any) {
+            continue;               /* all sent in full meanwhile */
+        }
+        /*
+         * The bitmap mutex comes before rp.lock; the scratch bitmap is
+         * the migration thread's own.
+         */
+        ret = ram_dedup_redirty(keys[k], rb->scratch, rb->npages, errp);
+        if (ret < 0) {
+            return ret;
+        }
+        pages += ret;
+    }
+    return pages;
+}
+
+void nas_dedup_rp_sync_sent(uint32_t seq)
+{
+    QEMU_LOCK_GUARD(&rp.lock);
+    rp.sent_seq = seq;
+}
+
+uint32_t nas_dedup_rp_acked(uint32_t *resends)
+{
+    uint32_t seq = qatomic_load_acquire(&rp.acked_seq);
+
+    if (resends) {
+        *resends = qatomic_read(&rp.acked_resends);
+    }
+    return seq;
+}
+
+void nas_dedup_rp_wait(int64_t ms)
+{
+    qemu_sem_timedwait(&rp.ack_sem, ms);
+}
+
+/*
+ * Under rp.lock, for a return-path message @what that decoded (@err
+ * NULL) or not: 1 to handle it, 0 to ignore it (after the final SYNC,
+ * too late to matter and not to fail), or -EINVAL with @errp set to fail
+ * the migration.
+ */
+static int rp_accept(const char *what, const Error *err, Error **errp)
+{
+    if (rp.final_sent) {
+        return 0;
+    }
+    if (err) {
+        error_setg(errp, "dedup-nas: %s", error_get_pretty(err));
+        return -EINVAL;
+    }
+    if (!rp.active) {
+        error_setg(errp, "dedup-nas: unexpected %s message: dedup-nas is "
+                   "not active in this migration", what);
+        return -EINVAL;
+    }
+    return 1;
+}
+
+int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
+                        Error **errp)
+{
+    NasDedupResend r;
+    g_autoptr(Error) err = NULL;
+    RAMBlock *block;
+    RpBlock *rb;
+    unsigned long first, n;
+    uint32_t i;
+    int ret;
+
+    if (nas_dedup_resend_decode(buf, len, &r, &err)) {
+        trace_nas_dedup_rp_resend(r.id, r.offset, r.npages);
+    }
+    RCU_READ_LOCK_GUARD();
+    QEMU_LOCK_GUARD(&rp.lock);
+    ret = rp_accept("DEDUP_RESEND", err, errp);
+    if (ret <= 0) {
+        return ret;
+    }
+    block = qemu_ram_block_by_name(r.id);
+    if (!block || migrate_ram_is_ignored(block) ||
+        r.offset > block->used_length ||
+        !QEMU_IS_ALIGNED(r.offset, NAS_DEDUP_CHUNK) ||
+        (uint64_t)r.npages * NAS_DEDUP_CHUNK >
+            block->used_length - r.offset) {
+        error_setg(errp, "dedup-nas: resend request for %s 0x%" PRIx64
+                   " x%u is outside guest RAM", r.id, r.offset, r.npages);
+        return -EINVAL;
+    }
+    /* Bounded: three bits a page of guest RAM, however many requests. */
+    rb = g_hash_table_lookup(rp.blocks, block);
+    if (!rb) {
+        rb = g_new0(RpBlock, 1);
+        rb->npages = block->max_length >> TARGET_PAGE_BITS;
+        rb->noref = bitmap_new(rb->npages);
+        rb->asked = bitmap_new(rb->npages);
+        rb->scratch = bitmap_new(rb->npages);
+        g_hash_table_insert(rp.blocks, block, rb);
+    }
+    first = r.offset >> TARGET_PAGE_BITS;
+    if (first + r.npages > rb->npages) {
+        error_setg(errp, "dedup-nas: resend request for %s 0x%" PRIx64
+                   " x%u is outside the RAMBlock as migration started", r.id,
+                   r.offset, r.npages);
+        return -EINVAL;
+    }
+    for (i = 0, n = 0; i < r.npages; i++) {
+        if (!test_and_set_bit(first + i, rb->noref)) {
+            n++;
+        }
+        if (!test_and_set_bit(first + i, rb->asked)) {
+            qatomic_set(&rp.asked_pages, rp.asked_pages + 1);
+        }
+    }
+    qatomic_set(&rp.noref_pages, rp.noref_pages + n);
+    /* Every page asked, as the destination's resend-requests counts. */
+    stat64_add(&nas_dedup_counters.resent_pages, r.npages);
+    return 0;
+}
+
+int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
+                          Error **errp)
+{
+    g_autoptr(Error) err = NULL;
+    uint32_t seq, resends;
+    int ret;
+
+    if (nas_dedup_sync_ack_decode(buf, len, &seq, &resends, &err)) {
+        trace_nas_dedup_rp_sync_ack(seq, resends);
+    }
+    WITH_QEMU_LOCK_GUARD(&rp.lock) {
+        ret = rp_accept("DEDUP_SYNC_ACK", err, errp);
+        if (ret <= 0) {
+            return ret;
+        }
+        if (!seq || (int32_t)(seq - rp.sent_seq) > 0 ||
+            (int32_t)(seq - rp.acked_seq) <= 0) {
+            error_setg(errp, "dedup-nas: DEDUP_SYNC_ACK for SYNC %u, but the "
+                       "last SYNC sent is %u and the last answered %u", seq,
+                       rp.sent_seq, rp.acked_seq);
+            return -EINVAL;
+        }
+        qatomic_set(&rp.acked_resends, resends);
+        qatomic_store_release(&rp.acked_seq, seq);
+    }
+    qemu_sem_post(&rp.ack_sem);
+    /* A watchdog waiting for this answer stands down. */
+    WITH_QEMU_LOCK_GUARD(&rp.wd_lock) {
+        qemu_cond_signal(&rp.wd_cond);
+    }
+    return 0;
+}
+
+void nas_dedup_rp_error(MigrationState *s, const Error *err)
+{
+    /*
+     * The return-path thread stops reading: the destination's next
+     * message would block it, and it would stop reading our stream.  Fail
+     * now rather than stall.
+     */
+    nas_dedup_rp_fail(s, err);
+}
