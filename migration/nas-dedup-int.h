@@ -4,17 +4,15 @@
  * dedup-nas: send RAM pages that are also on the guest's (shared) disks as
  * references to disk blocks.  QEMU-facing glue; see docs/devel/nas-dedup.rst.
  */
-#ifndef MIGRATION_NAS_DEDUP_H
-#define MIGRATION_NAS_DEDUP_H
+#ifndef MIGRATION_NAS_DEDUP_INT_H
+#define MIGRATION_NAS_DEDUP_INT_H
 
 #include "qapi/qapi-types-migration.h"
 #include "qemu/stats64.h"
 #include "exec/ramblock.h"
 #include "migration/nas-dedup.h"
 
-typedef struct QEMUFile QEMUFile;
 typedef struct MigrationIncomingState MigrationIncomingState;
-typedef struct MigrationState MigrationState;
 
 /* nas-dedup.c: capability, parameters, index, statistics */
 /* Once, at start-up (migration_object_init()). */
@@ -42,6 +40,11 @@ typedef struct NasDedupCounters {
     Stat64 fetch_time_us;       /* with at least one read in flight */
     /* Reads in flight since (us); 0: none.  qatomic_*_i64() access. */
     int64_t fetch_busy_since;
+    /*
+     * The incoming stream used dedup-nas (a SETUP record came), whatever
+     * this side's capability says.  qatomic_*() access.
+     */
+    bool incoming_used;
 } NasDedupCounters;
 extern NasDedupCounters nas_dedup_counters;
 
@@ -140,10 +143,12 @@ int64_t nas_dedup_rp_redirty(bool all, Error **errp);
 /* SYNC @seq is being sent. */
 void nas_dedup_rp_sync_sent(uint32_t seq);
 /*
- * The last SYNC answered and (@resends) how many pages the destination
- * asked again before that answer.
+ * The last SYNC answered and (@pending) how many pages asked again the
+ * destination had not received when it answered.  @pending goes with the
+ * returned SYNC when that is the last one sent (no other answer can come
+ * after it).
  */
-uint32_t nas_dedup_rp_acked(uint32_t *resends);
+uint32_t nas_dedup_rp_acked(uint32_t *pending);
 /* Wait up to @ms for an answer to a SYNC. */
 void nas_dedup_rp_wait(int64_t ms);
 typedef enum NasDedupWatch {
@@ -171,11 +176,20 @@ bool nas_dedup_live_can_switchover(uint64_t pending_bytes,
 /* nas-dedup-load.c: destination side, called from ram.c */
 int nas_dedup_load_setup(Error **errp);
 void nas_dedup_load_cleanup(void);
-/* Load a record whose page header named @block/@offset (host @host). */
+/* Load a record whose page header named @block/@offset. */
 int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
                           Error **errp);
-/* Newer data for the page at @offset of @block has arrived. */
+/*
+ * Newer data for the page at @offset of @block has arrived (incoming
+ * coroutine, main channel).
+ */
 void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset);
+/*
+ * Newer data for the pages at @offsets[0..@n-1] of @block is about to be
+ * written (any thread: multifd's receive threads).
+ */
+void nas_dedup_load_pages_arrived(RAMBlock *block, const ram_addr_t *offsets,
+                                  uint32_t n);
 /*
  * At the end of loading: false (and @errp set) if any page sent as a
  * reference was neither verified nor sent again.

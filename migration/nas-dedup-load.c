@@ -22,8 +22,16 @@
  * pages are still waiting for the source; the final SYNC, and the end of
  * loading, fail the migration if any page is unresolved.
  *
- * Everything here runs in the main loop: the incoming coroutine and the
- * fetch engine's callbacks.  Only the incoming coroutine writes to the
+ * Everything here runs in the main loop (the incoming coroutine and the
+ * fetch engine's callbacks) but for one thing: with multifd, its receive
+ * threads tell of newer data for pages (nas_dedup_load_pages_arrived())
+ * before they write it.  So the tickets and their counts are under
+ * load_lock, and a fetch installs a page and sets its bit of receivedmap
+ * (which multifd's zero pages go by) under it too: a page's ticket is
+ * cleared either before the fetch looks at it (the fetch leaves the page
+ * alone) or after the fetch installed it (the newer data overwrites it).
+ *
+ * Only the incoming coroutine writes to the
  * return path: fetches queue their RESEND requests for it.  The return path
  * is a non-blocking channel, so a writer yields when it is full, holding
  * the (thread) mutex of the return path; a second coroutine writing then
@@ -38,6 +46,7 @@
 #include "exec/target_page.h"
 #include "migration.h"
 #include "qemu-file.h"
+#include "ram.h"
 #include "nas-dedup-int.h"
 #include "nas-dedup-wire.h"
 #include "trace.h"
@@ -91,6 +100,8 @@ struct LoadState {
 };
 
 static LoadState *load;
+/* Protects the tickets, pending and awaiting of @load (see the top). */
+static QemuMutex load_lock;
 
 static void tickets_free(gpointer p)
 {
@@ -102,6 +113,12 @@ static void tickets_free(gpointer p)
 
 static void load_state_free(LoadState *st)
 {
+    if (st->fetches) {
+        /* Cancelled below: the time they took so far is all they count. */
+        stat64_add(&nas_dedup_counters.fetch_time_us,
+                   g_get_monotonic_time() - st->busy_since);
+        qatomic_set_i64(&nas_dedup_counters.fetch_busy_since, 0);
+    }
     /* Cancels the fetches still queued or in flight. */
     nas_dedup_fetcher_free(st->fetcher);
     g_hash_table_destroy(st->tickets);
@@ -111,24 +128,32 @@ static void load_state_free(LoadState *st)
 
 int nas_dedup_load_setup(Error **errp)
 {
+    static bool lock_inited;
     LoadState *st = g_new0(LoadState, 1);
 
+    if (!lock_inited) {
+        qemu_mutex_init(&load_lock);
+        lock_inited = true;
+    }
     st->fetcher = nas_dedup_fetcher_new(NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK);
     st->tickets = g_hash_table_new_full(NULL, NULL, NULL, tickets_free);
     st->resends = g_array_new(false, false, sizeof(Resend));
     nas_dedup_load_cleanup();
-    load = st;
+    qatomic_set(&load, st);
     nas_dedup_stats_reset(true);
     return 0;
 }
 
 void nas_dedup_load_cleanup(void)
 {
-    if (!load) {
+    LoadState *st = load;
+
+    if (!st) {
         return;
     }
-    load_state_free(load);
-    load = NULL;
+    /* multifd's receive threads were joined before (no more arrivals). */
+    qatomic_set(&load, NULL);
+    load_state_free(st);
 }
 
 /*
@@ -236,19 +261,32 @@ static void flush_resends(LoadState *st)
     g_array_set_size(st->resends, 0);
 }
 
-void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
+void nas_dedup_load_pages_arrived(RAMBlock *block, const ram_addr_t *offsets,
+                                  uint32_t n)
 {
-    unsigned long page = offset >> TARGET_PAGE_BITS;
-    Tickets *t;
+    LoadState *st = qatomic_read(&load);
+    uint32_t i;
 
-    if (!load || !load->pending) {
+    if (!st || !n) {
         return;
     }
-    flush_resends(load);
-    t = tickets_of(load, block, page + 1, false);
-    if (t) {
-        ticket_clear(load, t->t, page);
+    QEMU_LOCK_GUARD(&load_lock);
+    for (i = 0; i < n && st->pending; i++) {
+        unsigned long page = offsets[i] >> TARGET_PAGE_BITS;
+        Tickets *t = tickets_of(st, block, page + 1, false);
+
+        if (t) {
+            ticket_clear(st, t->t, page);
+        }
     }
+}
+
+void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
+{
+    if (load) {
+        flush_resends(load);
+    }
+    nas_dedup_load_pages_arrived(block, &offset, 1);
 }
 
 /* Ask the source for the pages of @fe's run whose ticket is still @fe's. */
@@ -292,6 +330,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         stat64_add(&nas_dedup_counters.fetched_bytes,
                    (uint64_t)rec->npages * NAS_DEDUP_CHUNK);
     }
+    qemu_mutex_lock(&load_lock);
     /* Created for this run by load_refs(); never shrinks. */
     t = tickets_of(st, fe->block, first + rec->npages, false)->t;
     for (k = 0; k <= rec->npages; k++) {
@@ -309,8 +348,11 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
             } else {
                 nas_dedup_hash_chunk(&st->key, buf + k * NAS_DEDUP_CHUNK, &h);
                 if (nas_dedup_hash_equal(&h, &rec->hash[k])) {
-                    memcpy(fe->block->host + fe->offset + k * NAS_DEDUP_CHUNK,
-                           buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
+                    void *host = fe->block->host + fe->offset +
+                                 k * NAS_DEDUP_CHUNK;
+
+                    memcpy(host, buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
+                    ramblock_recv_bitmap_set(fe->block, host);
                     ticket_clear(st, t, first + k);
                     stat64_add(&nas_dedup_counters.verified_pages, 1);
                     ok = true;
@@ -332,6 +374,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
             bad = 0;
         }
     }
+    qemu_mutex_unlock(&load_lock);
     if (--st->fetches == 0) {
         /* (A reader between the two may count the interval twice.) */
         stat64_add(&nas_dedup_counters.fetch_time_us,
@@ -387,11 +430,13 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
         load->next_ticket = 1;
     }
     ticket = load->next_ticket;
-    t = tickets_of(load, block, first + rec->npages, true)->t;
-    for (k = 0; k < rec->npages; k++) {
-        ticket_clear(load, t, first + k);
-        t[first + k] = ticket;
-        load->pending++;
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        t = tickets_of(load, block, first + rec->npages, true)->t;
+        for (k = 0; k < rec->npages; k++) {
+            ticket_clear(load, t, first + k);
+            t[first + k] = ticket;
+            load->pending++;
+        }
     }
 
     fe = g_new0(Fetch, 1);
@@ -415,6 +460,7 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
 {
     MigrationIncomingState *mis = migration_incoming_get_current();
     g_autoptr(GByteArray) buf = g_byte_array_new();
+    uint64_t pending, awaiting;
 
     if (!load->have_setup) {
         error_setg(errp, "dedup-nas: SYNC record before the SETUP record");
@@ -423,20 +469,23 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
     nas_dedup_fetcher_drain(load->fetcher);
     /* Every RESEND goes before the SYNC_ACK that counts it. */
     flush_resends(load);
-    trace_nas_dedup_load_sync(rec->seq, rec->final, load->pending);
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        pending = load->pending;
+        awaiting = load->awaiting;
+    }
+    trace_nas_dedup_load_sync(rec->seq, rec->final, pending);
     if (rec->final) {
         load->final_seen = true;
         nas_dedup_fetcher_close(load->fetcher);     /* no more reads */
         return nas_dedup_load_check(errp) ? 0 : -EINVAL;
     }
     /* With no read in flight, every pending page awaits the source. */
-    if (load->pending != load->awaiting) {
+    if (pending != awaiting) {
         error_setg(errp, "dedup-nas: internal error: %" PRIu64 " pages "
-                   "pending, %" PRIu64 " awaiting", load->pending,
-                   load->awaiting);
+                   "pending, %" PRIu64 " awaiting", pending, awaiting);
         return -EINVAL;
     }
-    nas_dedup_sync_ack_encode(buf, rec->seq, load->awaiting);
+    nas_dedup_sync_ack_encode(buf, rec->seq, awaiting);
     rp_nodelay(mis);
     if (migrate_send_rp_dedup(mis, load->sync_ack_msg, buf->data,
                               buf->len) < 0) {
@@ -465,6 +514,7 @@ static int load_setup(const NasDedupRecord *rec, Error **errp)
                    "numbers %u and %u", rec->resend_msg, rec->sync_ack_msg);
         return -EINVAL;
     }
+    qatomic_set(&nas_dedup_counters.incoming_used, true);
     load->key = rec->key;
     load->resend_msg = rec->resend_msg;
     load->sync_ack_msg = rec->sync_ack_msg;
@@ -517,13 +567,18 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
 
 bool nas_dedup_load_check(Error **errp)
 {
+    uint64_t pending;
+
     if (!load || !load->refs_seen) {
         return true;
     }
-    if (load->fetches || load->pending) {
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        pending = load->pending;
+    }
+    if (load->fetches || pending) {
         error_setg(errp, "dedup-nas: %" PRIu64 " pages sent as references "
                    "were neither verified nor sent again (%u reads in "
-                   "flight)", load->pending,
+                   "flight)", pending,
                    nas_dedup_fetcher_inflight(load->fetcher));
         return false;
     }

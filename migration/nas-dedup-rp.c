@@ -59,11 +59,10 @@ static struct {
     uint32_t sent_seq;          /* last SYNC sent */
     uint32_t acked_seq;         /* last SYNC answered */
     /*
-     * Pages the destination asked again (RESEND) since its previous
-     * SYNC_ACK, as its last SYNC_ACK says: sent in full before the next
-     * SYNC.
+     * Pages the destination asked again (RESEND) and has not received
+     * yet, as its last SYNC_ACK says: sent in full before the next SYNC.
      */
-    uint32_t acked_resends;
+    uint32_t acked_pending;
 
     /*
      * The watchdog thread, one a migration with a return path.  Armed by
@@ -74,6 +73,7 @@ static struct {
      * writing to a destination that stopped reading.
      */
     QemuThread wd_thread;
+    MigrationState *wd_owner;   /* referenced while the thread runs */
     QemuMutex wd_lock;
     QemuCond wd_cond;
     bool wd_running;
@@ -189,13 +189,14 @@ void nas_dedup_rp_start(MigrationState *s)
         qatomic_set(&rp.asked_pages, 0);
         rp.sent_seq = 0;
         rp.acked_seq = 0;
-        rp.acked_resends = 0;
+        rp.acked_pending = 0;
         rp.final_sent = false;
         rp.active = true;
     }
     rp.wd_quit = false;
     rp.wd_kind = NAS_DEDUP_WATCH_NONE;
     rp.wd_running = true;
+    rp.wd_owner = s;
     object_ref(OBJECT(s));      /* until the thread is joined */
     qemu_thread_create(&rp.wd_thread, "mig/dedup-wd", watchdog_thread, s,
                        QEMU_THREAD_JOINABLE);
@@ -210,7 +211,8 @@ void nas_dedup_rp_stop(void)
         }
         qemu_thread_join(&rp.wd_thread);
         rp.wd_running = false;
-        object_unref(OBJECT(migrate_get_current()));
+        object_unref(OBJECT(rp.wd_owner));
+        rp.wd_owner = NULL;
     }
     WITH_QEMU_LOCK_GUARD(&rp.lock) {
         rp.active = false;
@@ -317,12 +319,12 @@ void nas_dedup_rp_sync_sent(uint32_t seq)
     rp.sent_seq = seq;
 }
 
-uint32_t nas_dedup_rp_acked(uint32_t *resends)
+uint32_t nas_dedup_rp_acked(uint32_t *pending)
 {
     uint32_t seq = qatomic_load_acquire(&rp.acked_seq);
 
-    if (resends) {
-        *resends = qatomic_read(&rp.acked_resends);
+    if (pending) {
+        *pending = qatomic_read(&rp.acked_pending);
     }
     return seq;
 }
@@ -420,11 +422,11 @@ int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
                           Error **errp)
 {
     g_autoptr(Error) err = NULL;
-    uint32_t seq, resends;
+    uint32_t seq, pending;
     int ret;
 
-    if (nas_dedup_sync_ack_decode(buf, len, &seq, &resends, &err)) {
-        trace_nas_dedup_rp_sync_ack(seq, resends);
+    if (nas_dedup_sync_ack_decode(buf, len, &seq, &pending, &err)) {
+        trace_nas_dedup_rp_sync_ack(seq, pending);
     }
     WITH_QEMU_LOCK_GUARD(&rp.lock) {
         ret = rp_accept("DEDUP_SYNC_ACK", err, errp);
@@ -438,7 +440,7 @@ int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
                        rp.sent_seq, rp.acked_seq);
             return -EINVAL;
         }
-        qatomic_set(&rp.acked_resends, resends);
+        qatomic_set(&rp.acked_pending, pending);
         qatomic_store_release(&rp.acked_seq, seq);
     }
     qemu_sem_post(&rp.ack_sem);

@@ -307,7 +307,7 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
                             void *opaque, Error **errp)
 {
     MigrationState *s = migrate_get_current();
-    uint32_t resends;
+    uint32_t pending;
     int64_t ret;
 
     ret = flush_run();
@@ -342,7 +342,7 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
         error_setg_errno(errp, -ret, "dedup-nas: failed to send SYNC");
         return ret;
     }
-    while (nas_dedup_rp_acked(&resends) != save.seq) {
+    while (nas_dedup_rp_acked(&pending) != save.seq) {
         if (migrate_has_error(s) || qemu_file_get_error(f) ||
             !s->rp_state.rp_thread_created) {
             error_setg(errp, "dedup-nas: return path failed while waiting "
@@ -360,7 +360,7 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
         nas_dedup_rp_wait(MIN(100, MAX(1, save.deadline_ms -
                                   qemu_clock_get_ms(QEMU_CLOCK_REALTIME))));
     }
-    if (resends) {
+    if (pending) {
         /*
          * RESEND came before the ACK: dirty those pages again.  If none
          * is dirty any more (a free page hint cleared its bit since), send
@@ -372,7 +372,7 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
         }
         if (!ret) {
             error_setg(errp, "dedup-nas: the destination asked again for %u "
-                       "pages that were never sent as references", resends);
+                       "pages that were never sent as references", pending);
             return -EIO;
         }
         return ret < 0 ? ret : 1;

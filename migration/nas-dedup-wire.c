@@ -299,14 +299,14 @@ bool nas_dedup_resend_decode(const uint8_t *buf, size_t len,
 }
 
 void nas_dedup_sync_ack_encode(GByteArray *out, uint32_t seq,
-                               uint32_t resends)
+                               uint32_t pending)
 {
     put_be32(out, seq);
-    put_be32(out, resends);
+    put_be32(out, pending);
 }
 
 bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
-                               uint32_t *seq, uint32_t *resends, Error **errp)
+                               uint32_t *seq, uint32_t *pending, Error **errp)
 {
     if (len != 8) {
         error_setg(errp, "SYNC_ACK message of %zu bytes (8 expected)",
@@ -314,6 +314,6 @@ bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
         return false;
     }
     *seq = (uint32_t)ldl_be_p(buf);
-    *resends = (uint32_t)ldl_be_p(buf + 4);
+    *pending = (uint32_t)ldl_be_p(buf + 4);
     return true;
 }

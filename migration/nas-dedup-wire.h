@@ -31,7 +31,7 @@
  *
  * On the return path (destination to source):
  *   RESEND:   u8 id_len, id, be64 offset, be32 npages  (RAMBlock pages)
- *   SYNC_ACK: be32 seq, be32 resends since the previous SYNC_ACK
+ *   SYNC_ACK: be32 seq, be32 pending (pages asked again, not received yet)
  *
  * This file needs no QEMU: it is unit-tested standalone.
  */
@@ -102,9 +102,9 @@ void nas_dedup_resend_encode(GByteArray *out, const NasDedupResend *r);
 bool nas_dedup_resend_decode(const uint8_t *buf, size_t len,
                              NasDedupResend *r, Error **errp);
 void nas_dedup_sync_ack_encode(GByteArray *out, uint32_t seq,
-                               uint32_t resends);
+                               uint32_t pending);
 bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
-                               uint32_t *seq, uint32_t *resends,
+                               uint32_t *seq, uint32_t *pending,
                                Error **errp);
 
 #endif

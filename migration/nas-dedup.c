@@ -207,6 +207,7 @@ void nas_dedup_stats_reset(bool incoming)
         stat64_set(&c->resend_requests, 0);
         stat64_set(&c->fetch_time_us, 0);
         qatomic_set_i64(&c->fetch_busy_since, 0);
+        qatomic_set(&c->incoming_used, false);
     } else {
         stat64_set(&c->ref_pages, 0);
         stat64_set(&c->ref_bytes, 0);
@@ -219,7 +220,9 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
     NasDedupCounters *c = &nas_dedup_counters;
     int64_t since;
 
-    if (!migrate_dedup_nas()) {
+    /* A destination loads references with the capability off, too. */
+    if (!migrate_dedup_nas() &&
+        !(incoming && qatomic_read(&c->incoming_used))) {
         return;
     }
     if (incoming) {
@@ -236,12 +239,13 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
                           (since ? g_get_monotonic_time() - since : 0)) / 1000;
         info->dedup_nas_incoming = st;
     } else {
-        DedupNasSourceStats *st = g_new0(DedupNasSourceStats, 1);
+        DedupNasOutgoingStats *st = g_new0(DedupNasOutgoingStats, 1);
 
-        st->ref_pages = stat64_get(&c->ref_pages);
-        st->ref_bytes = stat64_get(&c->ref_bytes);
+        st->reference_pages = stat64_get(&c->ref_pages);
+        st->reference_bytes = stat64_get(&c->ref_bytes);
         st->resent_pages = stat64_get(&c->resent_pages);
-        st->bytes_saved = nas_dedup_saved(st->ref_pages, st->ref_bytes);
+        st->bytes_saved = nas_dedup_saved(st->reference_pages,
+                                          st->reference_bytes);
         WITH_RCU_READ_LOCK_GUARD() {
             NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
             NasDedupIndexStats is;
@@ -262,14 +266,14 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
 
 void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info)
 {
-    const DedupNasSourceStats *s = info->dedup_nas;
+    const DedupNasOutgoingStats *s = info->dedup_nas;
     const DedupNasIncomingStats *d = info->dedup_nas_incoming;
 
     if (s) {
         monitor_printf(mon, "dedup-nas reference pages: %" PRIu64 "\n",
-                       s->ref_pages);
+                       s->reference_pages);
         monitor_printf(mon, "dedup-nas reference bytes: %" PRIu64 "\n",
-                       s->ref_bytes);
+                       s->reference_bytes);
         monitor_printf(mon, "dedup-nas bytes saved: %" PRIu64 "\n",
                        s->bytes_saved);
         monitor_printf(mon, "dedup-nas resent pages: %" PRIu64 "\n",

@@ -220,7 +220,7 @@ def one_run(args, sc, mode, idx, total):
         "%d ref pages, floor %.1f MB (%.0f s incl. boot)" % (
             r["verdict"], num(r, "ram_transferred_bytes") / 1e6,
             num(r, "dst_dedup_fetched_bytes") / 1e6, num(r, "total_ms") / 1e3,
-            num(r, "downtime_ms"), num(r, "src_dedup_ref_pages"),
+            num(r, "downtime_ms"), num(r, "src_dedup_reference_pages"),
             num(r, "floor_bytes") / 1e6, time.monotonic() - t0))
     return row
 
@@ -301,7 +301,7 @@ def core_bench():
 
 FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "mode", "verdict",
           "ram_transferred_bytes", "dst_dedup_fetched_bytes", "total_ms", "downtime_ms",
-          "setup_ms", "src_dedup_ref_pages", "src_dedup_ref_bytes", "src_dedup_resent_pages",
+          "setup_ms", "src_dedup_reference_pages", "src_dedup_reference_bytes", "src_dedup_resent_pages",
           "dst_dedup_mismatches", "dst_dedup_fetch_time", "src_dedup_index_size",
           "src_dedup_index_entries", "src_dedup_index_capacity", "ram_zero_pages",
           "ram_disk_pages", "ram_other_pages", "floor_bytes", "bytes_over_floor",
@@ -341,7 +341,7 @@ def markdown(rows):
             f("floor_bytes", "%.1f MB", 1e6), f("bytes_over_floor", "%.2f×"),
             f("bytes_vs_precopy", "%.2f×"), f("total_ms", "%.2f s", 1e3),
             f("time_vs_precopy", "%.2f×"), f("downtime_ms", "%d ms"),
-            f("src_dedup_ref_pages", "%d") if r["mode"] == "dedup-nas" else "–",
+            f("src_dedup_reference_pages", "%d") if r["mode"] == "dedup-nas" else "–",
             f("src_dedup_resent_pages", "%d") if r["mode"] == "dedup-nas" else "–",
             r["verdict"]))
     return "\n".join(out)

@@ -71,7 +71,7 @@ for r in rows:
         r["mode"], num(r, "ram_transferred_bytes") / MB,
         num(r, "dst_dedup_fetched_bytes") / MB if "dst_dedup_fetched_bytes" in r else 0.0,
         num(r, "total_ms") / 1000, num(r, "downtime_ms") if r.get("downtime_ms") else -1,
-        num(r, "src_dedup_ref_pages") if "src_dedup_ref_pages" in r else 0,
+        num(r, "src_dedup_reference_pages") if "src_dedup_reference_pages" in r else 0,
         r.get("verdict", "?")))
 if len(rows) == 2 and all(r.get("verdict") == "OK" for r in rows):
     a, b = rows

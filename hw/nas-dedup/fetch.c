@@ -105,7 +105,8 @@ static void views_free_bh(void *opaque)
 }
 
 /*
- * Let go of the views, once no read uses them: from a bottom half, as
+ * Let go of the views; no read may be in flight (a view's unref would
+ * wait for it, in the main loop).  From a bottom half, as
  * unref may need to change the block graph, which a coroutine (the
  * incoming one, or the last read) must not do while it is in the middle
  * of tearing the load down.  Until then, a view keeps the node alive and
@@ -117,6 +118,7 @@ void nas_dedup_fetcher_close(NasDedupFetcher *f)
     GHashTableIter iter;
     gpointer value;
 
+    assert(!f->inflight);
     if (!f->views) {
         return;
     }
@@ -266,8 +268,9 @@ static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
     } else if (buf) {
         ret = blk_co_pread(d->blk, req->offset, req->len, buf, 0);
         trace_nas_dedup_fetch_done(req->offset, req->len, ret);
-        if (ret >= 0 && f->dead) {
-            ret = -ECANCELED;   /* freed while the read was in flight */
+        if (f->dead) {
+            /* Freed while the read was in flight, whatever it returned. */
+            ret = -ECANCELED;
         }
     }
     req->done(req->opaque, ret >= 0 ? buf : NULL, ret);

@@ -75,7 +75,10 @@ void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
 void coroutine_fn nas_dedup_fetcher_drain(NasDedupFetcher *f);
 /* Reads asked and not over yet. */
 unsigned nas_dedup_fetcher_inflight(NasDedupFetcher *f);
-/* No more reads: let go of the drives (later reads fail with -ENOENT). */
+/*
+ * No more reads: let go of the drives (later reads fail with -ENOENT).
+ * None may be in flight: drain first.
+ */
 void nas_dedup_fetcher_close(NasDedupFetcher *f);
 /*
  * Free @f (NULL: nothing).  Reads still queued or in flight are cancelled

@@ -411,7 +411,7 @@ class NasDedupMigration(QemuSystemTest):
     def check_dedup_stats(self, res):
         """
         What the counters mean (migration/nas-dedup-save.c, -load.c):
-        source ref-pages counts pages of every REFS record sent (a page
+        source reference-pages counts pages of every REFS record sent (a page
         sent as a reference in two iterations counts twice), resent-pages
         the pages DEDUP_RESEND asked again; the destination starts one read
         per REFS record (fetched-blocks/-bytes on success) and resolves each
@@ -419,7 +419,7 @@ class NasDedupMigration(QemuSystemTest):
         mismatches or read-errors, asking the latter two again
         (resend-requests).  Pages superseded by newer data before their
         read completed are in none of the three, so
-        verified + mismatches + read-errors <= ref-pages, not ==.
+        verified + mismatches + read-errors <= reference-pages, not ==.
         """
         tag = res['tag']
         s = res['src'].get('dedup-nas')
@@ -427,9 +427,9 @@ class NasDedupMigration(QemuSystemTest):
         self.assertIsNotNone(s, f'{tag}: no dedup-nas stats on the source')
         self.assertIsNotNone(d, f'{tag}: no dedup-nas stats on the '
                                 'destination')
-        ref = s['ref-pages']
+        ref = s['reference-pages']
         self.assertGreater(ref, 0, f'{tag}: nothing sent as a reference')
-        self.assertEqual(s['bytes-saved'], ref * PAGE - s['ref-bytes'])
+        self.assertEqual(s['bytes-saved'], ref * PAGE - s['reference-bytes'])
         self.assertLessEqual(ref, s['index-hits'])
         self.assertGreater(s['index-entries'], 0)
         self.assertEqual(d['read-errors'], 0, f'{tag}: {d}')
@@ -446,7 +446,7 @@ class NasDedupMigration(QemuSystemTest):
                          d['mismatches'] + d['read-errors'])
         self.assertEqual(s['resent-pages'], d['resend-requests'],
                          f'{tag}: {s} / {d}')
-        msg = (f'{tag}: ref-pages {ref} = verified {d["verified-pages"]} + '
+        msg = (f'{tag}: reference-pages {ref} = verified {d["verified-pages"]} + '
                f'mismatches {d["mismatches"]} + read-errors '
                f'{d["read-errors"]} + superseded {ref - resolved}')
         self.log.info('%s', msg)
@@ -585,7 +585,7 @@ class NasDedupMigration(QemuSystemTest):
             info = src.cmd('query-migrate')
             st = info.get('status')
             if st == 'active' and \
-               info.get('dedup-nas', {}).get('ref-pages', 0) > 0 and \
+               info.get('dedup-nas', {}).get('reference-pages', 0) > 0 and \
                info['ram']['transferred'] >= min_bytes:
                 return info
             if st in ('completed', 'failed', 'cancelled') or \
@@ -691,14 +691,14 @@ class NasDedupMigration(QemuSystemTest):
         row = {'tag': tag, 'outcome': outcome,
                'downtime': sinfo.get('downtime'),
                'resent': s.get('resent-pages', 0),
-               'ref': s.get('ref-pages', 0),
+               'ref': s.get('reference-pages', 0),
                'dst': {k: d.get(k, 0) for k in
                        ('verified-pages', 'mismatches', 'read-errors',
                         'resend-requests')} if d else None,
                'error': sinfo.get('error-desc'), 'note': note}
         self.fm_rows.append(row)
         line = (f'fault {tag}: {outcome}; downtime {row["downtime"]} ms; '
-                f'ref-pages {row["ref"]} resent-pages {row["resent"]}; '
+                f'reference-pages {row["ref"]} resent-pages {row["resent"]}; '
                 f'dst {row["dst"]}; error {row["error"]!r}'
                 + (f'; {note}' if note else ''))
         self.log.info('%s', line)
@@ -1003,7 +1003,7 @@ class NasDedupMigration(QemuSystemTest):
                  'file.set-state.0.new_state=2')
         dst, sinfo, dinfo = self._fm_migrate(case, src, disk, drive=drive)
         s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
-        self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
+        self.assertGreater(s['reference-pages'], 0, f'{case}: {s}')
         self.assertGreater(d['mismatches'] + d['read-errors'], 0,
                            f'{case}: {d}')
         self.assertGreater(d['resend-requests'], 0, f'{case}: {d}')
@@ -1096,7 +1096,7 @@ class NasDedupMigration(QemuSystemTest):
 
         dst, sinfo, dinfo = self._fm_migrate(case, src, disk, extra=port)
         s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
-        self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
+        self.assertGreater(s['reference-pages'], 0, f'{case}: {s}')
         self.assertGreater(found[0], self.FM_EXTRA_MB * MiB // PAGE // 4,
                            f'{case}: the unplugged disk is not in RAM')
         self.assertEqual(d['resend-requests'], 0, f'{case}: {d}')
@@ -1129,7 +1129,7 @@ class NasDedupMigration(QemuSystemTest):
         dinfo = self._fm_expect_completed(case, src, sinfo, dst)
         s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
         # The iothread's I/O was tracked: references were sent and verified.
-        self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
+        self.assertGreater(s['reference-pages'], 0, f'{case}: {s}')
         self.assertGreater(d['verified-pages'], 0, f'{case}: {d}')
         self._fm_row(case, 'a', sinfo, dinfo, 'iobench during pre-copy')
         self._fm_shutdown(dst)
@@ -1218,7 +1218,7 @@ class NasDedupMigration(QemuSystemTest):
                          size + 64 * MiB)
         dst, sinfo, dinfo = self._fm_migrate(case, src, disk)
         s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
-        self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
+        self.assertGreater(s['reference-pages'], 0, f'{case}: {s}')
         self.assertEqual(d['resend-requests'], 0, f'{case}: {d}')
         self._fm_shutdown(dst)
         self._fm_done()
@@ -1228,18 +1228,18 @@ class NasDedupMigration(QemuSystemTest):
         The destination's disk device has another id (vd1, not vd0): the
         source names the drive by its device, so the destination cannot
         resolve any reference and asks for every page again: (a), with
-        resend-requests = ref-pages.
+        resend-requests = reference-pages.
         """
         case = 'f12-other-id'
         disk, src, con = self._fm_start(case, churn_mb=0)
         dst, sinfo, dinfo = self._fm_migrate(
             case, src, disk, dev='virtio-blk-pci,drive=disk0,id=vd1')
         s, d = sinfo['dedup-nas'], dinfo['dedup-nas-incoming']
-        self.assertGreater(s['ref-pages'], 0, f'{case}: {s}')
+        self.assertGreater(s['reference-pages'], 0, f'{case}: {s}')
         self.assertEqual(d['verified-pages'], 0, f'{case}: {d}')
-        self.assertEqual(d['resend-requests'], s['ref-pages'],
+        self.assertEqual(d['resend-requests'], s['reference-pages'],
                          f'{case}: {s} / {d}')
-        self.assertEqual(s['resent-pages'], s['ref-pages'], f'{case}: {s}')
+        self.assertEqual(s['resent-pages'], s['reference-pages'], f'{case}: {s}')
         self._fm_shutdown(dst)
         self._fm_done()
 

@@ -21,8 +21,12 @@
  *                          numbers, type, truncation) fails the incoming
  *                          migration with a message naming the problem;
  *                          the source keeps running
- *  /nas-dedup/fetch-after-failure  reads of shared storage that complete
- *                          after the load failed leave guest RAM alone
+ *  /nas-dedup/dest-capability-off  a destination with dedup-nas off loads
+ *                          the references all the same, and says so in
+ *                          query-migrate
+ *  /nas-dedup/fetch-after-failure/late-read[-error]  reads of shared
+ *                          storage that complete (or fail) after the load
+ *                          failed leave guest RAM and the statistics alone
  *  /nas-dedup/malformed-exit  same, destination with the default
  *                          exit-on-error: it exits with an error message
  *  /nas-dedup/unresolvable/N  references the destination cannot resolve
@@ -443,8 +447,8 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
     /* Each side returns its own statistics only. */
     g_assert(!qdict_haskey(rsp, "dedup-nas-incoming"));
     if (dn) {
-        st->ref_pages = stat_u64(dn, "ref-pages");
-        st->ref_bytes = stat_u64(dn, "ref-bytes");
+        st->ref_pages = stat_u64(dn, "reference-pages");
+        st->ref_bytes = stat_u64(dn, "reference-bytes");
         st->bytes_saved = stat_u64(dn, "bytes-saved");
         st->resent_pages = stat_u64(dn, "resent-pages");
         st->index_entries = stat_u64(dn, "index-entries");
@@ -466,8 +470,8 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
     }
     qobject_unref(rsp);
 
-    g_test_message("dedup-nas %s: transferred %" PRIu64 " ref-pages %" PRIu64
-                   " ref-bytes %" PRIu64 " bytes-saved %" PRIu64
+    g_test_message("dedup-nas %s: transferred %" PRIu64 " reference-pages %" PRIu64
+                   " reference-bytes %" PRIu64 " bytes-saved %" PRIu64
                    " resent-pages %" PRIu64 " index-entries %" PRIu64
                    " | fetched-blocks %" PRIu64 " verified-pages %" PRIu64
                    " mismatches %" PRIu64 " read-errors %" PRIu64
@@ -613,6 +617,29 @@ static void test_dma_refs(void)
     /* The same guest RAM, with 90% of the DMA-filled bytes not sent. */
     g_assert_cmpuint(off.transferred, >, dma_bytes);
     g_assert_cmpuint(on.transferred, <, off.transferred - dma_bytes * 9 / 10);
+}
+
+/*
+ * The destination loads references whatever its own capability says (the
+ * stream carries them), and its statistics say so all the same.
+ */
+static void test_dest_capability_off(void)
+{
+    Guest g;
+    DedupStats st;
+
+    memset(&g, 0, sizeof(g));
+    make_image();
+    source_boot(&g.src, true);
+    g.dma_bytes = 4 * MiB;
+    g.dma_addr = guest_buf(&g.src, g.dma_bytes);
+    dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
+    g.dst = dest_boot(false, "-incoming defer");
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    migrate_and_check(&g, true, &st);
+    g_assert_cmpuint(st.ref_pages, >=, g.dma_bytes / CHUNK * 95 / 100);
+    g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
+    guest_teardown(&g);
 }
 
 /* Race: blocks rewritten since the source read them. */
@@ -1628,11 +1655,30 @@ static void test_unresolvable(const void *opaque)
  * 1 MiB through it first (qemu-io) fills the throttle bucket, so that the
  * fetch waits about 4 s.  The trace of the fetch's completion must come
  * after the failure, or the test proves nothing.
+ *
+ * With @opaque non-NULL, the read also fails when it completes (blkdebug
+ * under the throttle): a failed read, too, must find the load gone and
+ * count nothing (it once took the freed load's state for its own and
+ * counted a read error).  Either way the destination's fetch-time stops
+ * when the load does.
  */
 #define SLOW_READ_BPS   (256 * KiB)
 
-static void test_fetch_after_failure(void)
+static uint64_t dst_stat(QTestState *qts, const char *key)
 {
+    QDict *rsp = migrate_query(qts);
+    QDict *dn = qdict_get_qdict(rsp, "dedup-nas-incoming");
+    uint64_t v;
+
+    g_assert(dn);
+    v = stat_u64(dn, key);
+    qobject_unref(rsp);
+    return v;
+}
+
+static void test_fetch_after_failure(const void *opaque)
+{
+    bool read_error = opaque != NULL;
     static const Mutation m = { "bad-next", MUT_BAD_NEXT,
                                 "unknown record type 127" };
     g_autofree char *log = g_build_filename(tmpdir, "dst.stderr", NULL);
@@ -1653,15 +1699,30 @@ static void test_fetch_after_failure(void)
     g.dma_bytes = 1 * MiB;
     g.dma_addr = guest_buf(&g.src, g.dma_bytes);
     dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
-    drive = g_strdup_printf("driver=throttle,throttle-group=tg0,"
-                            "file.driver=raw,file.file.driver=file,"
-                            "file.file.filename=%s", image_path);
+    if (read_error) {
+        drive = g_strdup_printf("driver=throttle,throttle-group=tg0,"
+                                "file.driver=raw,file.file.driver=blkdebug,"
+                                "file.file.inject-error.0.event=read_aio,"
+                                "file.file.inject-error.0.errno=5,"
+                                "file.file.image.driver=file,"
+                                "file.file.image.filename=%s", image_path);
+    } else {
+        drive = g_strdup_printf("driver=throttle,throttle-group=tg0,"
+                                "file.driver=raw,file.file.driver=file,"
+                                "file.file.filename=%s", image_path);
+    }
     extra = g_strdup_printf("-object throttle-group,id=tg0,x-bps-read=%u "
                             "-trace nas_dedup_fetch_done "
                             "-incoming defer 2>%s",
                             (unsigned)SLOW_READ_BPS, log);
     args = machine_args_drive(true, false, drive, extra);
+    /*
+     * glibc fills freed memory with this byte: a use of the freed load's
+     * state crashes the destination instead of reading stale values.
+     */
+    g_setenv("MALLOC_PERTURB_", "165", true);
     g.dst = qtest_init(args);
+    g_unsetenv("MALLOC_PERTURB_");
     g_free(qtest_hmp(g.dst, "qemu-io drive0 \"read 0 1M\""));
     migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
     px = proxy_start_mutate(&m, &g);
@@ -1687,9 +1748,18 @@ static void test_fetch_after_failure(void)
         g_usleep(50 * 1000);
     }
     g_test_message("destination: %s", out);
-    /* ... and leaves guest RAM alone. */
+    g_assert(!read_error || strstr(out, "ret -5"));
+    /* ... and leaves guest RAM alone, and counts nothing. */
     read_guest(g.dst, g.dma_addr, buf, g.dma_bytes);
     g_assert(buffer_is_zero(buf, g.dma_bytes));
+    g_assert_cmpuint(dst_stat(g.dst, "read-errors"), ==, 0);
+    g_assert_cmpuint(dst_stat(g.dst, "verified-pages"), ==, 0);
+    {
+        uint64_t t = dst_stat(g.dst, "fetch-time");
+
+        g_usleep(300 * 1000);
+        g_assert_cmpuint(dst_stat(g.dst, "fetch-time"), ==, t);
+    }
     proxy_stop(px);
     guest_teardown(&g);
     unlink(log);
@@ -2465,8 +2535,12 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/race", test_race);
     ADD_CASES("/nas-dedup/malformed", malformed_cases, test_malformed);
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
-    g_test_add_func("/nas-dedup/fetch-after-failure",
-                    test_fetch_after_failure);
+    g_test_add_func("/nas-dedup/dest-capability-off",
+                    test_dest_capability_off);
+    g_test_add_data_func("/nas-dedup/fetch-after-failure/late-read", NULL,
+                         test_fetch_after_failure);
+    g_test_add_data_func("/nas-dedup/fetch-after-failure/late-read-error", "",
+                         test_fetch_after_failure);
     ADD_CASES("/nas-dedup/unresolvable", unresolvable_cases,
               test_unresolvable);
     g_test_add_func("/nas-dedup/collision", test_collision);
