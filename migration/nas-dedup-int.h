@@ -70,6 +70,12 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
  */
 int nas_dedup_save_flush(Error **errp);
 /*
+ * Send the pending run of references, if any (the bitmap mutex may be
+ * held): before each multifd sync, so that references go before the data
+ * of the next round.  Returns the stream's error.
+ */
+int nas_dedup_save_flush_run(void);
+/*
  * Send a SYNC record (@final: the last one) on the stream of the last
  * reference.  Returns its sequence number, or 0 if no reference was sent
  * yet (no stream to send it on).

@@ -26,6 +26,7 @@
 #include "migration.h"
 #include "qemu-file.h"
 #include "ram.h"
+#include "multifd.h"
 #include "nas-dedup-int.h"
 #include "nas-dedup-wire.h"
 #include "options.h"
@@ -86,6 +87,17 @@ int nas_dedup_save_setup(Error **errp)
                    "RDMA migration");
         return -1;
     }
+    if (migrate_multifd() && multifd_ram_sync_per_section()) {
+        /*
+         * The destination syncs with the multifd channels only at the end
+         * of a section then, so a SYNC record could overtake pages still
+         * in the channels (see "multifd" in docs/devel/nas-dedup.rst).
+         */
+        error_setg(errp, "dedup-nas with multifd needs the multifd channels "
+                   "synchronised every round (multifd-flush-after-each-"
+                   "section off: machine types from 8.1)");
+        return -1;
+    }
     nas_dedup_save_cleanup();
     memset(&save.run, 0, sizeof(save.run));
     save.run_block = NULL;
@@ -123,7 +135,7 @@ void nas_dedup_save_cleanup(void)
 }
 
 /* Send the pending run; the bitmap mutex may be held. */
-static int flush_run(void)
+int nas_dedup_save_flush_run(void)
 {
     size_t len;
 
@@ -161,7 +173,7 @@ uint32_t nas_dedup_save_put_sync(bool final)
 
 int nas_dedup_save_flush(Error **errp)
 {
-    int ret = flush_run();
+    int ret = nas_dedup_save_flush_run();
 
     if (ret < 0) {
         error_setg_errno(errp, -ret, "dedup-nas: failed to send references");
@@ -242,7 +254,7 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
          run->npages == NAS_DEDUP_REFS_MAX || run->drive != loc.drive ||
          offset != save.run_offset + run->npages * NAS_DEDUP_CHUNK ||
          loc.offset != run->disk_offset + run->npages * NAS_DEDUP_CHUNK)) {
-        int ret = flush_run();
+        int ret = nas_dedup_save_flush_run();
         if (ret < 0) {
             return ret;
         }
@@ -310,7 +322,7 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
     uint32_t pending;
     int64_t ret;
 
-    ret = flush_run();
+    ret = nas_dedup_save_flush_run();
     if (ret < 0) {
         error_setg_errno(errp, -ret, "dedup-nas: failed to send references");
         return ret;
@@ -333,6 +345,19 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
         return -EIO;
     }
 
+    if (migrate_multifd()) {
+        /*
+         * Every page sent so far, in full on the multifd channels too,
+         * must be in the destination's RAM before it reads SYNC and counts
+         * what it still awaits.
+         */
+        ret = multifd_ram_flush_and_sync(f);
+        if (ret < 0) {
+            error_setg_errno(errp, -ret, "dedup-nas: failed to synchronise "
+                             "the multifd channels before SYNC");
+            return ret;
+        }
+    }
     save.f = f;
     save.put_header = put_header;
     save.opaque = opaque;

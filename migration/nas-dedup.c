@@ -43,7 +43,6 @@ bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
         MigrationCapability cap;
         const char *why;
     } conflicts[] = {
-        { MIGRATION_CAPABILITY_MULTIFD, "multifd channels bypass it" },
         { MIGRATION_CAPABILITY_POSTCOPY_RAM,
           "postcopy cannot repair pages after switchover" },
         { MIGRATION_CAPABILITY_MAPPED_RAM, "mapped-ram writes to a file" },

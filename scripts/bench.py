@@ -47,25 +47,30 @@ E2E = os.path.join(TOP, "scripts", "e2e-smoke.sh")
 PAGE = 4096
 REF_COST = 16
 LINK_1GBE = 125000000           # bytes/s: 1 Gbit/s
+LINK_10GBE = 1250000000         # bytes/s: 10 Gbit/s
+MULTIFD = "-global migration.x-multifd=on -global migration.multifd-channels=2"
+DEDUP = "-global migration.x-dedup-nas=on -global migration.x-return-path=on"
 
 MODES = {
     # name: (caps on both sides, source params, destination params, QEMU args)
     "pre-copy": ("", {}, {}, ""),
     "xbzrle": ("xbzrle", {}, {}, ""),
     # multifd must be on before the destination's -incoming starts.
-    "multifd+zstd": ("", {}, {},
-                     "-global migration.x-multifd=on -global migration.multifd-channels=2 "
-                     "-global migration.multifd-compression=zstd"),
-    "dedup-nas": ("", {}, {},
-                  "-global migration.x-dedup-nas=on -global migration.x-return-path=on"),
+    "multifd": ("", {}, {}, MULTIFD),
+    "multifd+zstd": ("", {}, {}, MULTIFD + " -global migration.multifd-compression=zstd"),
+    "dedup-nas": ("", {}, {}, DEDUP),
+    "dedup-nas+multifd": ("", {}, {}, DEDUP + " " + MULTIFD),
+    "dedup-nas+multifd+zstd": ("", {}, {},
+                               DEDUP + " " + MULTIFD + " -global migration.multifd-compression=zstd"),
 }
+UPSTREAM_MODES = ("pre-copy", "xbzrle", "multifd", "multifd+zstd")
 DEDUP_ARGS = MODES["dedup-nas"][3]
 WORKLOADS = {
     # name: (write_mb, dirty_mb, churn_mb)
     "idle": (0, 0, 0),
     "busy": (16, 64, 8),
 }
-LINKS = {"1GbE": LINK_1GBE, "uncapped": 0}
+LINKS = {"1GbE": LINK_1GBE, "10GbE": LINK_10GBE, "uncapped": 0}
 
 
 def scenario(mem, cache, work="idle", fmt="raw", link="1GbE"):
@@ -77,6 +82,11 @@ def matrix(name):
     runs = []
     if name == "smoke":
         runs.append((scenario("512M", 60), ["pre-copy", "dedup-nas"]))
+    elif name == "links":
+        # One guest on every link model, every mode (docs/benchmark.md).
+        for link in LINKS:
+            runs.append((scenario("1G", 60, link=link), all_modes))
+        runs.append((scenario("1G", 0, link="10GbE"), all_modes))
     elif name == "standard":
         for cache in (0, 30, 60, 85):
             runs.append((scenario("1G", cache), all_modes))
@@ -337,12 +347,12 @@ def markdown(rows):
         f = lambda k, fmt="%s", scale=1.0: (fmt % (num(r, k) / scale)) if r.get(k) not in (None, "") else "–"
         out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             scen_label(r), r["mode"], f("ram_transferred_bytes", "%.1f MB", 1e6),
-            f("dst_dedup_fetched_bytes", "%.1f MB", 1e6) if r["mode"] == "dedup-nas" else "–",
+            f("dst_dedup_fetched_bytes", "%.1f MB", 1e6) if r["mode"].startswith("dedup-nas") else "–",
             f("floor_bytes", "%.1f MB", 1e6), f("bytes_over_floor", "%.2f×"),
             f("bytes_vs_precopy", "%.2f×"), f("total_ms", "%.2f s", 1e3),
             f("time_vs_precopy", "%.2f×"), f("downtime_ms", "%d ms"),
-            f("src_dedup_reference_pages", "%d") if r["mode"] == "dedup-nas" else "–",
-            f("src_dedup_resent_pages", "%d") if r["mode"] == "dedup-nas" else "–",
+            f("src_dedup_reference_pages", "%d") if r["mode"].startswith("dedup-nas") else "–",
+            f("src_dedup_resent_pages", "%d") if r["mode"].startswith("dedup-nas") else "–",
             r["verdict"]))
     return "\n".join(out)
 
@@ -362,7 +372,7 @@ def io_table(io, what):
 def extras(rows, io, core=None, io_full=None):
     """Index memory, fetch throughput, tracking overhead."""
     out = []
-    dd = [r for r in rows if r["mode"] == "dedup-nas" and r["verdict"] == "OK"]
+    dd = [r for r in rows if r["mode"].startswith("dedup-nas") and r["verdict"] == "OK"]
     if dd:
         out += ["| scenario | guest RAM | index memory | index/RAM | entries | fetched | fetch busy "
                 "| fetch throughput | vs link |",
@@ -373,7 +383,7 @@ def extras(rows, io, core=None, io_full=None):
             thr = num(r, "dst_dedup_fetched_bytes") / (ft / 1e3) if ft else 0
             link = LINKS[r["link"]]
             out.append("| %s | %d MiB | %.1f MiB | %.2f %% | %d | %.1f MB | %d ms | %.0f MB/s | %s |" % (
-                scen_label(r), ram >> 20, num(r, "src_dedup_index_size") / 2**20,
+                scen_label(r) + ", " + r["mode"], ram >> 20, num(r, "src_dedup_index_size") / 2**20,
                 100 * num(r, "src_dedup_index_size") / ram, num(r, "src_dedup_index_entries"),
                 num(r, "dst_dedup_fetched_bytes") / 1e6, ft, thr / 1e6,
                 ("%.2f×" % (thr / link)) if link and thr else "uncapped"))
@@ -402,6 +412,30 @@ def extras(rows, io, core=None, io_full=None):
             out.append("At the guest's mean read rate with tracking off (%.0f MB/s), tracking costs "
                        "%.1f %% of one host core." % (mbs, 100 * mbs * 1e6 / PAGE * nsb / 1e9))
     return "\n".join(out)
+
+
+def versus_upstream(rows):
+    """Per scenario: the fastest dedup-nas mode against the fastest upstream one of the same run."""
+    key = lambda r: (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
+    out = ["| scenario | fastest upstream | time | downtime | fastest dedup-nas | time | downtime "
+           "| shorter by | wire + NFS bytes |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    n = 0
+    for k in sorted({key(r) for r in rows}):
+        ok = [r for r in rows if key(r) == k and r["verdict"] == "OK" and num(r, "total_ms")]
+        up = [r for r in ok if r["mode"] in UPSTREAM_MODES]
+        dd = [r for r in ok if r["mode"].startswith("dedup-nas")]
+        if not up or not dd:
+            continue
+        u = min(up, key=lambda r: num(r, "total_ms"))
+        d = min(dd, key=lambda r: num(r, "total_ms"))
+        out.append("| %s | %s | %.2f s | %d ms | %s | %.2f s | %d ms | %.2f× | %.1f MB |" % (
+            scen_label(u), u["mode"], num(u, "total_ms") / 1e3, num(u, "downtime_ms"),
+            d["mode"], num(d, "total_ms") / 1e3, num(d, "downtime_ms"),
+            num(u, "total_ms") / num(d, "total_ms"),
+            (num(d, "ram_transferred_bytes") + num(d, "dst_dedup_fetched_bytes")) / 1e6))
+        n += 1
+    return "\n".join(out) if n else ""
 
 
 def targets(rows, io, io_full=None):
@@ -494,7 +528,7 @@ def machine():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--matrix", default="standard", choices=("smoke", "standard", "full"))
+    ap.add_argument("--matrix", default="standard", choices=("smoke", "links", "standard", "full"))
     ap.add_argument("--modes", help="comma-separated subset of: " + ", ".join(MODES))
     ap.add_argument("--out", default=os.path.join(TOP, "build", "bench"))
     ap.add_argument("--doc", action="store_true", help="write docs/benchmark.{md,csv,png}")
@@ -548,16 +582,20 @@ def main():
           "on the NFS export, reads the given share of its RAM worth of files into the page cache, "
           "then live-migrates it over loopback TCP with one mode; the destination guest checks every "
           "file it read and wrote and all the memory it dirtied (verdict). 1GbE = `max-bandwidth` "
-          "125 MB/s; uncapped = `max-bandwidth` 0. *RAM on wire* is query-migrate's "
+          "125 MB/s; 10GbE = 1250 MB/s; uncapped = `max-bandwidth` 0. *RAM on wire* is query-migrate's "
           "`ram.transferred`; *from NFS* is what the dedup-nas destination read from shared storage. "
           "The *floor* is computed from the stopped source's RAM and the disk at switchover: 4096 B per "
           "non-zero page whose content is on no disk block + %d B per page whose content is. "
-          "xbzrle and multifd+zstd run with QEMU's defaults otherwise (64 MiB xbzrle cache; 2 "
-          "channels, zstd level 1). dedup-nas is refused together with xbzrle, multifd and postcopy "
-          "(see docs/devel/nas-dedup.rst), so it has no combined mode yet." % REF_COST, ""]
+          "xbzrle and the multifd modes run with QEMU's defaults otherwise (64 MiB xbzrle cache; 2 "
+          "channels, zstd level 1). dedup-nas+multifd sends the pages that are not references on "
+          "the multifd channels; dedup-nas is refused with xbzrle and postcopy "
+          "(see docs/devel/nas-dedup.rst)." % REF_COST, ""]
     t = targets(rows, io, io_full)
     if t:
         md += ["## Targets", "", t, ""]
+    v = versus_upstream(rows)
+    if v:
+        md += ["## dedup-nas against the fastest upstream mode", "", v, ""]
     md += ["## Runs", "", markdown(rows), ""]
     ex = extras(rows, io, core, io_full)
     if ex:

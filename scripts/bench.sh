@@ -7,13 +7,18 @@
 # packages, the QEMU build, the guest assets, the NFS export (stopped
 # again at the end if this script started it).
 #
-# Usage: scripts/bench.sh [--matrix smoke|standard|full] [--doc] [...]
+# Usage: scripts/bench.sh [--matrix smoke|links|standard|full] [--doc] [...]
 #        scripts/bench.sh --help        (every option of scripts/bench.py)
 #
 #   scripts/bench.sh --doc          the results page docs/benchmark.md
 #                                   (standard matrix, about an hour)
 #   scripts/bench.sh --matrix smoke one scenario, two modes (the test
 #                                   command runs this)
+#   scripts/bench.sh --matrix links --out build/bench-links
+#                                   1 GiB, 60 % page cache on 1 GbE, 10 GbE
+#                                   and uncapped links (and 0 % on 10 GbE),
+#                                   every mode, multifd and dedup-nas with
+#                                   multifd among them
 #   scripts/bench.sh --stress [N]   randomized RAM-identity stress: N (30)
 #                                   migrations of /nas-dedup/stress, each
 #                                   with random page-cache share, raw or

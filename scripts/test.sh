@@ -120,7 +120,7 @@ export PYTHON=/usr/bin/python3
 
 # 3. Our qtests: real AHCI DMA, byte-for-byte RAM comparison, races,
 #    malformed streams.
-run_tap nas-dedup-qtest timeout 900 \
+run_tap nas-dedup-qtest timeout 1200 \
     sh -c 'cd build/qemu-src && exec ../qemu/tests/qtest/nas-dedup-test --tap -k'
 
 # 4. End to end on real shared storage: a Linux guest on an NFS export,

@@ -446,7 +446,8 @@ class NasDedupMigration(QemuSystemTest):
                          d['mismatches'] + d['read-errors'])
         self.assertEqual(s['resent-pages'], d['resend-requests'],
                          f'{tag}: {s} / {d}')
-        msg = (f'{tag}: reference-pages {ref} = verified {d["verified-pages"]} + '
+        msg = (f'{tag}: reference-pages {ref} = '
+               f'verified {d["verified-pages"]} + '
                f'mismatches {d["mismatches"]} + read-errors '
                f'{d["read-errors"]} + superseded {ref - resolved}')
         self.log.info('%s', msg)
@@ -1239,7 +1240,8 @@ class NasDedupMigration(QemuSystemTest):
         self.assertEqual(d['verified-pages'], 0, f'{case}: {d}')
         self.assertEqual(d['resend-requests'], s['reference-pages'],
                          f'{case}: {s} / {d}')
-        self.assertEqual(s['resent-pages'], s['reference-pages'], f'{case}: {s}')
+        self.assertEqual(s['resent-pages'], s['reference-pages'],
+                         f'{case}: {s}')
         self._fm_shutdown(dst)
         self._fm_done()
 

@@ -21,6 +21,8 @@
  *                          numbers, type, truncation) fails the incoming
  *                          migration with a message naming the problem;
  *                          the source keeps running
+ *  /nas-dedup/multifd/{none,zstd}  with multifd (4 channels): the race
+ *                          case and randomized migrations, RAM identical
  *  /nas-dedup/dest-capability-off  a destination with dedup-nas off loads
  *                          the references all the same, and says so in
  *                          query-migrate
@@ -195,6 +197,9 @@ typedef struct Source {
     uint8_t port;
 } Source;
 
+/* More migration globals for both sides (the multifd tests). */
+static const char *mig_globals = "";
+
 /*
  * The same drive and device, with the same id, on both sides; @drive, if
  * not NULL, replaces the -drive options that follow "id=drive0,".
@@ -211,9 +216,10 @@ static char *machine_args_drive(bool dedup, bool direct, const char *drive,
                            "-drive if=none,id=drive0,%s "
                            "-device ide-hd,drive=drive0,bus=ide.0,id=disk0 "
                            "-global migration.x-return-path=on "
-                           "-global migration.x-dedup-nas=%s %s",
+                           "-global migration.x-dedup-nas=%s %s %s",
                            (uint64_t)(RAM_BYTES / MiB), opts,
-                           dedup ? "on" : "off", extra ? extra : "");
+                           dedup ? "on" : "off", mig_globals,
+                           extra ? extra : "");
 }
 
 static char *machine_args(bool dedup, bool direct, const char *extra)
@@ -470,8 +476,9 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
     }
     qobject_unref(rsp);
 
-    g_test_message("dedup-nas %s: transferred %" PRIu64 " reference-pages %" PRIu64
-                   " reference-bytes %" PRIu64 " bytes-saved %" PRIu64
+    g_test_message("dedup-nas %s: transferred %" PRIu64
+                   " reference-pages %" PRIu64 " reference-bytes %" PRIu64
+                   " bytes-saved %" PRIu64
                    " resent-pages %" PRIu64 " index-entries %" PRIu64
                    " | fetched-blocks %" PRIu64 " verified-pages %" PRIu64
                    " mismatches %" PRIu64 " read-errors %" PRIu64
@@ -726,6 +733,11 @@ static void test_race(void)
     g_assert_cmpuint(st.resend_requests, ==, st.mismatches);
     g_assert_cmpuint(st.resent_pages, ==, st.mismatches);
     g_assert_cmpuint(st.verified_pages + st.mismatches, ==, st.ref_pages);
+    if (*mig_globals) {
+        /* The pages sent in full, and the resent ones, took the channels. */
+        g_assert_cmpuint(read_ram_property_int(g.src.qts, "multifd-bytes"),
+                         >, rand_bytes);
+    }
     guest_teardown(&g);
 }
 
@@ -844,7 +856,10 @@ static void test_caps(void)
     g_assert(cap_state(qts, "dedup-nas"));
 
     assert_cap_fails(qts, "return-path", false, "return-path");
-    assert_cap_fails(qts, "multifd", true, "not compatible with 'multifd'");
+    /* Pages sent in full go through the multifd channels. */
+    migrate_set_capability(qts, "multifd", true);
+    g_assert(cap_state(qts, "multifd"));
+    migrate_set_capability(qts, "multifd", false);
     assert_cap_fails(qts, "postcopy-ram", true,
                      "not compatible with 'postcopy-ram'");
     assert_cap_fails(qts, "xbzrle", true, "not compatible with 'xbzrle'");
@@ -852,11 +867,12 @@ static void test_caps(void)
     g_assert(cap_state(qts, "return-path"));
     g_assert(!cap_state(qts, "multifd"));
 
-    /* The other order: multifd first. */
+    /* The other order: postcopy first. */
     migrate_set_capability(qts, "dedup-nas", false);
-    migrate_set_capability(qts, "multifd", true);
-    assert_cap_fails(qts, "dedup-nas", true, "not compatible with 'multifd'");
-    migrate_set_capability(qts, "multifd", false);
+    migrate_set_capability(qts, "postcopy-ram", true);
+    assert_cap_fails(qts, "dedup-nas", true,
+                     "not compatible with 'postcopy-ram'");
+    migrate_set_capability(qts, "postcopy-ram", false);
 
     /* The index size is 0 (auto) or within bounds. */
     err = qtest_qmp_assert_failure_ref(
@@ -2452,6 +2468,32 @@ static void stress_one(uint32_t seed, unsigned *mismatches_total)
     unlink(qcow);
 }
 
+/*
+ * dedup-nas with multifd, 4 channels, @opaque the compression: pages sent
+ * in full take the channels, references the main channel.  The race case
+ * (blocks overwritten under references: the pages asked again come on the
+ * channels), then randomized migrations whose pages change kind (data,
+ * reference, data) from round to round; RAM identical in each.
+ */
+static void test_multifd(const void *opaque)
+{
+    g_autofree char *globals =
+        g_strdup_printf("-global migration.x-multifd=on "
+                        "-global migration.multifd-channels=4 "
+                        "-global migration.multifd-compression=%s",
+                        (const char *)opaque);
+    unsigned i, mismatches = 0;
+
+    mig_globals = globals;
+    test_race();
+    if (getenv("QTEST_QEMU_IMG")) {
+        for (i = 0; i < 2; i++) {
+            stress_one(1000 + i, &mismatches);
+        }
+    }
+    mig_globals = "";
+}
+
 static void test_stress(void)
 {
     const char *n_env = getenv("NAS_DEDUP_STRESS");
@@ -2535,6 +2577,10 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/race", test_race);
     ADD_CASES("/nas-dedup/malformed", malformed_cases, test_malformed);
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
+    g_test_add_data_func("/nas-dedup/multifd/none", "none", test_multifd);
+#ifdef CONFIG_ZSTD
+    g_test_add_data_func("/nas-dedup/multifd/zstd", "zstd", test_multifd);
+#endif
     g_test_add_func("/nas-dedup/dest-capability-off",
                     test_dest_capability_off);
     g_test_add_data_func("/nas-dedup/fetch-after-failure/late-read", NULL,
