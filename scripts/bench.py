@@ -418,8 +418,8 @@ def versus_upstream(rows):
     """Per scenario: the fastest dedup-nas mode against the fastest upstream one of the same run."""
     key = lambda r: (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
     out = ["| scenario | fastest upstream | time | downtime | fastest dedup-nas | time | downtime "
-           "| shorter by | wire + NFS bytes |",
-           "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+           "| shorter by | target | downtime target | met | wire + NFS bytes |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     n = 0
     for k in sorted({key(r) for r in rows}):
         ok = [r for r in rows if key(r) == k and r["verdict"] == "OK" and num(r, "total_ms")]
@@ -429,11 +429,18 @@ def versus_upstream(rows):
             continue
         u = min(up, key=lambda r: num(r, "total_ms"))
         d = min(dd, key=lambda r: num(r, "total_ms"))
-        out.append("| %s | %s | %.2f s | %d ms | %s | %.2f s | %d ms | %.2f× | %.1f MB |" % (
-            scen_label(u), u["mode"], num(u, "total_ms") / 1e3, num(u, "downtime_ms"),
-            d["mode"], num(d, "total_ms") / 1e3, num(d, "downtime_ms"),
-            num(u, "total_ms") / num(d, "total_ms"),
-            (num(d, "ram_transferred_bytes") + num(d, "dst_dedup_fetched_bytes")) / 1e6))
+        # Issue #11's targets: with page cache, >= 3x at 1 GbE and >= 1.5x on faster
+        # links; with none, within 5 %; downtime within the upstream mode's + 10 ms.
+        ratio = num(u, "total_ms") / num(d, "total_ms")
+        want = (3.0 if u["link"] == "1GbE" else 1.5) if int(num(u, "cache")) else 0.95
+        dt_max = num(u, "downtime_ms") + 10
+        met = ratio >= want and num(d, "downtime_ms") <= dt_max
+        out.append("| %s | %s | %.2f s | %d ms | %s | %.2f s | %d ms | %.2f× | ≥ %.2f× | ≤ %d ms "
+                   "| %s | %.1f MB |" % (
+                       scen_label(u), u["mode"], num(u, "total_ms") / 1e3, num(u, "downtime_ms"),
+                       d["mode"], num(d, "total_ms") / 1e3, num(d, "downtime_ms"), ratio, want,
+                       dt_max, "yes" if met else "**no**",
+                       (num(d, "ram_transferred_bytes") + num(d, "dst_dedup_fetched_bytes")) / 1e6))
         n += 1
     return "\n".join(out) if n else ""
 
