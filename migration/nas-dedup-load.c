@@ -267,7 +267,13 @@ void nas_dedup_load_pages_arrived(RAMBlock *block, const ram_addr_t *offsets,
     LoadState *st = qatomic_read(&load);
     uint32_t i;
 
-    if (!st || !n) {
+    /*
+     * No reference yet, no ticket to clear (and no lock to take for every
+     * multifd packet of a migration without dedup-nas).  A REFS record
+     * and newer data for its pages cannot cross (docs/devel/nas-dedup.rst,
+     * "multifd").
+     */
+    if (!st || !n || !qatomic_read(&st->refs_seen)) {
         return;
     }
     QEMU_LOCK_GUARD(&load_lock);
@@ -318,6 +324,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
     LoadState *st = fe->st;
     NasDedupRecord *rec = fe->rec;
     unsigned long first = fe->offset >> TARGET_PAGE_BITS;
+    g_autofree bool *match = NULL;
     uint32_t *t;
     uint32_t k, bad_start = 0, bad = 0;
 
@@ -329,6 +336,14 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
         stat64_add(&nas_dedup_counters.fetched_bytes,
                    (uint64_t)rec->npages * NAS_DEDUP_CHUNK);
+        /* Verified before taking the lock, which multifd's threads wait on. */
+        match = g_new(bool, rec->npages);
+        for (k = 0; k < rec->npages; k++) {
+            NasDedupHash h;
+
+            nas_dedup_hash_chunk(&st->key, buf + k * NAS_DEDUP_CHUNK, &h);
+            match[k] = nas_dedup_hash_equal(&h, &rec->hash[k]);
+        }
     }
     qemu_mutex_lock(&load_lock);
     /* Created for this run by load_refs(); never shrinks. */
@@ -337,30 +352,25 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         bool ok = false;
 
         if (k < rec->npages) {
-            NasDedupHash h;
-
             if (t[first + k] != fe->ticket) {
                 ok = true;      /* superseded by newer data: nothing to do */
             } else if (ret == -ENOENT) {
                 /* not ours to read: asked again */
             } else if (ret < 0) {
                 stat64_add(&nas_dedup_counters.read_errors, 1);
-            } else {
-                nas_dedup_hash_chunk(&st->key, buf + k * NAS_DEDUP_CHUNK, &h);
-                if (nas_dedup_hash_equal(&h, &rec->hash[k])) {
-                    void *host = fe->block->host + fe->offset +
-                                 k * NAS_DEDUP_CHUNK;
+            } else if (match[k]) {
+                void *host = fe->block->host + fe->offset +
+                             k * NAS_DEDUP_CHUNK;
 
-                    memcpy(host, buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
-                    ramblock_recv_bitmap_set(fe->block, host);
-                    ticket_clear(st, t, first + k);
-                    stat64_add(&nas_dedup_counters.verified_pages, 1);
-                    ok = true;
-                } else {
-                    stat64_add(&nas_dedup_counters.mismatches, 1);
-                    trace_nas_dedup_load_mismatch(fe->block->idstr,
-                        fe->offset + k * NAS_DEDUP_CHUNK);
-                }
+                memcpy(host, buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
+                ramblock_recv_bitmap_set(fe->block, host);
+                ticket_clear(st, t, first + k);
+                stat64_add(&nas_dedup_counters.verified_pages, 1);
+                ok = true;
+            } else {
+                stat64_add(&nas_dedup_counters.mismatches, 1);
+                trace_nas_dedup_load_mismatch(fe->block->idstr,
+                    fe->offset + k * NAS_DEDUP_CHUNK);
             }
             if (!ok) {
                 if (!bad++) {
@@ -425,7 +435,7 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     }
     trace_nas_dedup_load_refs(block->idstr, offset, rec->drive,
                               rec->disk_offset, rec->npages);
-    load->refs_seen = true;
+    qatomic_set(&load->refs_seen, true);
     if (++load->next_ticket == TICKET_AWAITING) {
         load->next_ticket = 1;
     }

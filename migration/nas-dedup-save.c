@@ -98,6 +98,19 @@ int nas_dedup_save_setup(Error **errp)
                    "section off: machine types from 8.1)");
         return -1;
     }
+#ifdef CONFIG_UADK
+    if (migrate_multifd() &&
+        migrate_multifd_compression() == MULTIFD_COMPRESSION_UADK) {
+        /*
+         * Its receive side does not mark the pages it writes in
+         * receivedmap, by which a later zero page decides to clear a page
+         * (a fetched one included).
+         */
+        error_setg(errp, "dedup-nas is not compatible with multifd "
+                   "compression 'uadk'");
+        return -1;
+    }
+#endif
     nas_dedup_save_cleanup();
     memset(&save.run, 0, sizeof(save.run));
     save.run_block = NULL;

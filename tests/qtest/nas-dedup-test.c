@@ -627,6 +627,20 @@ static void test_dma_refs(void)
 }
 
 /*
+ * A source with dedup-nas on, and @dma_bytes of its disk read by DMA into
+ * its RAM; no destination yet.
+ */
+static void source_with_dma(Guest *g, uint64_t dma_bytes)
+{
+    memset(g, 0, sizeof(*g));
+    make_image();
+    source_boot(&g->src, true);
+    g->dma_bytes = dma_bytes;
+    g->dma_addr = guest_buf(&g->src, dma_bytes);
+    dma_read_disk(&g->src, g->dma_addr, 0, dma_bytes);
+}
+
+/*
  * The destination loads references whatever its own capability says (the
  * stream carries them), and its statistics say so all the same.
  */
@@ -635,12 +649,7 @@ static void test_dest_capability_off(void)
     Guest g;
     DedupStats st;
 
-    memset(&g, 0, sizeof(g));
-    make_image();
-    source_boot(&g.src, true);
-    g.dma_bytes = 4 * MiB;
-    g.dma_addr = guest_buf(&g.src, g.dma_bytes);
-    dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
+    source_with_dma(&g, 4 * MiB);
     g.dst = dest_boot(false, "-incoming defer");
     migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
     migrate_and_check(&g, true, &st);
@@ -1709,12 +1718,7 @@ static void test_fetch_after_failure(const void *opaque)
     Proxy *px;
     Guest g;
 
-    memset(&g, 0, sizeof(g));
-    make_image();
-    source_boot(&g.src, true);
-    g.dma_bytes = 1 * MiB;
-    g.dma_addr = guest_buf(&g.src, g.dma_bytes);
-    dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
+    source_with_dma(&g, 1 * MiB);
     if (read_error) {
         drive = g_strdup_printf("driver=throttle,throttle-group=tg0,"
                                 "file.driver=raw,file.file.driver=blkdebug,"
@@ -2005,12 +2009,7 @@ static void test_throttled_dest(void)
     DedupStats st;
     Guest g;
 
-    memset(&g, 0, sizeof(g));
-    make_image();
-    source_boot(&g.src, true);
-    g.dma_bytes = 16 * MiB;
-    g.dma_addr = guest_buf(&g.src, g.dma_bytes);
-    dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
+    source_with_dma(&g, 16 * MiB);
     g.dst = dest_boot(true, "-incoming defer "
                       "-set drive.drive0.throttling.bps-total=4096");
     migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
