@@ -19,6 +19,8 @@
 #include "qemu/host-utils.h"
 #include "qemu/rcu.h"
 #include "qapi/error.h"
+#include "qapi/qapi-commands-yank.h"
+#include "qemu/yank.h"
 #include "exec/target_page.h"
 #include "migration.h"
 #include "qemu-file.h"
@@ -116,6 +118,17 @@ void nas_dedup_rp_fail(MigrationState *s, const Error *err)
         if (s->to_dst_file) {
             qemu_file_shutdown(s->to_dst_file);
         }
+    }
+    if (migrate_multifd()) {
+        /*
+         * The migration thread may be waiting for a multifd sender that
+         * is stuck writing to a destination that stopped reading: shut
+         * the multifd channels down too (the migration's yank functions
+         * do it for all its channels), and the senders fail.
+         */
+        YankInstanceList list = { .value = MIGRATION_YANK_INSTANCE };
+
+        qmp_yank(&list, NULL);
     }
 }
 

@@ -23,6 +23,9 @@
  *                          the source keeps running
  *  /nas-dedup/multifd/{none,zstd}  with multifd (4 channels): the race
  *                          case and randomized migrations, RAM identical
+ *  /nas-dedup/multifd/stall  a destination that stops reading its multifd
+ *                          sockets during switchover: the migration fails
+ *                          within the bound, the source runs
  *  /nas-dedup/dest-capability-off  a destination with dedup-nas off loads
  *                          the references all the same, and says so in
  *                          query-migrate
@@ -1030,7 +1033,8 @@ static bool write_all(int fd, const void *buf, size_t len)
     const uint8_t *p = buf;
 
     while (len) {
-        ssize_t n = write(fd, p, len);
+        /* A peer that went away is an error here, not a signal. */
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
 
         if (n < 0 && errno == EINTR) {
             continue;
@@ -1990,6 +1994,201 @@ static void test_sync_bound(bool live)
     guest_teardown(&g);
 }
 
+/*
+ * A relay for every connection of a migration (the main channel with the
+ * return path on it, and multifd's channels, told apart by their first
+ * bytes): once @stall_after bytes went through the multifd channels, it
+ * stops reading them, as a destination that stopped reading its multifd
+ * sockets would.
+ */
+#define RELAY_MAX       8
+#define MULTIFD_MAGIC   0x11223344U
+
+typedef struct Relay {
+    char *path;
+    int lfd;
+    int quit[2];
+    GThread *thread;
+    uint64_t stall_after;
+    uint64_t multifd_bytes;
+    bool stalled;
+} Relay;
+
+static int relay_connect(void)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    int d = socket(AF_UNIX, SOCK_STREAM, 0);
+
+    g_assert(d >= 0);
+    pstrcpy(sa.sun_path, sizeof(sa.sun_path), mig_uri + strlen("unix:"));
+    g_assert_cmpint(connect(d, (struct sockaddr *)&sa, sizeof(sa)), ==, 0);
+    return d;
+}
+
+static gpointer relay_thread(gpointer opaque)
+{
+    Relay *r = opaque;
+    int src[RELAY_MAX], dst[RELAY_MAX];
+    bool multifd[RELAY_MAX], known[RELAY_MAX];
+    uint8_t *buf = g_malloc(64 * KiB);
+    unsigned n = 0, i;
+
+    /*
+     * A connection that ends (either side) is closed on both sides; the
+     * others go on.  The stalled multifd ones stay open and unread, as
+     * behind a network partition, until relay_stop().
+     */
+    for (;;) {
+        struct pollfd p[2 + 2 * RELAY_MAX] = {
+            { .fd = r->lfd, .events = POLLIN },
+            { .fd = r->quit[0], .events = POLLIN },
+        };
+
+        for (i = 0; i < n; i++) {
+            p[2 + 2 * i].fd = src[i];
+            p[2 + 2 * i].events = multifd[i] && r->stalled ? 0 : POLLIN;
+            p[3 + 2 * i].fd = dst[i];
+            p[3 + 2 * i].events = POLLIN;
+        }
+        if (poll(p, 2 + 2 * n, -1) < 0 || p[1].revents) {
+            break;
+        }
+        if ((p[0].revents & POLLIN) && n < RELAY_MAX) {
+            src[n] = accept(r->lfd, NULL, NULL);
+            g_assert(src[n] >= 0);
+            dst[n] = relay_connect();
+            known[n] = multifd[n] = false;
+            n++;
+            continue;
+        }
+        for (i = 0; i < n; i++) {
+            bool end = false;
+            ssize_t k;
+
+            if (src[i] < 0) {
+                continue;
+            }
+            if (p[2 + 2 * i].revents) {
+                k = read(src[i], buf, 64 * KiB);
+                end = k <= 0;
+                if (!end && !known[i]) {
+                    known[i] = true;
+                    multifd[i] = k >= 4 && ldl_be_p(buf) == MULTIFD_MAGIC;
+                }
+                end = end || !write_all(dst[i], buf, k);
+                if (!end && multifd[i]) {
+                    r->multifd_bytes += k;
+                    if (r->multifd_bytes >= r->stall_after) {
+                        r->stalled = true;
+                    }
+                }
+            }
+            if (!end && p[3 + 2 * i].revents) {
+                k = read(dst[i], buf, 64 * KiB);
+                end = k <= 0 || !write_all(src[i], buf, k);
+            }
+            if (end && !(multifd[i] && r->stalled)) {
+                close(src[i]);
+                close(dst[i]);
+                /* Out of poll()'s way: an fd of -1 is ignored. */
+                src[i] = dst[i] = -1;
+            } else if (end) {
+                close(dst[i]);
+                dst[i] = -1;
+            }
+        }
+    }
+    for (i = 0; i < n; i++) {
+        if (src[i] >= 0) {
+            close(src[i]);
+        }
+        if (dst[i] >= 0) {
+            close(dst[i]);
+        }
+    }
+    g_free(buf);
+    return NULL;
+}
+
+static Relay *relay_start(uint64_t stall_after)
+{
+    Relay *r = g_new0(Relay, 1);
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+
+    r->stall_after = stall_after;
+    r->path = g_build_filename(tmpdir, "relaysocket", NULL);
+    unlink(r->path);
+    r->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    g_assert(r->lfd >= 0);
+    pstrcpy(sa.sun_path, sizeof(sa.sun_path), r->path);
+    g_assert_cmpint(bind(r->lfd, (struct sockaddr *)&sa, sizeof(sa)), ==, 0);
+    g_assert_cmpint(listen(r->lfd, RELAY_MAX), ==, 0);
+    g_assert_cmpint(pipe(r->quit), ==, 0);
+    r->thread = g_thread_new("nas-dedup-relay", relay_thread, r);
+    return r;
+}
+
+static void relay_stop(Relay *r)
+{
+    g_assert_cmpint(write(r->quit[1], "q", 1), ==, 1);
+    g_thread_join(r->thread);
+    close(r->quit[0]);
+    close(r->quit[1]);
+    close(r->lfd);
+    unlink(r->path);
+    g_free(r->path);
+    g_free(r);
+}
+
+/*
+ * With multifd, the bound on switchover holds too: the destination stops
+ * reading its multifd sockets during the final pass (16 MiB of random
+ * pages are left for it: the downtime budget takes everything at the
+ * first check), the senders block, and the migration thread with them,
+ * the guest stopped.  The watchdog must free it (the multifd channels
+ * too, not only the main one) by downtime-limit + slack: the migration
+ * fails, the source runs.  Not a timing test: 1.3 s against 30 s.  (When
+ * the watchdog shut only the main channel and the return path, the source
+ * stayed stopped for good: the relay keeps the multifd sockets open.)
+ */
+static void test_multifd_stall(void)
+{
+    g_autofree char *uri = NULL;
+    g_autoptr(GTimer) timer = g_timer_new();
+    QDict *rsp;
+    Relay *r;
+    Guest g;
+    double secs;
+
+    mig_globals = "-global migration.x-multifd=on "
+                  "-global migration.multifd-channels=2 "
+                  "-trace multifd_send_error -trace nas_dedup_rp_watchdog";
+    guest_setup(&g, true, 16 * MiB, 4 * MiB);
+    mig_globals = "";
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", BOUND_DOWNTIME_MS);
+    migrate_set_parameter_int(g.src.qts, "dedup-nas-switchover-slack",
+                              BOUND_SLACK_MS);
+    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 64 * KiB);
+    migrate_set_parameter_int(g.src.qts, "avail-switchover-bandwidth",
+                              1000ull * 1000 * 1000 * 1000);
+    r = relay_start(1 * MiB);
+    uri = g_strdup_printf("unix:%s", r->path);
+    migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
+    rsp = wait_for_status(g.src.qts, "failed", NULL);
+    secs = g_timer_elapsed(timer, NULL);
+    g_test_message("source failed after %.1f s (multifd stalled after "
+                   "%" PRIu64 " bytes): %s", secs, r->multifd_bytes,
+                   qdict_get_try_str(rsp, "error-desc"));
+    g_assert(r->stalled);
+    g_assert(strstr(qdict_get_try_str(rsp, "error-desc") ?: "",
+                    "dedup-nas-switchover-slack"));
+    qobject_unref(rsp);
+    g_assert_cmpfloat(secs, <, 30);
+    assert_running(g.src.qts);
+    relay_stop(r);
+    guest_teardown(&g);
+}
+
 static void test_switchover_bound(void)
 {
     test_sync_bound(false);
@@ -2577,6 +2776,7 @@ int main(int argc, char **argv)
     ADD_CASES("/nas-dedup/malformed", malformed_cases, test_malformed);
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
     g_test_add_data_func("/nas-dedup/multifd/none", "none", test_multifd);
+    g_test_add_func("/nas-dedup/multifd/stall", test_multifd_stall);
 #ifdef CONFIG_ZSTD
     g_test_add_data_func("/nas-dedup/multifd/zstd", "zstd", test_multifd);
 #endif
