@@ -229,6 +229,11 @@ void nas_dedup_rp_stop(void)
     }
     WITH_QEMU_LOCK_GUARD(&rp.lock) {
         rp.active = false;
+        /*
+         * This migration is over: in the next one, with dedup-nas or
+         * without, a message of ours is unexpected until it sets up.
+         */
+        rp.final_sent = false;
         if (rp.blocks) {
             g_hash_table_destroy(rp.blocks);
             rp.blocks = NULL;

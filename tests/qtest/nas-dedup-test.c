@@ -1894,6 +1894,59 @@ static void test_rp(const void *opaque)
 }
 
 /*
+ * After a dedup-nas migration completed, the source migrates again,
+ * without dedup-nas, to a destination that answers with DEDUP_SYNC_ACK:
+ * that migration fails on it like any other without dedup-nas (the
+ * completed one's "final SYNC sent", after which messages are ignored,
+ * must not carry over).
+ */
+static void test_rp_after_completed(void)
+{
+    static const uint8_t ack[] = { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 8,
+                                   0, 0, 0, 1, 0, 0, 0, 0 };
+    g_autoptr(GTimer) timer = g_timer_new();
+    g_autofree char *uri = NULL;
+    DedupStats st;
+    g_autofree char *status = NULL;
+    Proxy *px;
+    Guest g;
+
+    guest_setup(&g, true, 0, 1 * MiB);
+    migrate_and_check(&g, true, &st);
+    g_assert_cmpuint(st.ref_pages, >, 0);
+    qtest_quit(g.dst);
+    g.dst = NULL;
+
+    /* The operator resumes the source (the destination went away). */
+    qtest_qmp_assert_success(g.src.qts, "{ 'execute': 'cont' }");
+    migrate_set_capability(g.src.qts, "dedup-nas", false);
+    px = proxy_start(PROXY_FAKE_DEST, ack, sizeof(ack));
+    uri = proxy_uri(px);
+    migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
+    while (g_timer_elapsed(timer, NULL) < 60) {
+        QDict *rsp = migrate_query(g.src.qts);
+
+        g_free(status);
+        status = g_strdup(qdict_get_str(rsp, "status"));
+        if (!strcmp(status, "failed")) {
+            g_assert(strstr(qdict_get_try_str(rsp, "error-desc") ?: "",
+                            "unexpected DEDUP_SYNC_ACK"));
+            qobject_unref(rsp);
+            break;
+        }
+        qobject_unref(rsp);
+        g_usleep(100 * 1000);
+    }
+    g_test_message("second migration: %s after %.1f s", status,
+                   g_timer_elapsed(timer, NULL));
+    g_assert_cmpstr(status, ==, "failed");
+    proxy_stop(px);
+    source_shutdown(&g.src);
+    unlink(image_path);
+    unlink(mig_uri + strlen("unix:"));
+}
+
+/*
  * The destination answers on the return path with the message numbers
  * the source declared in its SETUP record, not with numbers of its own
  * build: a proxy swaps them in the SETUP record and swaps them back in
@@ -2790,6 +2843,7 @@ int main(int argc, char **argv)
               test_unresolvable);
     g_test_add_func("/nas-dedup/collision", test_collision);
     ADD_CASES("/nas-dedup/rp", rp_cases, test_rp);
+    g_test_add_func("/nas-dedup/rp/after-completed", test_rp_after_completed);
     g_test_add_func("/nas-dedup/rp-numbering", test_rp_numbering);
     g_test_add_func("/nas-dedup/switchover-bound", test_switchover_bound);
     g_test_add_func("/nas-dedup/live-sync-bound", test_live_sync_bound);
