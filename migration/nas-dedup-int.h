@@ -118,8 +118,6 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
                         Error **errp);
 int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
                           Error **errp);
-/* A return-path handler above failed with @err: fail the migration now. */
-void nas_dedup_rp_error(MigrationState *s, const Error *err);
 /*
  * Fail the migration with @err from any thread, unless the final SYNC
  * went out: from then on the destination may complete and run the guest,

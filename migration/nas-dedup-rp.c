@@ -203,8 +203,7 @@ void nas_dedup_rp_start(MigrationState *s)
         rp.sent_seq = 0;
         rp.acked_seq = 0;
         rp.acked_pending = 0;
-        rp.final_sent = false;
-        rp.active = true;
+        rp.active = true;       /* final_sent was cleared by the stop */
     }
     rp.wd_quit = false;
     rp.wd_kind = NAS_DEDUP_WATCH_NONE;
@@ -467,14 +466,4 @@ int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
         qemu_cond_signal(&rp.wd_cond);
     }
     return 0;
-}
-
-void nas_dedup_rp_error(MigrationState *s, const Error *err)
-{
-    /*
-     * The return-path thread stops reading: the destination's next
-     * message would block it, and it would stop reading our stream.  Fail
-     * now rather than stall.
-     */
-    nas_dedup_rp_fail(s, err);
 }

@@ -319,17 +319,21 @@ FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "mode", "verdict",
           "zero_pages", "log"]
 
 
+def scen_key(r):
+    """What makes a scenario: the runs with the same key are compared."""
+    return (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
+
+
 def derive(rows):
     """Ratios against the floor and against pre-copy of the same scenario."""
-    key = lambda r: (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
-    base = {key(r): r for r in rows if r["mode"] == "pre-copy" and r["verdict"] == "OK"}
+    base = {scen_key(r): r for r in rows if r["mode"] == "pre-copy" and r["verdict"] == "OK"}
     for r in rows:
         if r["verdict"] != "OK":
             continue
         wire = num(r, "ram_transferred_bytes")
         if num(r, "floor_bytes"):
             r["bytes_over_floor"] = "%.3f" % (wire / num(r, "floor_bytes"))
-        b = base.get(key(r))
+        b = base.get(scen_key(r))
         if b and num(b, "ram_transferred_bytes") and num(b, "total_ms"):
             r["bytes_vs_precopy"] = "%.3f" % (wire / num(b, "ram_transferred_bytes"))
             r["time_vs_precopy"] = "%.3f" % (num(r, "total_ms") / num(b, "total_ms"))
@@ -416,13 +420,12 @@ def extras(rows, io, core=None, io_full=None):
 
 def versus_upstream(rows):
     """Per scenario: the fastest dedup-nas mode against the fastest upstream one of the same run."""
-    key = lambda r: (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
     out = ["| scenario | fastest upstream | time | downtime | fastest dedup-nas | time | downtime "
            "| shorter by | target | downtime target | met | wire + NFS bytes |",
            "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     n = 0
-    for k in sorted({key(r) for r in rows}):
-        ok = [r for r in rows if key(r) == k and r["verdict"] == "OK" and num(r, "total_ms")]
+    for k in sorted({scen_key(r) for r in rows}):
+        ok = [r for r in rows if scen_key(r) == k and r["verdict"] == "OK" and num(r, "total_ms")]
         up = [r for r in ok if r["mode"] in UPSTREAM_MODES]
         dd = [r for r in ok if r["mode"].startswith("dedup-nas")]
         if not up or not dd:

@@ -1200,24 +1200,48 @@ out:
     return NULL;
 }
 
+/*
+ * A unix socket listening at @path (@backlog connections), and a pipe to
+ * tell the thread that serves it to quit (server_stop()).
+ */
+static int listen_unix(const char *path, int backlog, int quit[2])
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    int fd;
+
+    unlink(path);
+    fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    g_assert(fd >= 0);
+    pstrcpy(sa.sun_path, sizeof(sa.sun_path), path);
+    g_assert_cmpint(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), ==, 0);
+    g_assert_cmpint(listen(fd, backlog), ==, 0);
+    g_assert_cmpint(pipe(quit), ==, 0);
+    return fd;
+}
+
+/* Tell the thread serving @lfd to quit, join it, close and unlink. */
+static void server_stop(GThread *thread, int lfd, int quit[2],
+                        const char *path)
+{
+    g_assert_cmpint(write(quit[1], "q", 1), ==, 1);
+    g_thread_join(thread);
+    close(quit[0]);
+    close(quit[1]);
+    close(lfd);
+    unlink(path);
+}
+
 static Proxy *proxy_start(ProxyMode mode, const uint8_t *inject,
                           size_t inject_len)
 {
     Proxy *px = g_new0(Proxy, 1);
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
 
     px->mode = mode;
     px->inject = inject;
     px->inject_len = inject_len;
     px->path = g_build_filename(tmpdir, "proxysocket", NULL);
     px->dst_path = g_strdup(mig_uri + strlen("unix:"));
-    unlink(px->path);
-    px->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
-    g_assert(px->lfd >= 0);
-    pstrcpy(sa.sun_path, sizeof(sa.sun_path), px->path);
-    g_assert_cmpint(bind(px->lfd, (struct sockaddr *)&sa, sizeof(sa)), ==, 0);
-    g_assert_cmpint(listen(px->lfd, 1), ==, 0);
-    g_assert_cmpint(pipe(px->quit), ==, 0);
+    px->lfd = listen_unix(px->path, 1, px->quit);
     px->thread = g_thread_new("nas-dedup-proxy", proxy_thread, px);
     return px;
 }
@@ -1229,12 +1253,7 @@ static char *proxy_uri(Proxy *px)
 
 static void proxy_stop(Proxy *px)
 {
-    g_assert_cmpint(write(px->quit[1], "q", 1), ==, 1);
-    g_thread_join(px->thread);
-    close(px->quit[0]);
-    close(px->quit[1]);
-    close(px->lfd);
-    unlink(px->path);
+    server_stop(px->thread, px->lfd, px->quit, px->path);
     if (px->held_stream) {
         g_byte_array_unref(px->held_stream);
     }
@@ -1902,8 +1921,7 @@ static void test_rp(const void *opaque)
  */
 static void test_rp_after_completed(void)
 {
-    static const uint8_t ack[] = { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 8,
-                                   0, 0, 0, 1, 0, 0, 0, 0 };
+    const RpCase *c = &rp_cases[0];     /* sync-ack-dedup-off */
     g_autoptr(GTimer) timer = g_timer_new();
     g_autofree char *uri = NULL;
     DedupStats st;
@@ -1920,7 +1938,8 @@ static void test_rp_after_completed(void)
     /* The operator resumes the source (the destination went away). */
     qtest_qmp_assert_success(g.src.qts, "{ 'execute': 'cont' }");
     migrate_set_capability(g.src.qts, "dedup-nas", false);
-    px = proxy_start(PROXY_FAKE_DEST, ack, sizeof(ack));
+    g_assert(!c->dedup);
+    px = proxy_start(PROXY_FAKE_DEST, c->msg, c->len);
     uri = proxy_uri(px);
     migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
     while (g_timer_elapsed(timer, NULL) < 60) {
@@ -1930,7 +1949,7 @@ static void test_rp_after_completed(void)
         status = g_strdup(qdict_get_str(rsp, "status"));
         if (!strcmp(status, "failed")) {
             g_assert(strstr(qdict_get_try_str(rsp, "error-desc") ?: "",
-                            "unexpected DEDUP_SYNC_ACK"));
+                            c->expect));
             qobject_unref(rsp);
             break;
         }
@@ -2166,29 +2185,17 @@ static gpointer relay_thread(gpointer opaque)
 static Relay *relay_start(uint64_t stall_after)
 {
     Relay *r = g_new0(Relay, 1);
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
 
     r->stall_after = stall_after;
     r->path = g_build_filename(tmpdir, "relaysocket", NULL);
-    unlink(r->path);
-    r->lfd = socket(AF_UNIX, SOCK_STREAM, 0);
-    g_assert(r->lfd >= 0);
-    pstrcpy(sa.sun_path, sizeof(sa.sun_path), r->path);
-    g_assert_cmpint(bind(r->lfd, (struct sockaddr *)&sa, sizeof(sa)), ==, 0);
-    g_assert_cmpint(listen(r->lfd, RELAY_MAX), ==, 0);
-    g_assert_cmpint(pipe(r->quit), ==, 0);
+    r->lfd = listen_unix(r->path, RELAY_MAX, r->quit);
     r->thread = g_thread_new("nas-dedup-relay", relay_thread, r);
     return r;
 }
 
 static void relay_stop(Relay *r)
 {
-    g_assert_cmpint(write(r->quit[1], "q", 1), ==, 1);
-    g_thread_join(r->thread);
-    close(r->quit[0]);
-    close(r->quit[1]);
-    close(r->lfd);
-    unlink(r->path);
+    server_stop(r->thread, r->lfd, r->quit, r->path);
     g_free(r->path);
     g_free(r);
 }
