@@ -45,6 +45,12 @@ typedef struct NasDedupCounters {
      * this side's capability says.  qatomic_*() access.
      */
     bool incoming_used;
+    /*
+     * Source: the link/NAS split's share (percent) and the destination's
+     * fetch rate as last reported (bytes a second).
+     */
+    unsigned ref_share;         /* qatomic_*() access */
+    Stat64 fetch_rate;
 } NasDedupCounters;
 extern NasDedupCounters nas_dedup_counters;
 
@@ -118,6 +124,16 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
                         Error **errp);
 int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
                           Error **errp);
+int nas_dedup_rp_progress(MigrationState *s, const uint8_t *buf, size_t len,
+                          Error **errp);
+/*
+ * Migration thread: what the destination last reported of its reads
+ * (@refs_done, @fetched_bytes, @fetch_busy_us); returns how many reports
+ * came (0: none yet, and the three are 0).
+ */
+uint64_t nas_dedup_rp_progress_get(uint64_t *refs_done,
+                                   uint64_t *fetched_bytes,
+                                   uint64_t *fetch_busy_us);
 /*
  * Fail the migration with @err from any thread, unless the final SYNC
  * went out: from then on the destination may complete and run the guest,

@@ -87,6 +87,7 @@ struct LoadState {
     NasDedupKey key;            /* from SETUP */
     uint16_t resend_msg;        /* return-path numbers, from SETUP */
     uint16_t sync_ack_msg;
+    uint16_t progress_msg;
     bool resend_failed;         /* reported once */
     uint32_t next_ticket;
     uint64_t pending;           /* pages with a ticket */
@@ -94,6 +95,9 @@ struct LoadState {
     unsigned fetches;           /* Fetch not over yet */
     int64_t busy_since;         /* when fetches became non-zero, in us */
     GArray *resends;            /* Resend, queued by fetches */
+    uint64_t refs_done;         /* pages of refs whose fetch is over */
+    uint64_t progress_done;     /* refs_done in the last PROGRESS */
+    int64_t progress_us;        /* when it went */
     bool refs_seen;
     bool final_seen;
     bool rp_nodelay;
@@ -261,6 +265,39 @@ static void flush_resends(LoadState *st)
     g_array_set_size(st->resends, 0);
 }
 
+/*
+ * Tell the source how far the reads are, at most every
+ * NAS_DEDUP_PROGRESS_US and only if some ended since: it shares the
+ * pages between the link and the storage by that (the link/NAS split).
+ * May yield, as flush_resends().
+ */
+#define NAS_DEDUP_PROGRESS_US 50000
+static void send_progress(LoadState *st)
+{
+    MigrationIncomingState *mis = migration_incoming_get_current();
+    g_autoptr(GByteArray) buf = NULL;
+    NasDedupProgress p;
+    int64_t now = g_get_monotonic_time(), since;
+
+    if (!st->have_setup || st->refs_done == st->progress_done ||
+        now - st->progress_us < NAS_DEDUP_PROGRESS_US ||
+        !qemu_in_coroutine()) {
+        return;
+    }
+    since = qatomic_read_i64(&nas_dedup_counters.fetch_busy_since);
+    p.refs_done = st->refs_done;
+    p.fetched_bytes = stat64_get(&nas_dedup_counters.fetched_bytes);
+    p.fetch_busy_us = stat64_get(&nas_dedup_counters.fetch_time_us) +
+                      (since ? now - since : 0);
+    st->progress_done = st->refs_done;
+    st->progress_us = now;
+    buf = g_byte_array_new();
+    nas_dedup_progress_encode(buf, &p);
+    rp_nodelay(mis);
+    /* A broken return path fails the next SYNC; nothing to add here. */
+    migrate_send_rp_dedup(mis, st->progress_msg, buf->data, buf->len);
+}
+
 void nas_dedup_load_pages_arrived(RAMBlock *block, const ram_addr_t *offsets,
                                   uint32_t n)
 {
@@ -291,6 +328,7 @@ void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
 {
     if (load) {
         flush_resends(load);
+        send_progress(load);
     }
     nas_dedup_load_pages_arrived(block, &offset, 1);
 }
@@ -385,6 +423,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         }
     }
     qemu_mutex_unlock(&load_lock);
+    st->refs_done += rec->npages;
     if (--st->fetches == 0) {
         /* (A reader between the two may count the interval twice.) */
         stat64_add(&nas_dedup_counters.fetch_time_us,
@@ -519,15 +558,20 @@ static int load_setup(const NasDedupRecord *rec, Error **errp)
     }
     if (!migrate_rp_dedup_msg_valid(rec->resend_msg) ||
         !migrate_rp_dedup_msg_valid(rec->sync_ack_msg) ||
-        rec->resend_msg == rec->sync_ack_msg) {
+        !migrate_rp_dedup_msg_valid(rec->progress_msg) ||
+        rec->resend_msg == rec->sync_ack_msg ||
+        rec->resend_msg == rec->progress_msg ||
+        rec->sync_ack_msg == rec->progress_msg) {
         error_setg(errp, "dedup-nas: SETUP record: bad return-path message "
-                   "numbers %u and %u", rec->resend_msg, rec->sync_ack_msg);
+                   "numbers %u, %u and %u", rec->resend_msg,
+                   rec->sync_ack_msg, rec->progress_msg);
         return -EINVAL;
     }
     qatomic_set(&nas_dedup_counters.incoming_used, true);
     load->key = rec->key;
     load->resend_msg = rec->resend_msg;
     load->sync_ack_msg = rec->sync_ack_msg;
+    load->progress_msg = rec->progress_msg;
     load->have_setup = true;
     return 0;
 }
@@ -545,6 +589,7 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
         return -EINVAL;
     }
     flush_resends(load);
+    send_progress(load);
     if (!nas_dedup_record_decode(qemufile_read, f, rec, &err)) {
         error_setg(errp, "dedup-nas: malformed record at %s 0x%" PRIx64
                    ": %s", block->idstr, (uint64_t)offset,

@@ -4,7 +4,8 @@
  * dedup-nas: the source's end of the return path
  *
  * The destination answers on the return path: DEDUP_RESEND names pages it
- * could not verify, DEDUP_SYNC_ACK answers a SYNC record.  The handlers
+ * could not verify, DEDUP_SYNC_ACK answers a SYNC record, DEDUP_PROGRESS
+ * tells how far its reads are (for the link/NAS split).  The handlers
  * run in the return-path thread and only record what came; the migration
  * thread (nas-dedup-save.c) acts on it.  A message that is malformed,
  * unexpected (dedup-nas off, or not set up yet, or torn down already) or
@@ -65,6 +66,9 @@ static struct {
      * yet, as its last SYNC_ACK says: sent in full before the next SYNC.
      */
     uint32_t acked_pending;
+    /* The destination's last PROGRESS, and how many came. */
+    NasDedupProgress progress;
+    uint64_t progress_reports;
 
     /*
      * The watchdog thread, one a migration with a return path.  Armed by
@@ -203,6 +207,8 @@ void nas_dedup_rp_start(MigrationState *s)
         rp.sent_seq = 0;
         rp.acked_seq = 0;
         rp.acked_pending = 0;
+        memset(&rp.progress, 0, sizeof(rp.progress));
+        rp.progress_reports = 0;
         rp.active = true;       /* final_sent was cleared by the stop */
     }
     rp.wd_quit = false;
@@ -466,4 +472,56 @@ int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,
         qemu_cond_signal(&rp.wd_cond);
     }
     return 0;
+}
+
+int nas_dedup_rp_progress(MigrationState *s, const uint8_t *buf, size_t len,
+                          Error **errp)
+{
+    g_autoptr(Error) err = NULL;
+    NasDedupProgress p;
+    int ret;
+
+    if (nas_dedup_progress_decode(buf, len, &p, &err)) {
+        trace_nas_dedup_rp_progress(p.refs_done, p.fetched_bytes,
+                                    p.fetch_busy_us);
+    }
+    QEMU_LOCK_GUARD(&rp.lock);
+    ret = rp_accept("DEDUP_PROGRESS", err, errp);
+    if (ret <= 0) {
+        return ret;
+    }
+    /*
+     * Counts that go back are a broken destination.  Any other numbers
+     * only steer the link/NAS split, which keeps its share within bounds
+     * whatever they say.
+     */
+    if (p.refs_done < rp.progress.refs_done ||
+        p.fetched_bytes < rp.progress.fetched_bytes ||
+        p.fetch_busy_us < rp.progress.fetch_busy_us) {
+        error_setg(errp, "dedup-nas: DEDUP_PROGRESS says %" PRIu64 " pages "
+                   "read, %" PRIu64 " bytes in %" PRIu64 " us, after %"
+                   PRIu64 ", %" PRIu64 " and %" PRIu64, p.refs_done,
+                   p.fetched_bytes, p.fetch_busy_us, rp.progress.refs_done,
+                   rp.progress.fetched_bytes, rp.progress.fetch_busy_us);
+        return -EINVAL;
+    }
+    rp.progress = p;
+    rp.progress_reports++;
+    if (p.fetch_busy_us) {
+        stat64_set(&nas_dedup_counters.fetch_rate,
+                   (uint64_t)((double)p.fetched_bytes * 1000000 /
+                              p.fetch_busy_us));
+    }
+    return 0;
+}
+
+uint64_t nas_dedup_rp_progress_get(uint64_t *refs_done,
+                                   uint64_t *fetched_bytes,
+                                   uint64_t *fetch_busy_us)
+{
+    QEMU_LOCK_GUARD(&rp.lock);
+    *refs_done = rp.progress.refs_done;
+    *fetched_bytes = rp.progress.fetched_bytes;
+    *fetch_busy_us = rp.progress.fetch_busy_us;
+    return rp.progress_reports;
 }

@@ -11,6 +11,10 @@
  * that every reference was verified, and that every page it could not
  * verify was sent again.
  *
+ * Not every page found on a disk goes as a reference: the link/NAS split
+ * (nas-dedup-split.h) sends a share of them in full, so that the link and
+ * the destination's reads end together.
+ *
  * No fault of the destination may freeze the stopped guest or the source
  * QEMU: see "Bounds" in docs/devel/nas-dedup.rst, and the watchdog in
  * nas-dedup-rp.c.
@@ -28,6 +32,7 @@
 #include "ram.h"
 #include "multifd.h"
 #include "nas-dedup-int.h"
+#include "nas-dedup-split.h"
 #include "nas-dedup-wire.h"
 #include "options.h"
 #include "trace.h"
@@ -50,6 +55,8 @@ static struct {
     uint32_t seq;
     unsigned rounds;
     int64_t deadline_ms;            /* of the switchover */
+    int64_t stop_until_ms;          /* guest stopped: the downtime limit */
+    NasDedupSplit split;            /* which eligible pages go as refs */
 } save;
 
 static GByteArray *nas_dedup_buf(void)
@@ -120,7 +127,11 @@ int nas_dedup_save_setup(Error **errp)
     save.seq = 0;
     save.rounds = 0;
     save.deadline_ms = 0;
+    save.stop_until_ms = 0;
     nas_dedup_stats_reset(false);
+    nas_dedup_split_init(&save.split, migrate_dedup_nas_ref_share());
+    qatomic_set(&nas_dedup_counters.ref_share,
+                nas_dedup_split_percent(&save.split));
     if (!s->rp_state.rp_thread_created) {
         /*
          * No destination to read the disks and answer (savevm, a snapshot
@@ -206,7 +217,8 @@ static void send_setup(RAMBlock *block, ram_addr_t offset,
 
     rec->type = NAS_DEDUP_REC_SETUP;
     rec->version = NAS_DEDUP_WIRE_VERSION;
-    migrate_rp_dedup_msgs(&rec->resend_msg, &rec->sync_ack_msg);
+    migrate_rp_dedup_msgs(&rec->resend_msg, &rec->sync_ack_msg,
+                          &rec->progress_msg);
     rec->key = *key;
     put_record(block, offset, rec);
     save.setup_sent = true;
@@ -229,6 +241,30 @@ static int define_drive(RAMBlock *block, ram_addr_t offset, uint16_t drive)
     put_record(block, offset, rec);
     set_bit(drive, save.drive_sent);
     return 0;
+}
+
+/* Let the link/NAS split see how both paths are doing. */
+static void split_update(void)
+{
+    NasDedupSplitSample x = {
+        .now_us = g_get_monotonic_time(),
+        .refs_sent = nas_dedup_save_refs_sent(),
+        .stop_left_us = -1,
+    };
+
+    if (save.stop_until_ms) {
+        x.stop_left_us = MAX(0, save.stop_until_ms -
+                                qemu_clock_get_ms(QEMU_CLOCK_REALTIME)) * 1000;
+    }
+    x.reports = nas_dedup_rp_progress_get(&x.refs_done, &x.fetched_bytes,
+                                          &x.fetch_busy_us);
+    if (nas_dedup_split_update(&save.split, &x)) {
+        qatomic_set(&nas_dedup_counters.ref_share,
+                    nas_dedup_split_percent(&save.split));
+        trace_nas_dedup_save_split(nas_dedup_split_percent(&save.split),
+                                   MAX(save.split.page_rate, 0),
+                                   MAX(save.split.fetch_rate, 0));
+    }
 }
 
 int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
@@ -260,6 +296,12 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
         nas_dedup_index_invalidate(idx, loc.drive, loc.offset,
                                    NAS_DEDUP_CHUNK);
         return 0;
+    }
+    if (!(save.split.eligible % NAS_DEDUP_SPLIT_SPAN)) {
+        split_update();
+    }
+    if (!nas_dedup_split_take(&save.split)) {
+        return 0;               /* the link/NAS split sends it in full */
     }
 
     if (run->npages &&
@@ -321,11 +363,17 @@ void nas_dedup_save_switchover(void)
      * destination that may have stopped reading, the handshake) must be
      * over by downtime_start + downtime-limit + switchover slack.
      */
-    save.deadline_ms = MAX(s->downtime_start,
-                           qemu_clock_get_ms(QEMU_CLOCK_REALTIME) - 1) +
-                       migrate_downtime_limit() +
+    save.stop_until_ms = MAX(s->downtime_start,
+                             qemu_clock_get_ms(QEMU_CLOCK_REALTIME) - 1) +
+                         migrate_downtime_limit();
+    save.deadline_ms = save.stop_until_ms +
                        migrate_dedup_nas_switchover_slack();
     nas_dedup_rp_watch(NAS_DEDUP_WATCH_SWITCHOVER, save.deadline_ms, 0);
+    /*
+     * From now on, references only as many as the destination reads
+     * within the downtime limit.
+     */
+    split_update();
 }
 
 int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,

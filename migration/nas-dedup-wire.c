@@ -124,6 +124,7 @@ void nas_dedup_record_encode(GByteArray *out, const NasDedupRecord *rec)
         put_u8(out, rec->version);
         put_be16(out, rec->resend_msg);
         put_be16(out, rec->sync_ack_msg);
+        put_be16(out, rec->progress_msg);
         put_be16(out, sizeof(rec->key.secret));
         g_byte_array_append(out, (const guint8 *)rec->key.secret,
                             sizeof(rec->key.secret));
@@ -218,22 +219,23 @@ bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
         rec->final = b[4];
         return true;
     case NAS_DEDUP_REC_SETUP:
-        if (!read(opaque, b, 7)) {
+        if (!read(opaque, b, 9)) {
             error_setg(errp, "truncated SETUP record");
             return false;
         }
         rec->version = b[0];
         rec->resend_msg = lduw_be_p(b + 1);
         rec->sync_ack_msg = lduw_be_p(b + 3);
+        rec->progress_msg = lduw_be_p(b + 5);
         if (rec->version != NAS_DEDUP_WIRE_VERSION) {
             error_setg(errp, "SETUP record: protocol version %u, this "
                        "QEMU speaks version %u", rec->version,
                        NAS_DEDUP_WIRE_VERSION);
             return false;
         }
-        if (lduw_be_p(b + 5) != sizeof(rec->key.secret)) {
+        if (lduw_be_p(b + 7) != sizeof(rec->key.secret)) {
             error_setg(errp, "SETUP record: key of %u bytes (%zu "
-                       "expected)", (unsigned)lduw_be_p(b + 5),
+                       "expected)", (unsigned)lduw_be_p(b + 7),
                        sizeof(rec->key.secret));
             return false;
         }
@@ -315,5 +317,25 @@ bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
     }
     *seq = (uint32_t)ldl_be_p(buf);
     *pending = (uint32_t)ldl_be_p(buf + 4);
+    return true;
+}
+
+void nas_dedup_progress_encode(GByteArray *out, const NasDedupProgress *p)
+{
+    put_be64(out, p->refs_done);
+    put_be64(out, p->fetched_bytes);
+    put_be64(out, p->fetch_busy_us);
+}
+
+bool nas_dedup_progress_decode(const uint8_t *buf, size_t len,
+                               NasDedupProgress *p, Error **errp)
+{
+    if (len != 24) {
+        error_setg(errp, "PROGRESS message of %zu bytes (24 expected)", len);
+        return false;
+    }
+    p->refs_done = ldq_be_p(buf);
+    p->fetched_bytes = ldq_be_p(buf + 8);
+    p->fetch_busy_us = ldq_be_p(buf + 16);
     return true;
 }

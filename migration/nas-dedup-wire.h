@@ -7,15 +7,16 @@
  * (naming a RAMBlock and a page in it, as for any page) followed by:
  *
  *   u8 type
- *   SETUP: u8 version, be16 resend_msg, be16 sync_ack_msg, be16 key_len,
- *          key_len bytes key
+ *   SETUP: u8 version, be16 resend_msg, be16 sync_ack_msg,
+ *          be16 progress_msg, be16 key_len, key_len bytes key
  *          Sent once, before the first REFS record.  @version is
  *          NAS_DEDUP_WIRE_VERSION; the destination refuses any other.
- *          @resend_msg and @sync_ack_msg are the return-path message
- *          numbers the source expects RESEND and SYNC_ACK under (the
- *          destination uses them, so the two sides need not agree on the
- *          numbering at build time).  @key is the secret of the keyed hash
- *          (NAS_DEDUP_KEY_SIZE bytes) that REFS hashes are computed with.
+ *          @resend_msg, @sync_ack_msg and @progress_msg are the
+ *          return-path message numbers the source expects RESEND,
+ *          SYNC_ACK and PROGRESS under (the destination uses them, so the
+ *          two sides need not agree on the numbering at build time).
+ *          @key is the secret of the keyed hash (NAS_DEDUP_KEY_SIZE
+ *          bytes) that REFS hashes are computed with.
  *   DRIVE: be16 drive, u8 id_len, id_len bytes id, be64 disk_size
  *          Defines drive number @drive for later REFS records: the drive is
  *          the guest device whose id (qdev id or QOM path) is @id.
@@ -32,6 +33,10 @@
  * On the return path (destination to source):
  *   RESEND:   u8 id_len, id, be64 offset, be32 npages  (RAMBlock pages)
  *   SYNC_ACK: be32 seq, be32 pending (pages asked again, not received yet)
+ *   PROGRESS: be64 refs_done, be64 fetched_bytes, be64 fetch_busy_us
+ *             (pages of references whose read is over, bytes read from
+ *             the drives, time with reads in flight; all since the
+ *             migration started, never decreasing)
  *
  * This file needs no QEMU: it is unit-tested standalone.
  */
@@ -66,9 +71,17 @@ typedef struct NasDedupRecord {
     uint8_t version;                    /* SETUP */
     uint16_t resend_msg;                /* SETUP */
     uint16_t sync_ack_msg;              /* SETUP */
+    uint16_t progress_msg;              /* SETUP */
     NasDedupKey key;                    /* SETUP */
     NasDedupHash hash[NAS_DEDUP_REFS_MAX]; /* REFS */
 } NasDedupRecord;
+
+/* What the destination's reads have done so far (PROGRESS). */
+typedef struct NasDedupProgress {
+    uint64_t refs_done;
+    uint64_t fetched_bytes;
+    uint64_t fetch_busy_us;
+} NasDedupProgress;
 
 typedef struct NasDedupResend {
     char id[NAS_DEDUP_ID_MAX + 1];      /* RAMBlock idstr */
@@ -106,5 +119,8 @@ void nas_dedup_sync_ack_encode(GByteArray *out, uint32_t seq,
 bool nas_dedup_sync_ack_decode(const uint8_t *buf, size_t len,
                                uint32_t *seq, uint32_t *pending,
                                Error **errp);
+void nas_dedup_progress_encode(GByteArray *out, const NasDedupProgress *p);
+bool nas_dedup_progress_decode(const uint8_t *buf, size_t len,
+                               NasDedupProgress *p, Error **errp);
 
 #endif

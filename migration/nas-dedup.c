@@ -211,6 +211,7 @@ void nas_dedup_stats_reset(bool incoming)
         stat64_set(&c->ref_pages, 0);
         stat64_set(&c->ref_bytes, 0);
         stat64_set(&c->resent_pages, 0);
+        stat64_set(&c->fetch_rate, 0);
     }
 }
 
@@ -259,6 +260,8 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
                 st->index_evictions = is.evictions;
             }
         }
+        st->reference_share = qatomic_read(&c->ref_share);
+        st->fetch_rate = stat64_get(&c->fetch_rate);
         info->dedup_nas = st;
     }
 }
@@ -283,6 +286,9 @@ void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info)
         monitor_printf(mon, "dedup-nas index hits: %" PRIu64 " misses: %"
                        PRIu64 " evictions: %" PRIu64 "\n", s->index_hits,
                        s->index_misses, s->index_evictions);
+        monitor_printf(mon, "dedup-nas reference share: %u %%, destination "
+                       "fetch rate: %" PRIu64 " bytes/s\n",
+                       s->reference_share, s->fetch_rate);
     }
     if (d) {
         monitor_printf(mon, "dedup-nas fetched: %" PRIu64 " blocks, %" PRIu64

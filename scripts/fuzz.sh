@@ -33,7 +33,8 @@ out=build/fuzz
 
 # ---------------------------------------------------------------------------
 # Seeds: real encodings (layouts of migration/nas-dedup-wire.h), each behind
-# the harness's selector byte: 0 records, 1 refs_check, 2 RESEND, 3 SYNC_ACK.
+# the harness's selector byte: 0 records, 1 refs_check, 2 RESEND, 3 SYNC_ACK,
+# 4 PROGRESS.
 write_seeds() {
     mkdir -p "$seeds"
     rm -f "$seeds"/*.bin
@@ -50,8 +51,8 @@ def refs(n, off, hashes):
     return b + b''.join(struct.pack('>QQ', hi, lo) for hi, lo in hashes)
 def sync(seq, final):
     return struct.pack('>BIB', 3, seq, final)
-def setup(ver=1, resend=0x0a, ack=0x10b, keylen=384):
-    return struct.pack('>BBHHH', 4, ver, resend, ack, keylen) + \
+def setup(ver=1, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
+    return struct.pack('>BBHHHH', 4, ver, resend, ack, progress, keylen) + \
            bytes((k * 7 + 1) & 0xff for k in range(384))
 def hs(n):
     return [((~k) & (2**64 - 1), k * 3) for k in range(n)]
@@ -62,6 +63,7 @@ R = lambda b: b'\x00' + b          # record stream
 C = lambda po, ram, disk, b: b'\x01' + struct.pack('>QQQ', po, ram, disk) + b
 P = lambda b: b'\x02' + b          # RESEND payload
 A = lambda b: b'\x03' + b          # SYNC_ACK payload
+G = lambda b: b'\x04' + b          # PROGRESS payload
 
 w('rec-drive', R(drive(7, '/machine/peripheral/vd0/virtio-backend', 512 << 20)))
 w('rec-drive-max', R(drive(32767, 'x' * 255, 1 << 57)))
@@ -101,6 +103,8 @@ w('resend-0', P(resend('pc.ram', 0, 0)))
 w('resend-id-ctrl', P(resend('pc\x01ram', 0, 1)))
 w('sync-ack', A(struct.pack('>II', 42, 17)))
 w('sync-ack-short', A(struct.pack('>II', 42, 17)[:7]))
+w('progress', G(struct.pack('>QQQ', 157201, 643 << 20, 1700000)))
+w('progress-long', G(struct.pack('>QQQ', 1, 2, 3) + b'x'))
 EOF
     say "wrote $(find "$seeds" -name '*.bin' | wc -l) seeds into $seeds"
 }

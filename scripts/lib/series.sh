@@ -6,7 +6,8 @@
 # them to a patch (patches/posting).
 OVERLAY=(migration hw/nas-dedup include/migration tests/qtest tests/functional
          tests/unit/test-nas-dedup-hash.c tests/unit/test-nas-dedup-index.c
-         tests/unit/test-nas-dedup-wire.c docs/devel/nas-dedup.rst)
+         tests/unit/test-nas-dedup-wire.c tests/unit/test-nas-dedup-split.c
+         docs/devel/nas-dedup.rst)
 
 # The files under OVERLAY, relative to the checkout $1, sorted.
 overlay_files() {

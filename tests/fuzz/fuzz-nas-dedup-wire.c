@@ -139,6 +139,7 @@ static bool record_equal(const NasDedupRecord *a, const NasDedupRecord *b)
     case NAS_DEDUP_REC_SETUP:
         return a->version == b->version && a->resend_msg == b->resend_msg &&
                a->sync_ack_msg == b->sync_ack_msg &&
+               a->progress_msg == b->progress_msg &&
                !memcmp(a->key.secret, b->key.secret, sizeof(a->key.secret));
     default:
         return false;
@@ -297,6 +298,30 @@ static void fuzz_sync_ack(const uint8_t *data, size_t size)
     g_byte_array_free(a, true);
 }
 
+static void fuzz_progress(const uint8_t *data, size_t size)
+{
+    NasDedupProgress p, p2;
+    Error *err = NULL;
+    GByteArray *a;
+
+    if (!nas_dedup_progress_decode(data, size, &p, &err)) {
+        CHECK(HAS_MSG(err), "PROGRESS decode failed without a message");
+        error_free(err);
+        err = NULL;
+        return;
+    }
+    CHECK(err == NULL, "PROGRESS decode succeeded with message '%s'",
+          MSG(err));
+    a = g_byte_array_new();
+    nas_dedup_progress_encode(a, &p);
+    CHECK(a->len == size && !memcmp(a->data, data, size),
+          "PROGRESS of %zu bytes re-encodes to %u different bytes", size,
+          a->len);
+    CHECK(nas_dedup_progress_decode(a->data, a->len, &p2, &err) &&
+          !memcmp(&p, &p2, sizeof(p)), "PROGRESS differs after a round trip");
+    g_byte_array_free(a, true);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -304,7 +329,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size < 1) {
         return 0;
     }
-    switch (data[0] % 4) {
+    switch (data[0] % 5) {
     case 0:
         fuzz_records(data + 1, size - 1);
         break;
@@ -316,6 +341,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         break;
     case 3:
         fuzz_sync_ack(data + 1, size - 1);
+        break;
+    case 4:
+        fuzz_progress(data + 1, size - 1);
         break;
     }
     return 0;

@@ -215,10 +215,17 @@ static char *machine_args_drive(bool dedup, bool direct, const char *drive,
                         drive_file ? drive_file : image_path, drive_format,
                         direct ? "on" : "off");
 
+    /*
+     * Every page found on disk goes as a reference unless a test asks for
+     * the link/NAS split (/nas-dedup/ref-share/): the other tests count
+     * references, and over a local socket and a local file the split
+     * would send some of them in full.
+     */
     return g_strdup_printf("-M q35 -m %" PRIu64 "M -nodefaults "
                            "-drive if=none,id=drive0,%s "
                            "-device ide-hd,drive=drive0,bus=ide.0,id=disk0 "
                            "-global migration.x-return-path=on "
+                           "-global migration.dedup-nas-ref-share=100 "
                            "-global migration.x-dedup-nas=%s %s %s",
                            (uint64_t)(RAM_BYTES / MiB), opts,
                            dedup ? "on" : "off", mig_globals,
@@ -431,6 +438,7 @@ typedef struct DedupStats {
     uint64_t bytes_saved;
     uint64_t resent_pages;
     uint64_t index_entries;
+    uint64_t ref_share;
     /* destination */
     uint64_t fetched_blocks;
     uint64_t fetched_bytes;
@@ -461,6 +469,7 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
         st->bytes_saved = stat_u64(dn, "bytes-saved");
         st->resent_pages = stat_u64(dn, "resent-pages");
         st->index_entries = stat_u64(dn, "index-entries");
+        st->ref_share = stat_u64(dn, "reference-share");
     }
     qobject_unref(rsp);
 
@@ -964,6 +973,7 @@ static void test_collision(void)
 
 #define MIG_RP_MSG_DEDUP_RESEND     8
 #define MIG_RP_MSG_DEDUP_SYNC_ACK   9
+#define MIG_RP_MSG_DEDUP_PROGRESS   10
 #define INJECT_AFTER                (64 * KiB)
 
 typedef enum ProxyMode {
@@ -999,9 +1009,9 @@ typedef struct Mutation Mutation;
 
 /*
  * The start of the SETUP record: type 4, version 1, RESEND as 8,
- * SYNC_ACK as 9, a 384-byte key.
+ * SYNC_ACK as 9, PROGRESS as 10, a 384-byte key.
  */
-static const uint8_t setup_sig[8] = { 4, 1, 0, 8, 0, 9, 1, 128 };
+static const uint8_t setup_sig[10] = { 4, 1, 0, 8, 0, 9, 0, 10, 1, 128 };
 
 typedef struct Proxy {
     ProxyMode mode;
@@ -1853,7 +1863,7 @@ static void test_malformed_exit(void)
 typedef struct RpCase {
     const char *name;
     bool dedup;
-    uint8_t msg[32];
+    uint8_t msg[64];
     size_t len;
     const char *expect;
 } RpCase;
@@ -1876,6 +1886,19 @@ static const RpCase rp_cases[] = {
     { "sync-ack-short", true,
       { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 4, 0, 0, 0, 1 }, 8,
       "DEDUP_SYNC_ACK" },
+    { "progress-dedup-off", false,
+      { 0, MIG_RP_MSG_DEDUP_PROGRESS, 0, 24, [27] = 0 }, 28,
+      "unexpected DEDUP_PROGRESS" },
+    /* Two reports, the second with fewer bytes read than the first. */
+    { "progress-backwards", true,
+      { [1] = MIG_RP_MSG_DEDUP_PROGRESS, [3] = 24, [14] = 1, [27] = 1,
+        [29] = MIG_RP_MSG_DEDUP_PROGRESS, [31] = 24, [47] = 1, [55] = 1 },
+      56,
+      "DEDUP_PROGRESS says 0 pages read, 1 bytes in 1 us, after 0, "
+      "1099511627776 and 1" },
+    { "progress-short", true,
+      { 0, MIG_RP_MSG_DEDUP_PROGRESS, 0, 8, [11] = 0 }, 12,
+      "DEDUP_PROGRESS" },
     { "garbled", true,
       { 0x7f, 0xff, 0, 4, 0xde, 0xad, 0xbe, 0xef }, 8,
       "invalid message" },
@@ -2275,6 +2298,89 @@ static void test_throttled_dest(void)
     migrate_and_check(&g, true, &st);
     assert_ram_holds_disk(g.dst, g.dma_addr, 0, g.dma_bytes / CHUNK, NULL);
     g_assert_cmpuint(st.ref_pages, >=, g.dma_bytes / CHUNK * 95 / 100);
+    g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
+    guest_teardown(&g);
+}
+
+/*
+ * The link/NAS split.  A fixed dedup-nas-ref-share sends that share of
+ * the pages found on disk as references, in runs.  With the automatic
+ * share (the default), a destination whose reads of the shared storage
+ * are far slower than the link (a throttle node under its drive, which
+ * its reads go through) gets most pages in full: the source sends a first
+ * guess of references until it hears how fast the reads are, then no more
+ * than the destination can read by the time the link is done, or, with the
+ * guest stopped, within the downtime limit.  RAM identical either way.
+ */
+#define SPLIT_DMA_BYTES     (32 * MiB)
+#define SPLIT_NAS_BPS       (8 * MiB)
+
+static void test_ref_share_fixed(void)
+{
+    uint64_t pages = SPLIT_DMA_BYTES / CHUNK;
+    DedupStats st;
+    Guest g;
+
+    guest_setup(&g, true, 0, SPLIT_DMA_BYTES);
+    migrate_set_parameter_int(g.src.qts, "dedup-nas-ref-share", 50);
+    migrate_and_check(&g, true, &st);
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, pages, NULL);
+    g_test_message("fixed 50 %%: %" PRIu64 " of %" PRIu64 " pages as "
+                   "references", st.ref_pages, pages);
+    g_assert_cmpuint(st.ref_share, ==, 50);
+    /* Up to a run of references either way. */
+    g_assert_cmpuint(st.ref_pages, >=, pages / 2 - 2 * 64);
+    g_assert_cmpuint(st.ref_pages, <=, pages / 2 + 2 * 64);
+    g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
+    guest_teardown(&g);
+}
+
+static void test_ref_share_slow_nas(void)
+{
+    uint64_t pages = SPLIT_DMA_BYTES / CHUNK;
+    g_autofree char *drive = NULL;
+    g_autofree char *extra = NULL;
+    g_autofree char *args = NULL;
+    DedupStats st;
+    Guest g;
+
+    source_with_dma(&g, SPLIT_DMA_BYTES);
+    drive = g_strdup_printf("driver=throttle,throttle-group=tg0,"
+                            "file.driver=raw,file.file.driver=file,"
+                            "file.file.filename=%s", image_path);
+    extra = g_strdup_printf("-object throttle-group,id=tg0,"
+                            "x-bps-total=%u -incoming defer",
+                            (unsigned)SPLIT_NAS_BPS);
+    args = machine_args_drive(true, false, drive, extra);
+    g.dst = qtest_init(args);
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    /*
+     * A link four times as fast as the storage, and a downtime limit that
+     * keeps the migration live long enough (about a second) for the share
+     * to follow.
+     */
+    migrate_ensure_converge(g.src.qts);
+    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 4 * SPLIT_NAS_BPS);
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", 300);
+    migrate_set_parameter_int(g.src.qts, "dedup-nas-ref-share", 0);
+    migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    read_stats(g.src.qts, g.dst, true, &st);
+    assert_ram_equal(g.src.qts, g.dst);
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, pages, NULL);
+    g_test_message("automatic share, storage at %u bytes/s: %" PRIu64
+                   " of %" PRIu64 " pages as references, share %" PRIu64
+                   " %% at the end", (unsigned)SPLIT_NAS_BPS, st.ref_pages,
+                   pages, st.ref_share);
+    /*
+     * The first guess (NAS_DEDUP_SPLIT_PROBE, an eighth of them here),
+     * then about as many as the destination reads while the link sends the
+     * rest (a quarter): under half in all; all of them without the split.
+     */
+    g_assert_cmpuint(st.ref_pages, >, 0);
+    g_assert_cmpuint(st.ref_pages, <=, pages / 2);
+    g_assert_cmpuint(st.ref_share, <, 50);
     g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
     guest_teardown(&g);
 }
@@ -2855,6 +2961,8 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/switchover-bound", test_switchover_bound);
     g_test_add_func("/nas-dedup/live-sync-bound", test_live_sync_bound);
     g_test_add_func("/nas-dedup/throttled-dest", test_throttled_dest);
+    g_test_add_func("/nas-dedup/ref-share/fixed", test_ref_share_fixed);
+    g_test_add_func("/nas-dedup/ref-share/slow-nas", test_ref_share_slow_nas);
     g_test_add_func("/nas-dedup/resize/grow", test_resize_grow);
     g_test_add_func("/nas-dedup/resize/shrink", test_resize_shrink);
     g_test_add_func("/nas-dedup/drive-del", test_drive_del);

@@ -64,6 +64,7 @@ static void sample_records(NasDedupRecord *recs)
     recs[3].version = NAS_DEDUP_WIRE_VERSION;
     recs[3].resend_msg = 0x0a;
     recs[3].sync_ack_msg = 0x10b;
+    recs[3].progress_msg = 0x20c;
     for (k = 0; k < NAS_DEDUP_KEY_SIZE; k++) {
         ((uint8_t *)recs[3].key.secret)[k] = k * 7 + 1;
     }
@@ -109,10 +110,11 @@ static void test_round_trip(void)
             g_assert_cmpuint(out->version, ==, NAS_DEDUP_WIRE_VERSION);
             g_assert_cmpuint(out->resend_msg, ==, 0x0a);
             g_assert_cmpuint(out->sync_ack_msg, ==, 0x10b);
+            g_assert_cmpuint(out->progress_msg, ==, 0x20c);
             g_assert_cmpmem(out->key.secret, NAS_DEDUP_KEY_SIZE,
                             in[i].key.secret, NAS_DEDUP_KEY_SIZE);
-            /* 1 type + 1 version + 2 + 2 msg numbers + 2 len + key */
-            g_assert_cmpuint(a->len, ==, 8 + NAS_DEDUP_KEY_SIZE);
+            /* 1 type + 1 version + 3 x 2 msg numbers + 2 len + key */
+            g_assert_cmpuint(a->len, ==, 10 + NAS_DEDUP_KEY_SIZE);
             break;
         }
     }
@@ -186,8 +188,8 @@ static void test_malformed(void)
     /* SYNC: bad final flag */
     REJECT("final flag", 3, 0, 0, 0, 1, 2);
     /* SETUP: unknown version, wrong key length */
-    REJECT("protocol version 2", 4, 2, 0, 9, 0, 10, 1, 128);
-    REJECT("key of 16 bytes", 4, 1, 0, 9, 0, 10, 0, 16);
+    REJECT("protocol version 2", 4, 2, 0, 9, 0, 10, 0, 11, 1, 128);
+    REJECT("key of 16 bytes", 4, 1, 0, 9, 0, 10, 0, 11, 0, 16);
 }
 
 static void test_refs_check(void)
@@ -226,6 +228,7 @@ static void test_return_path(void)
 {
     g_autoptr(GByteArray) a = g_byte_array_new();
     NasDedupResend in = { .offset = 0x7000, .npages = 3 }, out;
+    NasDedupProgress pr;
     uint32_t seq, n;
     Error *err = NULL;
     size_t cut;
@@ -264,6 +267,21 @@ static void test_return_path(void)
                                              &err));
     error_free(err);
     err = NULL;
+
+    g_byte_array_set_size(a, 0);
+    nas_dedup_progress_encode(a, &(NasDedupProgress) {
+        .refs_done = 1ULL << 40, .fetched_bytes = 3, .fetch_busy_us = 5 });
+    g_assert_cmpuint(a->len, ==, 24);
+    g_assert_true(nas_dedup_progress_decode(a->data, a->len, &pr, &err));
+    g_assert_cmpuint(pr.refs_done, ==, 1ULL << 40);
+    g_assert_cmpuint(pr.fetched_bytes, ==, 3);
+    g_assert_cmpuint(pr.fetch_busy_us, ==, 5);
+    for (cut = 0; cut < a->len; cut++) {
+        g_assert_false(nas_dedup_progress_decode(a->data, cut, &pr, &err));
+        g_assert_nonnull(strstr(error_get_pretty(err), "PROGRESS"));
+        error_free(err);
+        err = NULL;
+    }
 }
 
 int main(int argc, char **argv)
