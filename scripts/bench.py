@@ -316,7 +316,7 @@ FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "mode", "verdict",
           "src_dedup_index_entries", "src_dedup_index_capacity", "ram_zero_pages",
           "ram_disk_pages", "ram_other_pages", "floor_bytes", "bytes_over_floor",
           "bytes_vs_precopy", "time_vs_precopy", "dirty_sync_count", "normal_pages",
-          "zero_pages", "log"]
+          "zero_pages", "src_dedup_reference_share", "src_dedup_fetch_rate", "log"]
 
 
 def scen_key(r):
@@ -345,18 +345,21 @@ def scen_label(r):
 
 def markdown(rows):
     out = ["| scenario | mode | RAM on wire | from NFS | floor | wire/floor | wire vs pre-copy "
-           "| total time | time vs pre-copy | downtime | ref pages | resent | verdict |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "| total time | time vs pre-copy | downtime | ref pages | refs / on disk | resent | verdict |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         f = lambda k, fmt="%s", scale=1.0: (fmt % (num(r, k) / scale)) if r.get(k) not in (None, "") else "–"
-        out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        dd = r["mode"].startswith("dedup-nas")
+        share = ("%.0f %%" % (100 * num(r, "src_dedup_reference_pages") / num(r, "ram_disk_pages"))
+                 if dd and num(r, "ram_disk_pages") else "–")
+        out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             scen_label(r), r["mode"], f("ram_transferred_bytes", "%.1f MB", 1e6),
             f("dst_dedup_fetched_bytes", "%.1f MB", 1e6) if r["mode"].startswith("dedup-nas") else "–",
             f("floor_bytes", "%.1f MB", 1e6), f("bytes_over_floor", "%.2f×"),
             f("bytes_vs_precopy", "%.2f×"), f("total_ms", "%.2f s", 1e3),
             f("time_vs_precopy", "%.2f×"), f("downtime_ms", "%d ms"),
-            f("src_dedup_reference_pages", "%d") if r["mode"].startswith("dedup-nas") else "–",
-            f("src_dedup_resent_pages", "%d") if r["mode"].startswith("dedup-nas") else "–",
+            f("src_dedup_reference_pages", "%d") if dd else "–", share,
+            f("src_dedup_resent_pages", "%d") if dd else "–",
             r["verdict"]))
     return "\n".join(out)
 
@@ -599,7 +602,9 @@ def main():
           "xbzrle and the multifd modes run with QEMU's defaults otherwise (64 MiB xbzrle cache; 2 "
           "channels, zstd level 1). dedup-nas+multifd sends the pages that are not references on "
           "the multifd channels; dedup-nas is refused with xbzrle and postcopy "
-          "(see docs/devel/nas-dedup.rst)." % REF_COST, ""]
+          "(see docs/devel/nas-dedup.rst). The dedup-nas modes run with the automatic link/NAS "
+          "split (`dedup-nas-ref-share` 0, the default): *refs / on disk* is the share of the pages "
+          "whose content is on disk that went as references, the others in full." % REF_COST, ""]
     t = targets(rows, io, io_full)
     if t:
         md += ["## Targets", "", t, ""]
