@@ -128,12 +128,14 @@ int nas_dedup_rp_progress(MigrationState *s, const uint8_t *buf, size_t len,
                           Error **errp);
 /*
  * Migration thread: what the destination last reported of its reads
- * (@refs_done, @fetched_bytes, @fetch_busy_us); returns how many reports
- * came (0: none yet, and the three are 0).
+ * (@refs_done, @fetched_bytes, @fetch_busy_us) and when it came
+ * (@when_us, g_get_monotonic_time()); returns how many reports came (0:
+ * none yet, and the four are 0).
  */
 uint64_t nas_dedup_rp_progress_get(uint64_t *refs_done,
                                    uint64_t *fetched_bytes,
-                                   uint64_t *fetch_busy_us);
+                                   uint64_t *fetch_busy_us,
+                                   int64_t *when_us);
 /*
  * Fail the migration with @err from any thread, unless the final SYNC
  * went out: from then on the destination may complete and run the guest,
@@ -204,6 +206,12 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
  * coroutine, main channel).
  */
 void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset);
+/*
+ * The incoming coroutine read a flag of the RAM section (end of section,
+ * multifd flush): with multifd, the main channel may carry nothing else
+ * for a while, and the source waits for our reports.
+ */
+void nas_dedup_load_poll(void);
 /*
  * Newer data for the pages at @offsets[0..@n-1] of @block is about to be
  * written (any thread: multifd's receive threads).

@@ -269,21 +269,27 @@ static void flush_resends(LoadState *st)
  * Tell the source how far the reads are, at most every
  * NAS_DEDUP_PROGRESS_US and only if some ended since: it shares the
  * pages between the link and the storage by that (the link/NAS split).
- * May yield, as flush_resends().
+ * Called for whatever comes on the main channel (a page, a record, the
+ * end of a section, a multifd flush), so that reports keep coming when
+ * the source sends no reference.  May yield, as flush_resends().
  */
 #define NAS_DEDUP_PROGRESS_US 50000
 static void send_progress(LoadState *st)
 {
-    MigrationIncomingState *mis = migration_incoming_get_current();
+    MigrationIncomingState *mis;
     g_autoptr(GByteArray) buf = NULL;
     NasDedupProgress p;
-    int64_t now = g_get_monotonic_time(), since;
+    int64_t now, since;
 
     if (!st->have_setup || st->refs_done == st->progress_done ||
-        now - st->progress_us < NAS_DEDUP_PROGRESS_US ||
         !qemu_in_coroutine()) {
         return;
     }
+    now = g_get_monotonic_time();
+    if (now - st->progress_us < NAS_DEDUP_PROGRESS_US) {
+        return;
+    }
+    mis = migration_incoming_get_current();
     since = qatomic_read_i64(&nas_dedup_counters.fetch_busy_since);
     p.refs_done = st->refs_done;
     p.fetched_bytes = stat64_get(&nas_dedup_counters.fetched_bytes);
@@ -321,6 +327,14 @@ void nas_dedup_load_pages_arrived(RAMBlock *block, const ram_addr_t *offsets,
         if (t) {
             ticket_clear(st, t->t, page);
         }
+    }
+}
+
+void nas_dedup_load_poll(void)
+{
+    if (load) {
+        flush_resends(load);
+        send_progress(load);
     }
 }
 

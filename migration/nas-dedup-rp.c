@@ -69,6 +69,7 @@ static struct {
     /* The destination's last PROGRESS, and how many came. */
     NasDedupProgress progress;
     uint64_t progress_reports;
+    int64_t progress_us;        /* when the last came, monotonic */
 
     /*
      * The watchdog thread, one a migration with a return path.  Armed by
@@ -209,6 +210,7 @@ void nas_dedup_rp_start(MigrationState *s)
         rp.acked_pending = 0;
         memset(&rp.progress, 0, sizeof(rp.progress));
         rp.progress_reports = 0;
+        rp.progress_us = 0;
         rp.active = true;       /* final_sent was cleared by the stop */
     }
     rp.wd_quit = false;
@@ -492,8 +494,9 @@ int nas_dedup_rp_progress(MigrationState *s, const uint8_t *buf, size_t len,
     }
     /*
      * Counts that go back are a broken destination.  Any other numbers
-     * only steer the link/NAS split, which keeps its share within bounds
-     * whatever they say.
+     * only steer the link/NAS split, which keeps its share and its bounds
+     * finite whatever they say; at worst they cost time (more pages in
+     * full, or a stopped guest waiting up to the switchover slack).
      */
     if (p.refs_done < rp.progress.refs_done ||
         p.fetched_bytes < rp.progress.fetched_bytes ||
@@ -507,21 +510,25 @@ int nas_dedup_rp_progress(MigrationState *s, const uint8_t *buf, size_t len,
     }
     rp.progress = p;
     rp.progress_reports++;
+    rp.progress_us = g_get_monotonic_time();
     if (p.fetch_busy_us) {
+        double rate = (double)p.fetched_bytes * 1000000 / p.fetch_busy_us;
+
         stat64_set(&nas_dedup_counters.fetch_rate,
-                   (uint64_t)((double)p.fetched_bytes * 1000000 /
-                              p.fetch_busy_us));
+                   rate < (double)INT64_MAX ? rate : INT64_MAX);
     }
     return 0;
 }
 
 uint64_t nas_dedup_rp_progress_get(uint64_t *refs_done,
                                    uint64_t *fetched_bytes,
-                                   uint64_t *fetch_busy_us)
+                                   uint64_t *fetch_busy_us,
+                                   int64_t *when_us)
 {
     QEMU_LOCK_GUARD(&rp.lock);
     *refs_done = rp.progress.refs_done;
     *fetched_bytes = rp.progress.fetched_bytes;
     *fetch_busy_us = rp.progress.fetch_busy_us;
+    *when_us = rp.progress_us;
     return rp.progress_reports;
 }

@@ -31,6 +31,7 @@
 #include "qemu-file.h"
 #include "ram.h"
 #include "multifd.h"
+#include "migration-stats.h"
 #include "nas-dedup-int.h"
 #include "nas-dedup-split.h"
 #include "nas-dedup-wire.h"
@@ -250,6 +251,8 @@ static void split_update(void)
         .now_us = g_get_monotonic_time(),
         .refs_sent = nas_dedup_save_refs_sent(),
         .stop_left_us = -1,
+        .wire_bytes = migration_transferred_bytes(),
+        .link_limit = migrate_max_bandwidth(),
     };
 
     if (save.stop_until_ms) {
@@ -257,13 +260,15 @@ static void split_update(void)
                                 qemu_clock_get_ms(QEMU_CLOCK_REALTIME)) * 1000;
     }
     x.reports = nas_dedup_rp_progress_get(&x.refs_done, &x.fetched_bytes,
-                                          &x.fetch_busy_us);
+                                          &x.fetch_busy_us, &x.report_us);
     if (nas_dedup_split_update(&save.split, &x)) {
         qatomic_set(&nas_dedup_counters.ref_share,
                     nas_dedup_split_percent(&save.split));
         trace_nas_dedup_save_split(nas_dedup_split_percent(&save.split),
-                                   MAX(save.split.page_rate, 0),
-                                   MAX(save.split.fetch_rate, 0));
+                                   MIN(MAX(save.split.page_rate, 0),
+                                       INT64_MAX),
+                                   MIN(MAX(save.split.fetch_rate, 0),
+                                       INT64_MAX));
     }
 }
 
@@ -297,7 +302,8 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
                                    NAS_DEDUP_CHUNK);
         return 0;
     }
-    if (!(save.split.eligible % NAS_DEDUP_SPLIT_SPAN)) {
+    /* With the guest stopped, the time left counts: every page. */
+    if (save.stop_until_ms || !(save.split.eligible % 64)) {
         split_update();
     }
     if (!nas_dedup_split_take(&save.split)) {

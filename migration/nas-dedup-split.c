@@ -4,6 +4,7 @@
  * dedup-nas: the link/NAS split (see nas-dedup-split.h)
  */
 #include "qemu/osdep.h"
+#include <math.h>
 #include "migration/nas-dedup-index.h"
 #include "nas-dedup-split.h"
 
@@ -16,6 +17,29 @@ void nas_dedup_split_init(NasDedupSplit *sp, unsigned fixed_pct)
     sp->backlog_cap = sp->fixed ? UINT64_MAX : NAS_DEDUP_SPLIT_PROBE;
     sp->page_rate = -1;         /* not measured yet */
     sp->fetch_rate = -1;
+    sp->fetch_rate_all = -1;
+}
+
+/*
+ * Every eligible page earns @share of a reference; references go
+ * NAS_DEDUP_SPLIT_SPAN in a row once that many are earned.
+ */
+static bool split_earned(NasDedupSplit *sp)
+{
+    if (sp->share >= 1.0) {
+        return true;
+    }
+    sp->credit += sp->share;
+    if (sp->span) {
+        sp->span--;
+        return true;
+    }
+    if (sp->credit >= NAS_DEDUP_SPLIT_SPAN) {
+        sp->credit -= NAS_DEDUP_SPLIT_SPAN;
+        sp->span = NAS_DEDUP_SPLIT_SPAN - 1;
+        return true;
+    }
+    return false;
 }
 
 bool nas_dedup_split_take(NasDedupSplit *sp)
@@ -24,25 +48,9 @@ bool nas_dedup_split_take(NasDedupSplit *sp)
     if (sp->backlog + (sp->taken - sp->taken_then) >= sp->backlog_cap) {
         return false;           /* the destination is behind enough */
     }
-    if (sp->share >= 1.0) {
-        goto take;
+    if (!split_earned(sp)) {
+        return false;
     }
-    /*
-     * Every eligible page earns @share of a reference; references go
-     * NAS_DEDUP_SPLIT_SPAN in a row once that many are earned.
-     */
-    sp->credit += sp->share;
-    if (sp->span) {
-        sp->span--;
-        goto take;
-    }
-    if (sp->credit >= NAS_DEDUP_SPLIT_SPAN) {
-        sp->credit -= NAS_DEDUP_SPLIT_SPAN;
-        sp->span = NAS_DEDUP_SPLIT_SPAN - 1;
-        goto take;
-    }
-    return false;
-take:
     sp->taken++;
     return true;
 }
@@ -61,23 +69,38 @@ static void split_fetch_rate(NasDedupSplit *sp, const NasDedupSplitSample *x)
         x->fetched_bytes < (uint64_t)NAS_DEDUP_SPLIT_PROBE * NAS_DEDUP_CHUNK) {
         return;
     }
+    /* (rp.c refuses reports whose counts go back.) */
     if (x->reports == sp->last_reports ||
-        x->fetch_busy_us < sp->last_busy_us + NAS_DEDUP_SPLIT_MIN_BUSY_US ||
+        x->fetch_busy_us < sp->last_busy_us ||
+        x->fetch_busy_us - sp->last_busy_us < NAS_DEDUP_SPLIT_MIN_BUSY_US ||
         x->fetched_bytes < sp->last_fetched) {
         return;
     }
     fr = (x->fetched_bytes - sp->last_fetched) * 1e6 /
          (x->fetch_busy_us - sp->last_busy_us);
+    if (!isfinite(fr)) {
+        return;
+    }
     /* The last report's alone: the storage's pace changes, and so may ours. */
     sp->fetch_rate = fr;
+    sp->fetch_rate_all = (double)x->fetched_bytes * 1e6 / x->fetch_busy_us;
     sp->last_reports = x->reports;
     sp->last_fetched = x->fetched_bytes;
     sp->last_busy_us = x->fetch_busy_us;
 }
 
+/* What the destination reads in @us at @rate bytes a second, in pages. */
+static uint64_t pages_in(double rate, double us)
+{
+    double pages = rate / NAS_DEDUP_CHUNK * us / 1e6;
+
+    return pages < 1 ? 0 : pages > UINT32_MAX ? UINT32_MAX : pages;
+}
+
 bool nas_dedup_split_update(NasDedupSplit *sp, const NasDedupSplitSample *x)
 {
-    double dt, offered, reads, target;
+    double dt, offered, reads, want, backlog, target;
+    double old_share = sp->share;
 
     if (sp->fixed) {
         return false;
@@ -93,20 +116,27 @@ bool nas_dedup_split_update(NasDedupSplit *sp, const NasDedupSplitSample *x)
          * switchover decision counted them in full).
          */
         sp->backlog_cap = sp->fetch_rate < 0 ? 0 :
-                          MIN((double)UINT64_MAX / 2,
-                              sp->fetch_rate / NAS_DEDUP_CHUNK *
-                              x->stop_left_us / 1e6);
+                          pages_in(MIN(sp->fetch_rate, sp->fetch_rate_all),
+                                   x->stop_left_us);
         return false;
     }
     if (sp->fetch_rate >= 0) {
-        sp->backlog_cap = MIN((double)UINT64_MAX / 2,
-                              sp->fetch_rate / NAS_DEDUP_CHUNK *
-                              NAS_DEDUP_SPLIT_GUARD_US / 1e6);
+        /*
+         * At least a run: a destination that read nothing lately (a
+         * stalled storage, read errors) still gets references, and so
+         * still reports.
+         */
+        sp->backlog_cap = MAX(NAS_DEDUP_SPLIT_SPAN,
+                              pages_in(sp->fetch_rate,
+                                       sp->saturated ?
+                                       NAS_DEDUP_SPLIT_GUARD_SAT_US :
+                                       NAS_DEDUP_SPLIT_GUARD_US));
     }
     if (!sp->started) {
         sp->started = true;
         sp->last_us = x->now_us;
         sp->last_eligible = sp->eligible;
+        sp->last_wire = x->wire_bytes;
         return false;
     }
     dt = (x->now_us - sp->last_us) / 1e6;
@@ -118,8 +148,12 @@ bool nas_dedup_split_update(NasDedupSplit *sp, const NasDedupSplitSample *x)
     offered = (sp->eligible - sp->last_eligible) / dt;
     sp->page_rate = sp->page_rate >= 0 ? (sp->page_rate + offered) / 2
                                        : offered;
+    sp->saturated = x->link_limit && x->wire_bytes >= sp->last_wire &&
+                    (x->wire_bytes - sp->last_wire) / dt >=
+                    0.9 * x->link_limit;
     sp->last_us = x->now_us;
     sp->last_eligible = sp->eligible;
+    sp->last_wire = x->wire_bytes;
     if (sp->fetch_rate < 0 || sp->page_rate <= 0) {
         return true;            /* nothing to go by yet */
     }
@@ -128,17 +162,34 @@ bool nas_dedup_split_update(NasDedupSplit *sp, const NasDedupSplitSample *x)
      * The destination keeps pace when references come as fast as it reads
      * them, with NAS_DEDUP_SPLIT_AHEAD_US of reads queued (so that it
      * never idles while the source deals with other pages), the
-     * difference made up over NAS_DEDUP_SPLIT_CATCHUP_US.
+     * difference made up over NAS_DEDUP_SPLIT_CATCHUP_US.  Its queue now
+     * is what its last report left, less what it read since.
      */
     reads = sp->fetch_rate / NAS_DEDUP_CHUNK;
-    reads += (reads * NAS_DEDUP_SPLIT_AHEAD_US / 1e6 - sp->backlog) /
-             (NAS_DEDUP_SPLIT_CATCHUP_US / 1e6);
+    want = reads * NAS_DEDUP_SPLIT_AHEAD_US / 1e6;
+    backlog = MAX(0.0, (double)sp->backlog -
+                  reads * MAX(0, x->now_us - x->report_us) / 1e6);
+    reads += (want - backlog) / (NAS_DEDUP_SPLIT_CATCHUP_US / 1e6);
     target = MAX(NAS_DEDUP_SPLIT_MIN, MIN(1.0, reads / sp->page_rate));
+    if (!isfinite(target)) {
+        return true;
+    }
     sp->share += NAS_DEDUP_SPLIT_GAIN * (target - sp->share);
+    /*
+     * Its pace is measured with the reads it had: with few references
+     * queued it reads one at a time, slower than it can.  So while its
+     * queue is nearly empty the share only grows, by a quarter a period
+     * at least; reads queue up, and the pace measured then is its own.
+     * So it does while the link runs at its max-bandwidth: every page
+     * sent in full then waits for the link.
+     */
+    if (backlog < want / 4 || sp->saturated) {
+        sp->share = MIN(1.0, MAX(sp->share, old_share * 1.25));
+    }
     return true;
 }
 
 unsigned nas_dedup_split_percent(const NasDedupSplit *sp)
 {
-    return (unsigned)(sp->share * 100 + 0.5);
+    return (unsigned)(sp->share * 100 + 0.5);     /* within [0.02, 1] */
 }

@@ -39,7 +39,7 @@
 #define MIGRATION_NAS_DEDUP_SPLIT_H
 
 /* References in a row, so that the destination reads long runs. */
-#define NAS_DEDUP_SPLIT_SPAN        64
+#define NAS_DEDUP_SPLIT_SPAN        256
 /*
  * The smallest share: a few references keep the destination's reports,
  * and so the measure of its fetch rate, coming.
@@ -64,6 +64,12 @@
  * report takes.
  */
 #define NAS_DEDUP_SPLIT_GUARD_US    250000
+/*
+ * While the link runs at its max-bandwidth, it is the bottleneck: the
+ * share only grows, and the destination may fall this much further
+ * behind.
+ */
+#define NAS_DEDUP_SPLIT_GUARD_SAT_US 1000000
 #define NAS_DEDUP_SPLIT_PROBE       1024
 /* A rate from less reading than this is noise. */
 #define NAS_DEDUP_SPLIT_MIN_BUSY_US 2000
@@ -77,6 +83,10 @@ typedef struct NasDedupSplitSample {
     uint64_t refs_done;     /* references whose read is over */
     uint64_t fetched_bytes; /* bytes it read from the drives */
     uint64_t fetch_busy_us; /* time with reads in flight */
+    int64_t report_us;      /* when that report came (as @now_us) */
+    /* Bytes the source put on the link, and its max-bandwidth (0: none). */
+    uint64_t wire_bytes;
+    uint64_t link_limit;
     /*
      * The guest is stopped for switchover, with this much of the downtime
      * limit left (negative: it runs).
@@ -98,12 +108,15 @@ typedef struct NasDedupSplit {
     bool started;
     int64_t last_us;
     uint64_t last_eligible;
+    uint64_t last_wire;
+    bool saturated;         /* the link ran at its limit last period */
     uint64_t last_reports;
     uint64_t last_fetched;
     uint64_t last_busy_us;
     /* Negative: not measured yet. */
     double page_rate;       /* eligible pages offered a second */
     double fetch_rate;      /* bytes the destination reads a busy second */
+    double fetch_rate_all;  /* the same, since the migration started */
 } NasDedupSplit;
 
 /* @fixed_pct: 1..100 fixes the share; 0 finds it. */

@@ -54,7 +54,7 @@ enum {
     NAS_DEDUP_REC_SETUP = 4,
 };
 
-#define NAS_DEDUP_WIRE_VERSION 1
+#define NAS_DEDUP_WIRE_VERSION 2
 
 #define NAS_DEDUP_REFS_MAX     256     /* pages in one REFS run */
 /* NAS_DEDUP_ID_MAX (nas-dedup-index.h) bounds drive and RAMBlock ids. */

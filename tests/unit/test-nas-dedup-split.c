@@ -11,7 +11,8 @@
  * rate, and reports what it did every 50 ms.  The migration is over when
  * both are done.  For every scenario, the automatic share must come
  * within 10 % of the best fixed share found by trying them all, and close
- * to that share.
+ * to that share.  The model's link has no max-bandwidth: the rule for a
+ * link at its limit has a test of its own.
  */
 #include "qemu/osdep.h"
 #include <math.h>
@@ -82,6 +83,7 @@ static Outcome simulate(const Scenario *sc, int share_pct)
             rep_done = refs_done;
             rep_bytes = refs_done * PAGE;
             rep_busy = busy;
+            x.report_us = t * 1e6;
             reports++;
             next_report = t + REPORT_US / 1e6;
         }
@@ -252,6 +254,54 @@ static void test_guard(void)
 }
 
 /*
+ * While the link runs at its max-bandwidth, the share only grows, even
+ * with a destination that reads slower than references come: pages in
+ * full would wait for the link.
+ */
+static void test_saturated(void)
+{
+    NasDedupSplit sp;
+    NasDedupSplitSample x = { .stop_left_us = -1, .link_limit = 1000000 };
+    unsigned i;
+
+    nas_dedup_split_init(&sp, 0);
+    sp.share = 0.5;
+    for (i = 0; i < 20; i++) {
+        unsigned k;
+
+        /* 1000 eligible pages a period; it reads 10 a period. */
+        for (k = 0; k < 1000; k++) {
+            nas_dedup_split_take(&sp);
+        }
+        x.now_us += 100000;
+        x.reports++;
+        x.fetch_busy_us += 100000;
+        x.fetched_bytes += 10 * NAS_DEDUP_CHUNK +
+                           (i ? 0 : NAS_DEDUP_SPLIT_PROBE * NAS_DEDUP_CHUNK);
+        x.report_us = x.now_us;
+        /* The link at its limit: 100 kB a period of 100 ms. */
+        x.wire_bytes += 100000;
+        nas_dedup_split_update(&sp, &x);
+    }
+    g_assert_cmpuint(nas_dedup_split_percent(&sp), ==, 100);
+    /* The same without a limit: the share falls. */
+    x.link_limit = 0;
+    for (i = 0; i < 20; i++) {
+        x.now_us += 100000;
+        x.reports++;
+        x.fetch_busy_us += 100000;
+        x.fetched_bytes += 10 * NAS_DEDUP_CHUNK;
+        x.report_us = x.now_us;
+        x.refs_sent += 1000;
+        nas_dedup_split_update(&sp, &x);
+        for (unsigned k = 0; k < 1000; k++) {
+            nas_dedup_split_take(&sp);
+        }
+    }
+    g_assert_cmpuint(nas_dedup_split_percent(&sp), <, 10);
+}
+
+/*
  * With the guest stopped, references may only make it wait as long as the
  * downtime limit has left, at the rate the destination reads.
  */
@@ -289,6 +339,7 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/split/fixed", test_fixed);
     g_test_add_func("/nas-dedup/split/guard", test_guard);
     g_test_add_func("/nas-dedup/split/stopped", test_stopped);
+    g_test_add_func("/nas-dedup/split/saturated", test_saturated);
     for (i = 0; i < G_N_ELEMENTS(scenarios); i++) {
         g_autofree char *path = g_strdup_printf("/nas-dedup/split/model/%s",
                                                 scenarios[i].name);
