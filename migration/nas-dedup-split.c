@@ -101,6 +101,7 @@ bool nas_dedup_split_update(NasDedupSplit *sp, const NasDedupSplitSample *x)
 {
     double dt, offered, reads, want, backlog, target;
     double old_share = sp->share;
+    double short_queue;
 
     if (sp->fixed) {
         return false;
@@ -176,14 +177,20 @@ bool nas_dedup_split_update(NasDedupSplit *sp, const NasDedupSplitSample *x)
     }
     sp->share += NAS_DEDUP_SPLIT_GAIN * (target - sp->share);
     /*
-     * Its pace is measured with the reads it had: with few references
-     * queued it reads one at a time, slower than it can.  So while its
-     * queue is nearly empty the share only grows, by a quarter a period
-     * at least; reads queue up, and the pace measured then is its own.
-     * So it does while the link runs at its max-bandwidth: every page
-     * sent in full then waits for the link.
+     * Its pace is measured with the reads it had: with fewer runs queued
+     * than it reads at once, it reads slower than it can (measured: 10
+     * MB/s from a storage that gives 370).  So while its queue is that
+     * short (but two runs at least, and no more than
+     * NAS_DEDUP_SPLIT_DEPTH_MAX_US of reading) the share only grows, by a quarter a period at least; reads
+     * queue up, and the pace measured then is its own.  So it does while
+     * the link runs at its max-bandwidth: every page sent in full then
+     * waits for the link.
      */
-    if (backlog < want / 4 || sp->saturated) {
+    short_queue = MIN(NAS_DEDUP_SPLIT_DEPTH,
+                      MAX(2 * NAS_DEDUP_SPLIT_SPAN,
+                          pages_in(sp->fetch_rate,
+                                   NAS_DEDUP_SPLIT_DEPTH_MAX_US)));
+    if (backlog < MAX(want / 4, short_queue) || sp->saturated) {
         sp->share = MIN(1.0, MAX(sp->share, old_share * 1.25));
     }
     return true;

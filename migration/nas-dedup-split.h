@@ -53,6 +53,12 @@
  * difference is made up over NAS_DEDUP_SPLIT_CATCHUP_US.
  */
 #define NAS_DEDUP_SPLIT_AHEAD_US    20000
+/*
+ * Fewer references queued than this and the destination reads fewer
+ * blocks at once than it can (its fetch engine reads 8 runs at once).
+ */
+#define NAS_DEDUP_SPLIT_DEPTH       (8 * NAS_DEDUP_SPLIT_SPAN)
+#define NAS_DEDUP_SPLIT_DEPTH_MAX_US 100000
 #define NAS_DEDUP_SPLIT_CATCHUP_US  100000
 /*
  * However the share is, references the destination has not read yet may
