@@ -181,10 +181,10 @@ bool nas_dedup_split_update(NasDedupSplit *sp, const NasDedupSplitSample *x)
      * than it reads at once, it reads slower than it can (measured: 10
      * MB/s from a storage that gives 370).  So while its queue is that
      * short (but two runs at least, and no more than
-     * NAS_DEDUP_SPLIT_DEPTH_MAX_US of reading) the share only grows, by a quarter a period at least; reads
-     * queue up, and the pace measured then is its own.  So it does while
-     * the link runs at its max-bandwidth: every page sent in full then
-     * waits for the link.
+     * NAS_DEDUP_SPLIT_DEPTH_MAX_US of reading) the share only grows, by
+     * a quarter a period at least; reads queue up, and the pace measured
+     * then is its own.  So it does while the link runs at its
+     * max-bandwidth: every page sent in full then waits for the link.
      */
     short_queue = MIN(NAS_DEDUP_SPLIT_DEPTH,
                       MAX(2 * NAS_DEDUP_SPLIT_SPAN,
