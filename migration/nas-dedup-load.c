@@ -340,10 +340,7 @@ void nas_dedup_load_poll(void)
 
 void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
 {
-    if (load) {
-        flush_resends(load);
-        send_progress(load);
-    }
+    nas_dedup_load_poll();
     nas_dedup_load_pages_arrived(block, &offset, 1);
 }
 
@@ -602,8 +599,7 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
         g_free(rec);
         return -EINVAL;
     }
-    flush_resends(load);
-    send_progress(load);
+    nas_dedup_load_poll();
     if (!nas_dedup_record_decode(qemufile_read, f, rec, &err)) {
         error_setg(errp, "dedup-nas: malformed record at %s 0x%" PRIx64
                    ": %s", block->idstr, (uint64_t)offset,

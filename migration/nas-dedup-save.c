@@ -303,7 +303,8 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
         return 0;
     }
     /* With the guest stopped, the time left counts: every page. */
-    if (save.stop_until_ms || !(save.split.eligible % 64)) {
+    if (save.stop_until_ms ||
+        !(save.split.eligible % NAS_DEDUP_SPLIT_SAMPLE)) {
         split_update();
     }
     if (!nas_dedup_split_take(&save.split)) {

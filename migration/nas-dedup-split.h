@@ -53,13 +53,13 @@
  * difference is made up over NAS_DEDUP_SPLIT_CATCHUP_US.
  */
 #define NAS_DEDUP_SPLIT_AHEAD_US    20000
+#define NAS_DEDUP_SPLIT_CATCHUP_US  100000
 /*
  * Fewer references queued than this and the destination reads fewer
  * blocks at once than it can (its fetch engine reads 8 runs at once).
  */
 #define NAS_DEDUP_SPLIT_DEPTH       (8 * NAS_DEDUP_SPLIT_SPAN)
 #define NAS_DEDUP_SPLIT_DEPTH_MAX_US 100000
-#define NAS_DEDUP_SPLIT_CATCHUP_US  100000
 /*
  * However the share is, references the destination has not read yet may
  * not exceed what it reads in NAS_DEDUP_SPLIT_GUARD_US; before its first
@@ -79,6 +79,8 @@
 #define NAS_DEDUP_SPLIT_PROBE       1024
 /* A rate from less reading than this is noise. */
 #define NAS_DEDUP_SPLIT_MIN_BUSY_US 2000
+/* Offers between two calls of nas_dedup_split_update(), guest running. */
+#define NAS_DEDUP_SPLIT_SAMPLE      64
 
 /* What the source knows at one moment; counts are of pages. */
 typedef struct NasDedupSplitSample {
@@ -135,7 +137,7 @@ void nas_dedup_split_init(NasDedupSplit *sp, unsigned fixed_pct);
 bool nas_dedup_split_take(NasDedupSplit *sp);
 
 /*
- * Take in what @x says (call it often: every NAS_DEDUP_SPLIT_SPAN offers),
+ * Take in what @x says (call it often: every NAS_DEDUP_SPLIT_SAMPLE offers),
  * and adjust the share to it at most once every NAS_DEDUP_SPLIT_PERIOD_US:
  * returns true if it did.
  */

@@ -96,7 +96,7 @@ static Outcome simulate(const Scenario *sc, int share_pct)
             t += zero_cost;
         } else if (r < sc->zero + sc->eligible && share_pct >= 0) {
             eligible++;
-            if ((eligible & 63) == 0) {
+            if (eligible % NAS_DEDUP_SPLIT_SAMPLE == 0) {
                 nas_dedup_split_update(&sp, &x);
             }
             if (nas_dedup_split_take(&sp)) {
