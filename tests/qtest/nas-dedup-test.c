@@ -51,6 +51,8 @@
  *                          and a second migration succeeds
  *  /nas-dedup/throttled-dest  the destination's drive has iotune limits:
  *                          fetches are not throttled by them
+ *  /nas-dedup/auto-converge   auto-converge counts references as moved:
+ *                          the throttle steps for the real dirty rate
  *  /nas-dedup/resize/grow, shrink  block_resize through another BlockBackend:
  *                          a grow keeps what the index knew of the drive,
  *                          a shrink drops what it cut
@@ -2303,6 +2305,83 @@ static void test_throttled_dest(void)
 }
 
 /*
+ * Auto-converge compares the bytes the guest dirties with the bytes the
+ * migration moves.  A page sent as a reference moves 4 KiB in a few bytes
+ * of stream: counted by the wire alone, a guest that dirties pages of disk
+ * content no faster than they are sent looked about 140 times too fast,
+ * and with cpu-throttle-tailslow its second step went straight to
+ * max-cpu-throttle.  Here the test rewrites the same disk content into
+ * guest RAM (dirty, and a reference each time it is sent) all along the
+ * migration, whose link is slow enough that it never runs out of pages to
+ * send: the dirty rate is about what the migration moves, twice the
+ * trigger threshold, so tailslow's second step is about half of the CPU
+ * the guest still has.  The migration cannot converge (downtime-limit
+ * 1 ms); it is cancelled once the throttle has stepped twice.
+ */
+#define AC_BYTES        (8 * MiB)
+#define AC_INITIAL      20
+#define AC_MAX          99
+
+static void test_auto_converge(void)
+{
+    g_autofree uint8_t *disk = g_malloc(AC_BYTES);
+    g_autoptr(GTimer) timer = g_timer_new();
+    uint64_t steps[2] = { 0, 0 }, b, off;
+    unsigned nsteps = 0, writes = 0;
+    QDict *rsp;
+    Guest g;
+
+    guest_setup(&g, true, 0, AC_BYTES);
+    for (b = 0; b < AC_BYTES / CHUNK; b++) {
+        fill_block(disk + b * CHUNK, b, 0);
+    }
+    migrate_set_capability(g.src.qts, "auto-converge", true);
+    migrate_set_parameter_bool(g.src.qts, "cpu-throttle-tailslow", true);
+    migrate_set_parameter_int(g.src.qts, "cpu-throttle-initial", AC_INITIAL);
+    migrate_set_parameter_int(g.src.qts, "cpu-throttle-increment", 90);
+    migrate_set_parameter_int(g.src.qts, "max-cpu-throttle", AC_MAX);
+    migrate_set_parameter_int(g.src.qts, "throttle-trigger-threshold", 50);
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", 1);
+    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 64 * KiB);
+    migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
+
+    while (nsteps < 2) {
+        uint64_t pct = 0;
+
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+        for (off = 0; off < AC_BYTES; off += MiB) {
+            qtest_bufwrite(g.src.qts, g.dma_addr + off, disk + off, MiB);
+        }
+        writes++;
+        rsp = migrate_query(g.src.qts);
+        g_assert_cmpstr(qdict_get_str(rsp, "status"), ==, "active");
+        if (qdict_haskey(rsp, "cpu-throttle-percentage")) {
+            pct = qdict_get_int(rsp, "cpu-throttle-percentage");
+        }
+        qobject_unref(rsp);
+        if (pct && (!nsteps || pct != steps[nsteps - 1])) {
+            g_test_message("throttle step %u: %" PRIu64 " %% after %.1f s "
+                           "(%u rewrites of the disk pages)", nsteps + 1,
+                           pct, g_timer_elapsed(timer, NULL), writes);
+            steps[nsteps++] = pct;
+        }
+    }
+    qtest_qmp_assert_success(g.src.qts, "{ 'execute': 'migrate_cancel' }");
+    qobject_unref(wait_for_status(g.src.qts, "cancelled", NULL));
+    assert_running(g.src.qts);
+
+    g_assert_cmpuint(steps[0], ==, AC_INITIAL);
+    /*
+     * Dirty bytes twice the threshold give tailslow's ideal share of half
+     * the CPU left: 20 + 40.  Dirtied at half or twice the rate moved (the
+     * period boundaries), 20 + 20 to 20 + 60; by the wire alone, 99.
+     */
+    g_assert_cmpuint(steps[1], >, AC_INITIAL);
+    g_assert_cmpuint(steps[1], <=, AC_INITIAL + 60);
+    guest_teardown(&g);
+}
+
+/*
  * The link/NAS split.  A fixed dedup-nas-ref-share sends that share of
  * the pages found on disk as references, in runs.  With the automatic
  * share (the default), a destination whose reads of the shared storage
@@ -2975,6 +3054,7 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/switchover-bound", test_switchover_bound);
     g_test_add_func("/nas-dedup/live-sync-bound", test_live_sync_bound);
     g_test_add_func("/nas-dedup/throttled-dest", test_throttled_dest);
+    g_test_add_func("/nas-dedup/auto-converge", test_auto_converge);
     g_test_add_func("/nas-dedup/ref-share/fixed", test_ref_share_fixed);
     g_test_add_data_func("/nas-dedup/ref-share/slow-nas", NULL,
                          test_ref_share_slow_nas);
