@@ -22,14 +22,20 @@
  * pages are still waiting for the source; the final SYNC, and the end of
  * loading, fail the migration if any page is unresolved.
  *
- * Everything here runs in the main loop (the incoming coroutine and the
- * fetch engine's callbacks) but for one thing: with multifd, its receive
- * threads tell of newer data for pages (nas_dedup_load_pages_arrived())
- * before they write it.  So the tickets and their counts are under
- * load_lock, and a fetch installs a page and sets its bit of receivedmap
- * (which multifd's zero pages go by) under it too: a page's ticket is
- * cleared either before the fetch looks at it (the fetch leaves the page
- * alone) or after the fetch installed it (the newer data overwrites it).
+ * Three kinds of threads meet here.  The incoming coroutine (main loop)
+ * reads the stream and tells of newer data for a page before it writes
+ * it; with multifd, so do its receive threads
+ * (nas_dedup_load_pages_arrived()).  The fetch engine hands each read's
+ * result to fetch_done() in a worker thread of the thread pool, several
+ * at once, so that hash checks and the copies into guest RAM (and the
+ * faults that populate it) are not on the main loop.  So the tickets and
+ * their counts, and everything of @load that fetch_done() touches, are
+ * under load_lock, and a fetch installs a page and sets its bit of
+ * receivedmap (which multifd's zero pages go by) under it too: a page's
+ * ticket is cleared either before the fetch looks at it (the fetch leaves
+ * the page alone) or after the fetch installed it (the newer data
+ * overwrites it).  A fetch whose load is over (freed, or a later one
+ * started) finds that out under the lock and touches nothing.
  *
  * Only the incoming coroutine writes to the
  * return path: fetches queue their RESEND requests for it.  The return path
@@ -41,6 +47,7 @@
 #include "qemu/coroutine.h"
 #include "qemu/cutils.h"
 #include "qemu/error-report.h"
+#include "qemu/madvise.h"
 #include "qapi/error.h"
 #include "io/channel.h"
 #include "exec/target_page.h"
@@ -70,7 +77,9 @@ typedef struct Resend {
 
 /* The fetch of one REFS record. */
 typedef struct Fetch {
-    LoadState *st;
+    LoadState *st;              /* only under load_lock, if still @load */
+    uint64_t gen;               /* load_gen of @st */
+    NasDedupKey key;            /* @st's, for checks outside the lock */
     RAMBlock *block;
     ram_addr_t offset;
     NasDedupRecord *rec;
@@ -92,10 +101,12 @@ struct LoadState {
     uint32_t next_ticket;
     uint64_t pending;           /* pages with a ticket */
     uint64_t awaiting;          /* of which asked from the source */
+    /* Under load_lock: fetches end in worker threads. */
     unsigned fetches;           /* Fetch not over yet */
     int64_t busy_since;         /* when fetches became non-zero, in us */
     GArray *resends;            /* Resend, queued by fetches */
-    uint64_t refs_done;         /* pages of refs whose fetch is over */
+    bool resends_queued;        /* hint, read without the lock */
+    Stat64 refs_done;           /* pages of refs whose fetch is over */
     uint64_t progress_done;     /* refs_done in the last PROGRESS */
     int64_t progress_us;        /* when it went */
     bool refs_seen;
@@ -104,7 +115,12 @@ struct LoadState {
 };
 
 static LoadState *load;
-/* Protects the tickets, pending and awaiting of @load (see the top). */
+/* Counts the loads; a fetch of an earlier one leaves a later one alone. */
+static uint64_t load_gen;
+/*
+ * Protects what of @load the fetches touch (see the top), and @load and
+ * @load_gen against their change.
+ */
 static QemuMutex load_lock;
 
 static void tickets_free(gpointer p)
@@ -143,7 +159,10 @@ int nas_dedup_load_setup(Error **errp)
     st->tickets = g_hash_table_new_full(NULL, NULL, NULL, tickets_free);
     st->resends = g_array_new(false, false, sizeof(Resend));
     nas_dedup_load_cleanup();
-    qatomic_set(&load, st);
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        load_gen++;
+        qatomic_set(&load, st);
+    }
     nas_dedup_stats_reset(true);
     return 0;
 }
@@ -155,8 +174,13 @@ void nas_dedup_load_cleanup(void)
     if (!st) {
         return;
     }
-    /* multifd's receive threads were joined before (no more arrivals). */
-    qatomic_set(&load, NULL);
+    /*
+     * multifd's receive threads were joined before (no more arrivals); a
+     * fetch result being handled ends first, later ones find no @load.
+     */
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        qatomic_set(&load, NULL);
+    }
     load_state_free(st);
 }
 
@@ -248,21 +272,35 @@ static void send_resend(LoadState *st, RAMBlock *block, ram_addr_t offset,
 /*
  * Send the RESEND requests the fetches queued.  May yield: only the
  * incoming coroutine calls it (see the top of the file).  Fetches that
- * complete meanwhile append to the queue, which the loop then sends too.
+ * complete meanwhile queue more, which the loop then sends too.
  */
 static void flush_resends(LoadState *st)
 {
+    g_autoptr(GArray) todo = NULL;
     guint i;
 
-    if (!st->resends->len || !qemu_in_coroutine()) {
+    /* Called for every page: no lock unless a fetch queued something. */
+    if (!qemu_in_coroutine()) {
         return;
     }
-    for (i = 0; i < st->resends->len; i++) {
-        Resend r = g_array_index(st->resends, Resend, i);
+    while (qatomic_read(&st->resends_queued)) {
+        WITH_QEMU_LOCK_GUARD(&load_lock) {
+            if (st->resends->len) {
+                todo = st->resends;
+                st->resends = g_array_new(false, false, sizeof(Resend));
+            }
+            qatomic_set(&st->resends_queued, false);
+        }
+        if (!todo) {
+            return;
+        }
+        for (i = 0; i < todo->len; i++) {
+            Resend r = g_array_index(todo, Resend, i);
 
-        send_resend(st, r.block, r.offset, r.npages);
+            send_resend(st, r.block, r.offset, r.npages);
+        }
+        g_clear_pointer(&todo, g_array_unref);
     }
-    g_array_set_size(st->resends, 0);
 }
 
 /*
@@ -279,9 +317,10 @@ static void send_progress(LoadState *st)
     MigrationIncomingState *mis;
     g_autoptr(GByteArray) buf = NULL;
     NasDedupProgress p;
+    uint64_t refs_done = stat64_get(&st->refs_done);
     int64_t now, since;
 
-    if (!st->have_setup || st->refs_done == st->progress_done ||
+    if (!st->have_setup || refs_done == st->progress_done ||
         !qemu_in_coroutine()) {
         return;
     }
@@ -291,11 +330,11 @@ static void send_progress(LoadState *st)
     }
     mis = migration_incoming_get_current();
     since = qatomic_read_i64(&nas_dedup_counters.fetch_busy_since);
-    p.refs_done = st->refs_done;
+    p.refs_done = refs_done;
     p.fetched_bytes = stat64_get(&nas_dedup_counters.fetched_bytes);
     p.fetch_busy_us = stat64_get(&nas_dedup_counters.fetch_time_us) +
                       (since ? now - since : 0);
-    st->progress_done = st->refs_done;
+    st->progress_done = refs_done;
     st->progress_us = now;
     buf = g_byte_array_new();
     nas_dedup_progress_encode(buf, &p);
@@ -361,11 +400,13 @@ static void resend_run(LoadState *st, Fetch *fe, uint32_t *t, uint32_t first,
         st->awaiting++;
     }
     g_array_append_val(st->resends, r);
+    qatomic_set(&st->resends_queued, true);
 }
 
 /*
  * The fetch engine read the blocks of @opaque's run into @buf, or could
  * not (@ret < 0): verify and install them, ask the source for the others.
+ * In a worker thread (see the top of the file).
  */
 static void fetch_done(void *opaque, uint8_t *buf, int ret)
 {
@@ -382,19 +423,34 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         goto out;
     }
     if (ret >= 0) {
-        stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
-        stat64_add(&nas_dedup_counters.fetched_bytes,
-                   (uint64_t)rec->npages * NAS_DEDUP_CHUNK);
-        /* Verified before taking the lock, which multifd's threads wait on. */
+        /*
+         * Verified, and the run's guest RAM populated, before taking the
+         * lock, which the incoming coroutine and multifd's threads wait
+         * on.  Populating a page that newer data then overwrites changes
+         * nothing; where it is not supported, the copy faults them in.
+         */
         match = g_new(bool, rec->npages);
         for (k = 0; k < rec->npages; k++) {
             NasDedupHash h;
 
-            nas_dedup_hash_chunk(&st->key, buf + k * NAS_DEDUP_CHUNK, &h);
+            nas_dedup_hash_chunk(&fe->key, buf + k * NAS_DEDUP_CHUNK, &h);
             match[k] = nas_dedup_hash_equal(&h, &rec->hash[k]);
         }
+        qemu_madvise(fe->block->host + fe->offset,
+                     (size_t)rec->npages * NAS_DEDUP_CHUNK,
+                     QEMU_MADV_POPULATE_WRITE);
     }
     qemu_mutex_lock(&load_lock);
+    if (load != st || load_gen != fe->gen) {
+        /* Over meanwhile, as above. */
+        qemu_mutex_unlock(&load_lock);
+        goto out;
+    }
+    if (ret >= 0) {
+        stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
+        stat64_add(&nas_dedup_counters.fetched_bytes,
+                   (uint64_t)rec->npages * NAS_DEDUP_CHUNK);
+    }
     /* Created for this run by load_refs(); never shrinks. */
     t = tickets_of(st, fe->block, first + rec->npages, false)->t;
     for (k = 0; k <= rec->npages; k++) {
@@ -433,14 +489,14 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
             bad = 0;
         }
     }
-    qemu_mutex_unlock(&load_lock);
-    st->refs_done += rec->npages;
+    stat64_add(&st->refs_done, rec->npages);
     if (--st->fetches == 0) {
         /* (A reader between the two may count the interval twice.) */
         stat64_add(&nas_dedup_counters.fetch_time_us,
                    g_get_monotonic_time() - st->busy_since);
         qatomic_set_i64(&nas_dedup_counters.fetch_busy_since, 0);
     }
+    qemu_mutex_unlock(&load_lock);
 out:
     g_free(rec);
     g_free(fe);
@@ -501,14 +557,18 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
 
     fe = g_new0(Fetch, 1);
     fe->st = load;
+    fe->gen = load_gen;
+    fe->key = load->key;
     fe->block = block;
     fe->offset = offset;
     fe->rec = rec;
     fe->ticket = ticket;
-    if (!load->fetches++) {
-        load->busy_since = g_get_monotonic_time();
-        qatomic_set_i64(&nas_dedup_counters.fetch_busy_since,
-                        load->busy_since);
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        if (!load->fetches++) {
+            load->busy_since = g_get_monotonic_time();
+            qatomic_set_i64(&nas_dedup_counters.fetch_busy_since,
+                            load->busy_since);
+        }
     }
     nas_dedup_fetcher_read(load->fetcher, rec->drive, rec->disk_offset,
                            (size_t)rec->npages * NAS_DEDUP_CHUNK,
@@ -633,14 +693,16 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
 bool nas_dedup_load_check(Error **errp)
 {
     uint64_t pending;
+    unsigned fetches;
 
     if (!load || !load->refs_seen) {
         return true;
     }
     WITH_QEMU_LOCK_GUARD(&load_lock) {
         pending = load->pending;
+        fetches = load->fetches;
     }
-    if (load->fetches || pending) {
+    if (fetches || pending) {
         error_setg(errp, "dedup-nas: %" PRIu64 " pages sent as references "
                    "were neither verified nor sent again (%u reads in "
                    "flight)", pending,

@@ -6,6 +6,7 @@
 #include "qemu/osdep.h"
 #include "qemu/error-report.h"
 #include "qemu/rcu.h"
+#include "qemu/timer.h"
 #include "qemu/units.h"
 #include "qapi/error.h"
 #include "crypto/random.h"
@@ -30,6 +31,7 @@ static struct {
      */
     NasDedupKey key;
     bool have_key;
+    int64_t index_born_ms;      /* QEMU_CLOCK_REALTIME, when it was made */
 } nas_dedup;
 
 void nas_dedup_init(void)
@@ -132,9 +134,57 @@ static uint64_t nas_dedup_index_budget(void)
     return size ? size : nas_dedup_auto_size();
 }
 
+/*
+ * From the VM's start by default (x-dedup-nas-track), so that the page
+ * cache is known whenever the capability is turned on; the cost is the
+ * index's memory and hashing the guest's disk I/O as it completes.
+ */
 bool nas_dedup_tracking(void)
 {
-    return migrate_dedup_nas();
+    return migrate_dedup_nas() || migrate_get_current()->dedup_nas_track;
+}
+
+/*
+ * Pages are found on disk only for disk I/O the index saw.  At "migrate",
+ * in the monitor's context (HMP prints it), say so when that cannot be
+ * much, with the way out.
+ */
+#define NAS_DEDUP_INDEX_YOUNG_MS (60 * 1000)
+void nas_dedup_migrate_warn(void)
+{
+    NasDedupIndexStats is = { 0 };
+    int64_t age = 0;
+
+    if (!migrate_dedup_nas()) {
+        return;
+    }
+    WITH_RCU_READ_LOCK_GUARD() {
+        NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
+
+        if (idx) {
+            nas_dedup_index_get_stats(idx, &is);
+            age = qemu_clock_get_ms(QEMU_CLOCK_REALTIME) -
+                  nas_dedup.index_born_ms;
+        }
+    }
+    if (!is.entries) {
+        warn_report("dedup-nas: no guest disk content is indexed, every "
+                    "page will be sent in full");
+        error_printf("The index learns from guest disk I/O %s.\n",
+                     migrate_get_current()->dedup_nas_track ?
+                     "since the VM started, and there was none" :
+                     "while dedup-nas is on (x-dedup-nas-track=off): turn "
+                     "it on well before migrating, or drop "
+                     "x-dedup-nas-track=off");
+    } else if (!migrate_get_current()->dedup_nas_track &&
+               age < NAS_DEDUP_INDEX_YOUNG_MS) {
+        /* (Tracking from the start, a young index is a young VM.) */
+        warn_report("dedup-nas: the index only knows the guest disk I/O of "
+                    "the last %" PRId64 " s (%" PRIu64 " blocks): pages read "
+                    "before are sent in full", age / 1000, is.entries);
+        error_printf("Tracking starts with the VM unless "
+                     "x-dedup-nas-track=off.\n");
+    }
 }
 
 NasDedupIndex *nas_dedup_index_get(void)
@@ -161,6 +211,7 @@ NasDedupIndex *nas_dedup_index_get(void)
         uint64_t budget = nas_dedup_index_budget();
 
         idx = nas_dedup_index_new(budget, &nas_dedup.key);
+        nas_dedup.index_born_ms = qemu_clock_get_ms(QEMU_CLOCK_REALTIME);
         trace_nas_dedup_index_new(budget);
         qatomic_rcu_set(&nas_dedup.index, idx);
     }
@@ -188,6 +239,7 @@ void nas_dedup_index_resize(Error **errp)
         qatomic_rcu_set(&nas_dedup.index,
                         nas_dedup_index_new(nas_dedup_index_budget(),
                                             &nas_dedup.key));
+        nas_dedup.index_born_ms = qemu_clock_get_ms(QEMU_CLOCK_REALTIME);
     }
     synchronize_rcu();
     nas_dedup_index_free(old);

@@ -15,13 +15,18 @@
  * Up to NAS_DEDUP_FETCH_INFLIGHT reads run at once, each in a coroutine of
  * its own with a buffer it keeps for the next read; more requests wait in
  * a queue, and the submitter (the incoming coroutine) waits when the queue
- * is full.  Everything runs in the main loop.
+ * is full.  The reads run in the main loop; what the loader does with a
+ * result (hash checks, copies into guest RAM, which fault it in) runs in
+ * a worker of the main loop's thread pool while the read's coroutine
+ * waits, so that the main loop goes on with the stream and the other
+ * reads meanwhile.
  */
 #include "qemu/osdep.h"
 #include "qemu/coroutine.h"
 #include "qemu/error-report.h"
 #include "qemu/main-loop.h"
 #include "qemu/memalign.h"
+#include "block/thread-pool.h"
 #include "qapi/error.h"
 #include "system/block-backend.h"
 #include "migration/nas-dedup.h"
@@ -254,11 +259,27 @@ unsigned nas_dedup_fetcher_inflight(NasDedupFetcher *f)
     return f->inflight + g_queue_get_length(&f->queue);
 }
 
+/* A result handed back from a worker thread. */
+typedef struct FetchResult {
+    FetchReq *req;
+    uint8_t *buf;
+    int ret;
+} FetchResult;
+
+static int fetch_result_work(void *opaque)
+{
+    FetchResult *r = opaque;
+
+    r->req->done(r->req->opaque, r->buf, r->ret);
+    return 0;
+}
+
 /* Read one request into @buf (NULL: no memory) and hand it back. */
 static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
                                    uint8_t *buf)
 {
     FetchDrive *d = req->drive;
+    FetchResult r = { .req = req };
     int ret = -ENOMEM;
 
     if (f->dead) {
@@ -273,7 +294,14 @@ static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
             ret = -ECANCELED;
         }
     }
-    req->done(req->opaque, ret >= 0 ? buf : NULL, ret);
+    if (ret == -ECANCELED) {
+        req->done(req->opaque, NULL, ret);
+    } else {
+        /* @buf is ours until the worker is done with it. */
+        r.buf = ret >= 0 ? buf : NULL;
+        r.ret = ret;
+        thread_pool_submit_co(fetch_result_work, &r);
+    }
     g_free(req);
 }
 

@@ -4,9 +4,10 @@
  * dedup-nas: tracking of guest disk I/O (the storage side)
  *
  * Every completed read and write of a BlockBackend attached to a guest
- * device goes through the block layer's I/O observer; with the capability
- * on, its data is hashed into the index chunk by chunk.  With the
- * capability off, an existing index is still kept true: writes only
+ * device goes through the block layer's I/O observer; while
+ * nas_dedup_tracking() (the capability, or x-dedup-nas-track: from the
+ * VM's start by default), its data is hashed into the index chunk by
+ * chunk.  Otherwise an existing index is still kept true: writes only
  * invalidate what they cover, so that turning it on again never refers to
  * stale content.
  *

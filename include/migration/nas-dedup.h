@@ -48,7 +48,9 @@ typedef struct NasDedupFetcher NasDedupFetcher;
  * NULL and @ret is -ENOENT if the drive or the range is not this VM's to
  * read (no such drive, past the end of it), -ECANCELED if the fetcher was
  * freed meanwhile (free @opaque, touch nothing else), another negative
- * errno if the read failed.  Runs in the main loop; must not yield.
+ * errno if the read failed.  Runs in a worker thread of the main loop's
+ * thread pool, several at once, concurrently with the main loop; only
+ * with -ECANCELED may it run in the main loop instead.
  */
 typedef void NasDedupFetchDone(void *opaque, uint8_t *buf, int ret);
 /* A fetcher for one incoming migration; reads are at most @max_len. */

@@ -53,6 +53,10 @@
  *                          fetches are not throttled by them
  *  /nas-dedup/auto-converge   auto-converge counts references as moved:
  *                          the throttle steps for the real dirty rate
+ *  /nas-dedup/track/from-boot, off  the capability turned on just before
+ *                          "migrate" (HMP): the page cache read before is
+ *                          found (tracking from boot), or, with tracking
+ *                          off, "migrate" warns that nothing is indexed
  *  /nas-dedup/resize/grow, shrink  block_resize through another BlockBackend:
  *                          a grow keeps what the index knew of the drive,
  *                          a shrink drops what it cut
@@ -2713,6 +2717,71 @@ static void test_cancel_final(void)
     do_cancel(true);
 }
 
+/*
+ * The HMP habit: a VM started without dedup-nas, the capability turned on
+ * just before "migrate".  Tracking runs from the VM's start by default
+ * (x-dedup-nas-track), so the page cache read before is found; with
+ * x-dedup-nas-track=off the index is empty, and "migrate" says so and why.
+ */
+static void do_track_from_boot(bool track)
+{
+    uint64_t pages = 16 * MiB / CHUNK;
+    g_autofree char *out = NULL;
+    DedupStats st;
+    Guest g;
+
+    memset(&g, 0, sizeof(g));
+    make_image();
+    source_boot_args(&g.src, false,
+                     track ? NULL : "-global migration.x-dedup-nas-track=off");
+    g.dma_bytes = pages * CHUNK;
+    g.dma_addr = guest_buf(&g.src, g.dma_bytes);
+    dma_read_disk(&g.src, g.dma_addr, 0, g.dma_bytes);
+    g.dst = dest_boot(false, "-incoming defer");
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+
+    out = qtest_hmp(g.src.qts, "migrate_set_capability dedup-nas on");
+    g_assert_cmpstr(out, ==, "");
+    g_clear_pointer(&out, g_free);
+    migrate_ensure_converge(g.src.qts);
+    out = qtest_hmp(g.src.qts, "migrate -d %s", mig_uri);
+    g_test_message("migrate -d printed: '%s'", out);
+    if (track) {
+        g_assert(!strstr(out, "dedup-nas"));
+    } else {
+        g_assert(strstr(out, "no guest disk content is indexed"));
+        g_assert(strstr(out, "x-dedup-nas-track=off"));
+    }
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    assert_ram_equal(g.src.qts, g.dst);
+    if (track) {
+        read_stats(g.src.qts, g.dst, true, &st);
+        g_assert_cmpuint(st.ref_pages, >=, pages * 95 / 100);
+        g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
+    } else {
+        /* No reference: the destination (capability off) has no stats. */
+        QDict *rsp = migrate_query(g.src.qts);
+        QDict *dn = qdict_get_qdict(rsp, "dedup-nas");
+
+        g_assert(dn);
+        g_assert_cmpuint(stat_u64(dn, "index-entries"), ==, 0);
+        g_assert_cmpuint(stat_u64(dn, "reference-pages"), ==, 0);
+        qobject_unref(rsp);
+    }
+    guest_teardown(&g);
+}
+
+static void test_track_from_boot(void)
+{
+    do_track_from_boot(true);
+}
+
+static void test_track_off(void)
+{
+    do_track_from_boot(false);
+}
+
 /* The destination dies in the middle of the first iteration. */
 static void test_dest_killed(void)
 {
@@ -3041,6 +3110,8 @@ int main(int argc, char **argv)
 #endif
     g_test_add_func("/nas-dedup/dest-capability-off",
                     test_dest_capability_off);
+    g_test_add_func("/nas-dedup/track/from-boot", test_track_from_boot);
+    g_test_add_func("/nas-dedup/track/off", test_track_off);
     g_test_add_data_func("/nas-dedup/fetch-after-failure/late-read", NULL,
                          test_fetch_after_failure);
     g_test_add_data_func("/nas-dedup/fetch-after-failure/late-read-error", "",
