@@ -24,8 +24,11 @@ void nas_dedup_index_resize(Error **errp);
 void nas_dedup_fill_info(MigrationInfo *info, bool incoming);
 void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info);
 void nas_dedup_stats_reset(bool incoming);
-/* At migrate: warn if the index cannot know the page cache. */
-void nas_dedup_migrate_warn(void);
+/*
+ * At migrate: refuse without return-path; warn if the index cannot know
+ * the page cache.
+ */
+bool nas_dedup_migrate_check(Error **errp);
 
 typedef struct NasDedupCounters {
     /* source */

@@ -106,8 +106,10 @@ struct LoadState {
     int64_t busy_since;         /* when fetches became non-zero, in us */
     GArray *resends;            /* Resend, queued by fetches */
     bool resends_queued;        /* hint, read without the lock */
-    Stat64 refs_done;           /* pages of refs whose fetch is over */
+    uint64_t refs_done;         /* pages of refs whose fetch is over */
+    unsigned workers;           /* fetch_done() populating, lock dropped */
     uint64_t progress_done;     /* refs_done in the last PROGRESS */
+    uint64_t progress_busy_us;  /* fetch_busy_us in the last PROGRESS */
     int64_t progress_us;        /* when it went */
     bool refs_seen;
     bool final_seen;
@@ -122,6 +124,8 @@ static uint64_t load_gen;
  * @load_gen against their change.
  */
 static QemuMutex load_lock;
+/* Signalled when a LoadState's workers drop to 0. */
+static QemuCond load_cond;
 
 static void tickets_free(gpointer p)
 {
@@ -153,6 +157,7 @@ int nas_dedup_load_setup(Error **errp)
 
     if (!lock_inited) {
         qemu_mutex_init(&load_lock);
+        qemu_cond_init(&load_cond);
         lock_inited = true;
     }
     st->fetcher = nas_dedup_fetcher_new(NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK);
@@ -160,7 +165,6 @@ int nas_dedup_load_setup(Error **errp)
     st->resends = g_array_new(false, false, sizeof(Resend));
     nas_dedup_load_cleanup();
     WITH_QEMU_LOCK_GUARD(&load_lock) {
-        load_gen++;
         qatomic_set(&load, st);
     }
     nas_dedup_stats_reset(true);
@@ -176,10 +180,16 @@ void nas_dedup_load_cleanup(void)
     }
     /*
      * multifd's receive threads were joined before (no more arrivals); a
-     * fetch result being handled ends first, later ones find no @load.
+     * fetch result being handled ends first, later ones find no @load
+     * (and no @load_gen of theirs).
      */
     WITH_QEMU_LOCK_GUARD(&load_lock) {
         qatomic_set(&load, NULL);
+        load_gen++;
+        /* Bounded: a worker populating waits for nothing of ours. */
+        while (st->workers) {
+            qemu_cond_wait(&load_cond, &load_lock);
+        }
     }
     load_state_free(st);
 }
@@ -317,24 +327,36 @@ static void send_progress(LoadState *st)
     MigrationIncomingState *mis;
     g_autoptr(GByteArray) buf = NULL;
     NasDedupProgress p;
-    uint64_t refs_done = stat64_get(&st->refs_done);
     int64_t now, since;
 
-    if (!st->have_setup || refs_done == st->progress_done ||
-        !qemu_in_coroutine()) {
+    /* Called for every page: the clock first, the lock only then. */
+    if (!st->have_setup || !qemu_in_coroutine()) {
         return;
     }
     now = g_get_monotonic_time();
     if (now - st->progress_us < NAS_DEDUP_PROGRESS_US) {
         return;
     }
+    /*
+     * One snapshot under the lock, as the workers update the counts (the
+     * busy time is two of them) under it; and never less than last time,
+     * which the source would take for a protocol violation.
+     */
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        since = qatomic_read_i64(&nas_dedup_counters.fetch_busy_since);
+        p.refs_done = st->refs_done;
+        p.fetched_bytes = stat64_get(&nas_dedup_counters.fetched_bytes);
+        p.fetch_busy_us = stat64_get(&nas_dedup_counters.fetch_time_us) +
+                          (since ? now - since : 0);
+    }
+    if (p.refs_done == st->progress_done) {
+        st->progress_us = now;      /* nothing new: look again later */
+        return;
+    }
+    p.fetch_busy_us = MAX(p.fetch_busy_us, st->progress_busy_us);
     mis = migration_incoming_get_current();
-    since = qatomic_read_i64(&nas_dedup_counters.fetch_busy_since);
-    p.refs_done = refs_done;
-    p.fetched_bytes = stat64_get(&nas_dedup_counters.fetched_bytes);
-    p.fetch_busy_us = stat64_get(&nas_dedup_counters.fetch_time_us) +
-                      (since ? now - since : 0);
-    st->progress_done = refs_done;
+    st->progress_done = p.refs_done;
+    st->progress_busy_us = p.fetch_busy_us;
     st->progress_us = now;
     buf = g_byte_array_new();
     nas_dedup_progress_encode(buf, &p);
@@ -404,6 +426,36 @@ static void resend_run(LoadState *st, Fetch *fe, uint32_t *t, uint32_t first,
 }
 
 /*
+ * Fault in (allocate) the guest RAM of the pages of the run at @offset of
+ * @block whose @match is true, in host pages.  Best effort: where
+ * MADV_POPULATE_WRITE is not supported, the copy faults them in.
+ */
+static void populate(RAMBlock *block, ram_addr_t offset, const bool *match,
+                     uint32_t npages)
+{
+    uintptr_t hps = qemu_real_host_page_size();
+    uint32_t k = 0, n;
+
+    while (k < npages) {
+        uintptr_t start, end;
+
+        if (!match[k]) {
+            k++;
+            continue;
+        }
+        for (n = 1; k + n < npages && match[k + n]; n++) {
+            /* a run of pages that verified */
+        }
+        start = (uintptr_t)block->host + offset + (uint64_t)k * NAS_DEDUP_CHUNK;
+        end = start + (uint64_t)n * NAS_DEDUP_CHUNK;
+        start = QEMU_ALIGN_DOWN(start, hps);
+        end = QEMU_ALIGN_UP(end, hps);
+        qemu_madvise((void *)start, end - start, QEMU_MADV_POPULATE_WRITE);
+        k += n;
+    }
+}
+
+/*
  * The fetch engine read the blocks of @opaque's run into @buf, or could
  * not (@ret < 0): verify and install them, ask the source for the others.
  * In a worker thread (see the top of the file).
@@ -423,12 +475,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         goto out;
     }
     if (ret >= 0) {
-        /*
-         * Verified, and the run's guest RAM populated, before taking the
-         * lock, which the incoming coroutine and multifd's threads wait
-         * on.  Populating a page that newer data then overwrites changes
-         * nothing; where it is not supported, the copy faults them in.
-         */
+        /* Verified before taking the lock, which others wait on. */
         match = g_new(bool, rec->npages);
         for (k = 0; k < rec->npages; k++) {
             NasDedupHash h;
@@ -436,15 +483,28 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
             nas_dedup_hash_chunk(&fe->key, buf + k * NAS_DEDUP_CHUNK, &h);
             match[k] = nas_dedup_hash_equal(&h, &rec->hash[k]);
         }
-        qemu_madvise(fe->block->host + fe->offset,
-                     (size_t)rec->npages * NAS_DEDUP_CHUNK,
-                     QEMU_MADV_POPULATE_WRITE);
     }
     qemu_mutex_lock(&load_lock);
     if (load != st || load_gen != fe->gen) {
         /* Over meanwhile, as above. */
         qemu_mutex_unlock(&load_lock);
         goto out;
+    }
+    if (ret >= 0) {
+        /*
+         * Populate the guest RAM of the pages that verified, with the lock
+         * dropped (the first touch zeroes them, which is slow) and the
+         * load kept alive by st->workers: the copies under the lock then
+         * only copy.  A page that newer data overwrites meanwhile would
+         * have been populated by that data anyway.
+         */
+        st->workers++;
+        qemu_mutex_unlock(&load_lock);
+        populate(fe->block, fe->offset, match, rec->npages);
+        qemu_mutex_lock(&load_lock);
+        if (--st->workers == 0) {
+            qemu_cond_broadcast(&load_cond);
+        }
     }
     if (ret >= 0) {
         stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
@@ -489,7 +549,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
             bad = 0;
         }
     }
-    stat64_add(&st->refs_done, rec->npages);
+    st->refs_done += rec->npages;
     if (--st->fetches == 0) {
         /* (A reader between the two may count the interval twice.) */
         stat64_add(&nas_dedup_counters.fetch_time_us,
@@ -546,24 +606,21 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
         load->next_ticket = 1;
     }
     ticket = load->next_ticket;
-    WITH_QEMU_LOCK_GUARD(&load_lock) {
-        t = tickets_of(load, block, first + rec->npages, true)->t;
-        for (k = 0; k < rec->npages; k++) {
-            ticket_clear(load, t, first + k);
-            t[first + k] = ticket;
-            load->pending++;
-        }
-    }
-
     fe = g_new0(Fetch, 1);
     fe->st = load;
-    fe->gen = load_gen;
     fe->key = load->key;
     fe->block = block;
     fe->offset = offset;
     fe->rec = rec;
     fe->ticket = ticket;
     WITH_QEMU_LOCK_GUARD(&load_lock) {
+        fe->gen = load_gen;
+        t = tickets_of(load, block, first + rec->npages, true)->t;
+        for (k = 0; k < rec->npages; k++) {
+            ticket_clear(load, t, first + k);
+            t[first + k] = ticket;
+            load->pending++;
+        }
         if (!load->fetches++) {
             load->busy_since = g_get_monotonic_time();
             qatomic_set_i64(&nas_dedup_counters.fetch_busy_since,

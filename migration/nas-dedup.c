@@ -63,13 +63,6 @@ bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
                       "--enable-libxxhash) for dedup-nas.\n");
     return false;
 #endif
-    if (!new_caps[MIGRATION_CAPABILITY_RETURN_PATH]) {
-        error_setg(errp, "Capability 'dedup-nas' requires capability "
-                   "'return-path'");
-        error_append_hint(errp, "The destination asks for the pages it "
-                          "could not verify on the return path.\n");
-        return false;
-    }
     for (i = 0; i < ARRAY_SIZE(conflicts); i++) {
         if (new_caps[conflicts[i].cap]) {
             error_setg(errp, "Capability 'dedup-nas' is not compatible with "
@@ -141,22 +134,39 @@ static uint64_t nas_dedup_index_budget(void)
  */
 bool nas_dedup_tracking(void)
 {
+#ifdef CONFIG_LIBXXHASH
     return migrate_dedup_nas() || migrate_get_current()->dedup_nas_track;
+#else
+    return false;               /* no hash (and no capability) */
+#endif
 }
 
-/*
- * Pages are found on disk only for disk I/O the index saw.  At "migrate",
- * in the monitor's context (HMP prints it), say so when that cannot be
- * much, with the way out.
- */
 #define NAS_DEDUP_INDEX_YOUNG_MS (60 * 1000)
-void nas_dedup_migrate_warn(void)
+
+/*
+ * At "migrate", in the monitor's context.  dedup-nas needs return-path;
+ * checked here, not when capabilities are set: libvirt sets return-path
+ * itself for each migration and clears every capability it knows after
+ * one, which must not fail with dedup-nas on from -global.
+ *
+ * Pages are found on disk only for disk I/O the index saw: say so when
+ * that cannot be much, with the way out (HMP prints it; QMP clients see
+ * index-entries in query-migrate).
+ */
+bool nas_dedup_migrate_check(Error **errp)
 {
     NasDedupIndexStats is = { 0 };
     int64_t age = 0;
 
     if (!migrate_dedup_nas()) {
-        return;
+        return true;
+    }
+    if (!migrate_return_path()) {
+        error_setg(errp, "Capability 'dedup-nas' requires capability "
+                   "'return-path'");
+        error_append_hint(errp, "The destination asks for the pages it "
+                          "could not verify on the return path.\n");
+        return false;
     }
     WITH_RCU_READ_LOCK_GUARD() {
         NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
@@ -185,6 +195,7 @@ void nas_dedup_migrate_warn(void)
         error_printf("Tracking starts with the VM unless "
                      "x-dedup-nas-track=off.\n");
     }
+    return true;
 }
 
 NasDedupIndex *nas_dedup_index_get(void)

@@ -59,7 +59,11 @@ PKGS=(
     python3-sphinx
 )
 # Packages we need newer than bookworm has.
-BPO_PKGS=(meson python3-pycotap qemu-system-data)
+# libvirt 11.3 (knows QEMU 10.0) for the two-host test
+# (scripts/libvirt-test.sh); it pulls in Debian's qemu-system-x86, which
+# our scripts never run (they name build/qemu's binaries).
+BPO_PKGS=(meson python3-pycotap qemu-system-data
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -298,6 +298,7 @@ static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
         req->done(req->opaque, NULL, ret);
     } else {
         /* @buf is ours until the worker is done with it. */
+        assert(qemu_get_current_aio_context() == qemu_get_aio_context());
         r.buf = ret >= 0 ? buf : NULL;
         r.ret = ret;
         thread_pool_submit_co(fetch_result_work, &r);

@@ -50,7 +50,9 @@ typedef struct NasDedupFetcher NasDedupFetcher;
  * freed meanwhile (free @opaque, touch nothing else), another negative
  * errno if the read failed.  Runs in a worker thread of the main loop's
  * thread pool, several at once, concurrently with the main loop; only
- * with -ECANCELED may it run in the main loop instead.
+ * with -ECANCELED may it run in the main loop instead.  A result handed
+ * to a worker before nas_dedup_fetcher_free() may arrive after it: the
+ * callback checks that what @opaque belongs to is still alive.
  */
 typedef void NasDedupFetchDone(void *opaque, uint8_t *buf, int ret);
 /* A fetcher for one incoming migration; reads are at most @max_len. */
