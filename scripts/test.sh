@@ -12,7 +12,8 @@
 #   2. builds QEMU 10.0.x with our patch series; then writes the series as
 #      it would be posted and checks it: checkpatch, every prefix builds
 #   3. the dedup-nas qtests (tests/qtest/nas-dedup-test.c)
-#   4. the functional test: Linux guest on an NFS export, pre-copy vs dedup-nas
+#   4. the functional test: Linux guest on an NFS export, pre-copy vs dedup-nas;
+#      then `virsh migrate --live` between two libvirt hosts on that export
 #   5. the benchmark's smoke mode (one scenario, two modes, one round of the
 #      tracking-overhead workload; numbers in build/bench-smoke/bench.md)
 #   6. upstream's migration qtests (the set meson runs without KVM) on it
@@ -126,6 +127,12 @@ run_tap nas-dedup-qtest timeout 1200 \
 # 4. End to end on real shared storage: a Linux guest on an NFS export,
 #    pre-copy against dedup-nas (tests/functional/test_x86_64_nas_dedup.py).
 run_tap functional-nas-dedup timeout 1200 scripts/functional-test.sh
+
+# 4b. The operator's path: `virsh migrate --live` between two libvirt
+#     hosts (namespaces) sharing the NFS export, with dedup-nas from the
+#     domain XML, set just before migrating, and off
+#     (scripts/libvirt-test.sh).
+run_tap libvirt timeout 900 scripts/libvirt-test.sh
 
 # 5. The benchmark command in its smoke mode: it must run end to end and
 #    every guest must verify (the numbers are reported, not asserted).
