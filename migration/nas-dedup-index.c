@@ -23,8 +23,8 @@
  * - Summary of where entries are, so that invalidating a range (discard,
  *   drive detached) costs about the entries it drops, not the size of the
  *   range: for each drive (folded into SUM_DRIVE_CELLS cells) a count of
- *   entries and the chunk past the last one, and for regions of 64^L chunks
- *   (L = 1..SUM_LEVELS: 256 KiB, 16 MiB, 1 GiB) counts in hashed cells,
+ *   entries and the sector past the last one's, and for regions of 64^L
+ *   sectors (L = 1..SUM_LEVELS: 32 KiB, 2 MiB, 128 MiB) counts in hashed cells,
  *   tagged with the region while only one uses the cell (see sum_cell()).
  *   A region whose cell is zero or tagged for another region has no entry,
  *   and its sub-regions are not looked at.  Cells shared by regions with
@@ -55,13 +55,15 @@
 
 /*
  * Entry.loc: bit 63 valid, bit 62 referenced, bits 45..59 drive,
- * bits 0..44 chunk number (offsets below 2^57 bytes).
+ * bits 0..44 the sector the chunk starts at (offsets below 2^54 bytes).
+ * Locations, the summary below and invalidations count in sectors; an
+ * entry covers NAS_DEDUP_CHUNK_SECTORS of them from its own.
  */
 #define LOC_VALID       (1ull << 63)
 #define LOC_REF         (1ull << 62)
-#define LOC_CHUNK_BITS  45
-#define LOC_CHUNK_MASK  ((1ull << LOC_CHUNK_BITS) - 1)
-#define LOC_DRIVE_SHIFT LOC_CHUNK_BITS
+#define LOC_SECTOR_BITS 45
+#define LOC_SECTOR_MASK ((1ull << LOC_SECTOR_BITS) - 1)
+#define LOC_DRIVE_SHIFT LOC_SECTOR_BITS
 #define LOC_KEY_MASK    ((1ull << 60) - 1)
 
 /* Tables have at most 2^SLOT_MAX_BITS slots. */
@@ -98,6 +100,7 @@ struct NasDedupIndex {
     uint32_t *by_hash;          /* entry number + 1, 0 = empty */
     uint32_t *by_loc;
     uint32_t mask;              /* table size - 1 */
+    uint8_t slot_shift;         /* 64 - log2(table size) */
     uint32_t *sum[SUM_LEVELS + 1];      /* cells of level 1.. */
     uint8_t sum_shift[SUM_LEVELS + 1];  /* 64 - log2(cells) */
     uint64_t sum_salt;
@@ -111,7 +114,7 @@ struct NasDedupIndex {
 static inline uint64_t loc_key(uint16_t drive, uint64_t offset)
 {
     return ((uint64_t)drive << LOC_DRIVE_SHIFT) |
-           ((offset >> NAS_DEDUP_CHUNK_BITS) & LOC_CHUNK_MASK);
+           ((offset >> NAS_DEDUP_SECTOR_BITS) & LOC_SECTOR_MASK);
 }
 
 static inline uint32_t slot_of_hash(const NasDedupIndex *idx, uint64_t h)
@@ -119,9 +122,13 @@ static inline uint32_t slot_of_hash(const NasDedupIndex *idx, uint64_t h)
     return (uint32_t)(h ^ (h >> 32)) & idx->mask;
 }
 
+/*
+ * Fibonacci hashing: the top bits of the product, which depend on every
+ * bit of the key (chunk-aligned locations are multiples of 8 sectors).
+ */
 static inline uint32_t slot_of_key(const NasDedupIndex *idx, uint64_t key)
 {
-    return (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> 32) & idx->mask;
+    return (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> idx->slot_shift);
 }
 
 static uint32_t home_slot(const NasDedupIndex *idx, const uint32_t *table,
@@ -199,7 +206,7 @@ static void sum_update(NasDedupIndex *idx, uint64_t key, bool add)
     if (add) {
         idx->drive_count[d]++;
         idx->drive_end[d] = MAX(idx->drive_end[d],
-                                (key & LOC_CHUNK_MASK) + 1);
+                                (key & LOC_SECTOR_MASK) + 1);
     } else {
         assert(idx->drive_count[d] > 0);
         if (--idx->drive_count[d] == 0) {
@@ -481,6 +488,7 @@ NasDedupIndex *nas_dedup_index_new(uint64_t max_bytes,
     idx->nentries = best_n;
     idx->free_head = FREE_END;
     idx->mask = t - 1;
+    idx->slot_shift = 64 - best_tbits;
     idx->entries = g_new0(Entry, best_n);
     idx->by_hash = g_new0(uint32_t, t);
     idx->by_loc = g_new0(uint32_t, t);
@@ -549,7 +557,8 @@ bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
         if (ent->hash == hash) {
             ent->loc |= LOC_REF;
             loc->drive = (ent->loc >> LOC_DRIVE_SHIFT) & NAS_DEDUP_MAX_DRIVES;
-            loc->offset = (ent->loc & LOC_CHUNK_MASK) << NAS_DEDUP_CHUNK_BITS;
+            loc->offset = (ent->loc & LOC_SECTOR_MASK) <<
+                          NAS_DEDUP_SECTOR_BITS;
             found = true;
             break;
         }
@@ -673,11 +682,14 @@ static uint64_t invalidate_batch_locked(NasDedupIndex *idx, uint16_t drive,
     return last + 1;
 }
 
-/* Byte range to chunks; false if nothing of it can be indexed. */
+/*
+ * Byte range to the sectors where chunks overlapping it start; false if
+ * nothing of it can be indexed.
+ */
 static bool range_chunks(uint16_t drive, uint64_t offset, uint64_t bytes,
                          uint64_t *first, uint64_t *last)
 {
-    uint64_t end;
+    uint64_t end, s;
 
     if (bytes == 0 || drive > NAS_DEDUP_MAX_DRIVES ||
         offset >= NAS_DEDUP_MAX_OFFSET) {
@@ -685,8 +697,10 @@ static bool range_chunks(uint16_t drive, uint64_t offset, uint64_t bytes,
     }
     end = bytes > NAS_DEDUP_MAX_OFFSET - offset ? NAS_DEDUP_MAX_OFFSET
                                                 : offset + bytes;
-    *first = offset >> NAS_DEDUP_CHUNK_BITS;
-    *last = (end - 1) >> NAS_DEDUP_CHUNK_BITS;
+    s = offset >> NAS_DEDUP_SECTOR_BITS;
+    *first = s >= NAS_DEDUP_CHUNK_SECTORS - 1 ?
+             s - (NAS_DEDUP_CHUNK_SECTORS - 1) : 0;
+    *last = (end - 1) >> NAS_DEDUP_SECTOR_BITS;
     return true;
 }
 
@@ -765,39 +779,87 @@ void nas_dedup_index_invalidate_drive(NasDedupIndex *idx, uint16_t drive)
 }
 
 /*
- * Copy @len bytes at logical position @pos of an iovec into @buf, or return
- * a pointer straight into the iovec when they are contiguous there.
+ * Whether the @len bytes of memory from @addr, which starts in element @i
+ * of @iov, are all in the iovec: the rest of element @i and the elements
+ * after it, each starting where the previous one ends.
  */
-static const void *iov_chunk(const struct iovec *iov, unsigned int niov,
-                             size_t pos, void *buf, size_t len)
+static bool iov_contiguous(const struct iovec *iov, unsigned int niov,
+                           unsigned int i, uintptr_t addr, size_t len)
 {
-    unsigned int i = 0;
-    size_t done;
+    uintptr_t end = addr + len;
+    uintptr_t at = (uintptr_t)iov[i].iov_base + iov[i].iov_len;
 
-    while (i < niov && pos >= iov[i].iov_len) {
-        pos -= iov[i].iov_len;
-        i++;
+    for (i++; at < end; i++) {
+        if (i >= niov || (uintptr_t)iov[i].iov_base != at) {
+            return false;
+        }
+        at += iov[i].iov_len;
     }
-    if (i < niov && iov[i].iov_len - pos >= len) {
-        return (const uint8_t *)iov[i].iov_base + pos;
-    }
-    done = i < niov ? iov_to_buf(iov + i, niov - i, pos, buf, len) : 0;
-    return done == len ? buf : NULL;
+    return true;
 }
 
 #define NOTE_BATCH 32
+
+/* Pages of memory an I/O moved whole, a batch at a time. */
+typedef struct NotePages {
+    const struct iovec *iov;
+    unsigned int niov;
+    unsigned int i;             /* element being walked */
+    size_t pos;                 /* request bytes before element @i */
+    uintptr_t next;             /* next page address to look at in it */
+    uint64_t offset;            /* disk offset of request byte 0 */
+    size_t lo, hi;              /* the request's bytes of the iovec */
+} NotePages;
+
+/* Up to NOTE_BATCH pages: their memory and disk offsets.  0: no more. */
+static unsigned int note_pages(NotePages *np, const void **page,
+                               uint64_t *disk)
+{
+    unsigned int n = 0;
+
+    while (n < NOTE_BATCH && np->i < np->niov) {
+        const struct iovec *v = &np->iov[np->i];
+        uintptr_t base = (uintptr_t)v->iov_base;
+        uintptr_t a = MAX(np->next, QEMU_ALIGN_UP(base, NAS_DEDUP_CHUNK));
+        size_t at = np->pos + (a - base);
+
+        if (a >= base + v->iov_len || at + NAS_DEDUP_CHUNK > np->hi) {
+            if (at + NAS_DEDUP_CHUNK > np->hi && a < base + v->iov_len) {
+                np->i = np->niov;       /* past the request's end */
+                break;
+            }
+            np->pos += v->iov_len;
+            np->i++;
+            np->next = 0;
+            continue;
+        }
+        np->next = a + NAS_DEDUP_CHUNK;
+        if (at < np->lo ||
+            !QEMU_IS_ALIGNED(np->offset + (at - np->lo), NAS_DEDUP_SECTOR) ||
+            (a + NAS_DEDUP_CHUNK > base + v->iov_len &&
+             !iov_contiguous(np->iov, np->niov, np->i, a, NAS_DEDUP_CHUNK))) {
+            continue;
+        }
+        page[n] = (const void *)a;
+        disk[n] = np->offset + (at - np->lo);
+        n++;
+    }
+    return n;
+}
 
 void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
                              uint64_t offset, uint64_t bytes,
                              const struct iovec *iov, unsigned int niov,
                              size_t iov_offset, bool is_write)
 {
-    uint64_t start = QEMU_ALIGN_UP(offset, NAS_DEDUP_CHUNK);
-    uint64_t end = QEMU_ALIGN_DOWN(offset + bytes, NAS_DEDUP_CHUNK);
-    g_autofree uint8_t *bounce = NULL;
-    uint64_t hashes[NOTE_BATCH];
+    NotePages np = {
+        .iov = iov, .niov = niov, .offset = offset,
+        .lo = iov_offset, .hi = iov_offset + bytes,
+    };
+    const void *page[NOTE_BATCH];
+    uint64_t disk[NOTE_BATCH], hashes[NOTE_BATCH];
     bool zero[NOTE_BATCH];
-    uint64_t c;
+    unsigned int n, k;
 
     if (bytes == 0 || drive > NAS_DEDUP_MAX_DRIVES ||
         offset >= NAS_DEDUP_MAX_OFFSET ||
@@ -808,39 +870,30 @@ void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
         /*
          * Forget what the range held before hashing what it holds now, so
          * that no lookup meanwhile names a chunk for its old content.  This
-         * also drops the chunks written only in part.
+         * also drops the chunks that overlap it in part.
          */
         nas_dedup_index_invalidate(idx, drive, offset, bytes);
     }
-    if (!iov || start >= end) {
+    if (!iov || bytes < NAS_DEDUP_CHUNK) {
         return;
     }
 
     /* Hash outside the lock, a batch at a time. */
-    for (c = start; c < end; c += NOTE_BATCH * NAS_DEDUP_CHUNK) {
-        unsigned int n = MIN(NOTE_BATCH, (end - c) / NAS_DEDUP_CHUNK), k;
-
+    while ((n = note_pages(&np, page, disk))) {
         for (k = 0; k < n; k++) {
-            size_t pos = iov_offset + (c - offset) + k * NAS_DEDUP_CHUNK;
-            const void *p;
-
-            if (!bounce) {
-                bounce = g_malloc(NAS_DEDUP_CHUNK);
-            }
-            p = iov_chunk(iov, niov, pos, bounce, NAS_DEDUP_CHUNK);
-            if (!p) {
-                n = k;          /* iovec shorter than announced */
-                break;
-            }
-            zero[k] = buffer_is_zero(p, NAS_DEDUP_CHUNK);
+            zero[k] = buffer_is_zero(page[k], NAS_DEDUP_CHUNK);
             if (!zero[k]) {
-                hashes[k] = nas_dedup_hash64(&idx->key, 0, p);
+                hashes[k] = nas_dedup_hash64(&idx->key, 0, page[k]);
             }
         }
         qemu_mutex_lock(&idx->lock);
         for (k = 0; k < n; k++) {
-            uint64_t key = loc_key(drive, c + k * NAS_DEDUP_CHUNK);
+            uint64_t key;
 
+            if (disk[k] + NAS_DEDUP_CHUNK > NAS_DEDUP_MAX_OFFSET) {
+                continue;
+            }
+            key = loc_key(drive, disk[k]);
             if (zero[k]) {
                 invalidate_key_locked(idx, key);
             } else {
@@ -848,9 +901,6 @@ void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
             }
         }
         qemu_mutex_unlock(&idx->lock);
-        if (n < NOTE_BATCH && c + n * NAS_DEDUP_CHUNK < end) {
-            return;
-        }
     }
 }
 
@@ -1010,7 +1060,7 @@ static bool sum_check(NasDedupIndex *idx)
         if (l & LOC_VALID) {
             d = drive_cell(l & LOC_KEY_MASK);
             count[d]++;
-            end[d] = MAX(end[d], (l & LOC_CHUNK_MASK) + 1);
+            end[d] = MAX(end[d], (l & LOC_SECTOR_MASK) + 1);
         }
     }
     for (d = 0; d < SUM_DRIVE_CELLS; d++) {

@@ -190,7 +190,7 @@ bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
                        NAS_DEDUP_REFS_MAX);
             return false;
         }
-        if (!QEMU_IS_ALIGNED(rec->disk_offset, NAS_DEDUP_CHUNK) ||
+        if (!QEMU_IS_ALIGNED(rec->disk_offset, NAS_DEDUP_SECTOR) ||
             rec->disk_offset >= NAS_DEDUP_MAX_OFFSET) {
             error_setg(errp, "REFS record: bad disk offset 0x%" PRIx64,
                        rec->disk_offset);

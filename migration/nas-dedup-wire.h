@@ -25,7 +25,8 @@
  *          Page k of the run (k = 0..npages-1) at the header's page address
  *          + k x 4 KiB holds the 4 KiB at disk_offset + k x 4 KiB of the
  *          drive, whose keyed hash (two XXH3-64 under SETUP's key) is
- *          hash k.
+ *          hash k.  @disk_offset is a multiple of 512 (since version 3:
+ *          a guest page may start at any sector of its disk).
  *   SYNC:  be32 seq, u8 final
  *          Asks the destination to resolve every reference it has and to
  *          answer SYNC_ACK(seq) on the return path after any RESEND.
@@ -54,7 +55,7 @@ enum {
     NAS_DEDUP_REC_SETUP = 4,
 };
 
-#define NAS_DEDUP_WIRE_VERSION 2
+#define NAS_DEDUP_WIRE_VERSION 3
 
 #define NAS_DEDUP_REFS_MAX     256     /* pages in one REFS run */
 /* NAS_DEDUP_ID_MAX (nas-dedup-index.h) bounds drive and RAMBlock ids. */

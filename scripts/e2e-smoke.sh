@@ -26,6 +26,10 @@
 #                           in place (+fsync) during the migration  [8]
 #   NASDEDUP_DATA_MB        MiB of files on the disk  [max(400, READ_MB)]
 #   NASDEDUP_DISK_FORMAT    raw | qcow2                             [raw]
+#   NASDEDUP_DISK_IMAGE     image in build/guest to boot  [data.<format>]
+#                           (data-1k.raw, data-p63.raw: legacy layouts,
+#                           scripts/guest-assets.sh layouts)
+#   NASDEDUP_GUEST_DISK     the guest's device for it  [/dev/vda]
 #   NASDEDUP_SYNC           1: the guest syncs after writing        [0]
 #   NASDEDUP_SETTLE_S       seconds between READY and migrate       [2]
 #   NASDEDUP_DST_EARLY      1: start the destination right after the
@@ -79,6 +83,10 @@ DIRTY_MB=${NASDEDUP_DIRTY_MB:-16}
 CHURN_MB=${NASDEDUP_CHURN_MB:-8}
 DATA_MB=${NASDEDUP_DATA_MB:-$((READ_MB > 400 ? READ_MB : 400))}
 FMT=${NASDEDUP_DISK_FORMAT:-raw}
+# Another disk layout (scripts/guest-assets.sh layouts): the image in
+# build/guest and the guest's device for the data file system.
+IMAGE=${NASDEDUP_DISK_IMAGE:-data.$FMT}
+GUEST_DISK=${NASDEDUP_GUEST_DISK:-/dev/vda}
 SETTLE_S=${NASDEDUP_SETTLE_S:-2}
 SYNC=${NASDEDUP_SYNC:-0}
 DST_EARLY=${NASDEDUP_DST_EARLY:-0}
@@ -122,7 +130,7 @@ wait_for_exe "$QEMU" "${NASDEDUP_QEMU_WAIT_S:-1800}" || die "$QEMU did not appea
 say "$("$QEMU" --version | head -1)"
 mapfile -t FW < <(qemu_firmware_args "$QEMU")
 [ ${#FW[@]} -eq 0 ] || say "firmware not in QEMU's own search path, adding: ${FW[*]}"
-[ -f "$NASDEDUP_GUEST_DIR/data.$FMT" ] || die "no $NASDEDUP_GUEST_DIR/data.$FMT (qcow2 needs build/qemu/qemu-img)"
+[ -f "$NASDEDUP_GUEST_DIR/$IMAGE" ] || die "no $NASDEDUP_GUEST_DIR/$IMAGE (qcow2 needs build/qemu/qemu-img; layouts: scripts/guest-assets.sh layouts)"
 
 if ! "$NFS" status >/dev/null 2>&1; then
     "$NFS" start
@@ -143,11 +151,11 @@ for f in "$NASDEDUP_EXPORT_DIR"/e2e-*.raw "$NASDEDUP_EXPORT_DIR"/e2e-*.qcow2; do
 done
 DISK=e2e-$$.$FMT
 t0=$(now_ms)
-cp --sparse=always "$NASDEDUP_GUEST_DIR/data.$FMT" "$NASDEDUP_EXPORT_DIR/$DISK"
-say "fresh copy of data.$FMT in the export as $DISK ($(($(now_ms) - t0)) ms)"
+cp --sparse=always "$NASDEDUP_GUEST_DIR/$IMAGE" "$NASDEDUP_EXPORT_DIR/$DISK"
+say "fresh copy of $IMAGE in the export as $DISK ($(($(now_ms) - t0)) ms)"
 
 # --- QEMUs ---------------------------------------------------------------------
-APPEND="console=ttyS0 panic=-1 quiet nasdedup.read_mb=$READ_MB nasdedup.write_mb=$WRITE_MB nasdedup.dirty_mb=$DIRTY_MB nasdedup.churn_mb=$CHURN_MB nasdedup.sync=$SYNC"
+APPEND="console=ttyS0 panic=-1 quiet nasdedup.read_mb=$READ_MB nasdedup.write_mb=$WRITE_MB nasdedup.dirty_mb=$DIRTY_MB nasdedup.churn_mb=$CHURN_MB nasdedup.sync=$SYNC nasdedup.disk=$GUEST_DISK"
 # -display none -nodefaults instead of -nographic: no monitor/serial on
 # stdio, no default NIC (whose option ROM q35 would need).
 read -r -a EXTRA <<<"${NASDEDUP_QEMU_ARGS:-}"

@@ -51,7 +51,7 @@ def refs(n, off, hashes):
     return b + b''.join(struct.pack('>QQ', hi, lo) for hi, lo in hashes)
 def sync(seq, final):
     return struct.pack('>BIB', 3, seq, final)
-def setup(ver=2, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
+def setup(ver=3, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
     return struct.pack('>BBHHHH', 4, ver, resend, ack, progress, keylen) + \
            bytes((k * 7 + 1) & 0xff for k in range(384))
 def hs(n):
@@ -66,7 +66,7 @@ A = lambda b: b'\x03' + b          # SYNC_ACK payload
 G = lambda b: b'\x04' + b          # PROGRESS payload
 
 w('rec-drive', R(drive(7, '/machine/peripheral/vd0/virtio-backend', 512 << 20)))
-w('rec-drive-max', R(drive(32767, 'x' * 255, 1 << 57)))
+w('rec-drive-max', R(drive(32767, 'x' * 255, 1 << 54)))
 w('rec-refs-1', R(refs(7, 0x123000, hs(1))))
 w('rec-refs-5', R(refs(7, 0x123000, hs(5))))
 w('rec-refs-256', R(refs(0, 0, hs(256))))
@@ -85,10 +85,12 @@ w('bad-drive-size', R(drive(0, 'a', 2**64 - 1)))
 w('bad-refs-0', R(refs(0, 0, [])))
 w('bad-refs-257', R(struct.pack('>BHHQ', 2, 0, 257, 0) + b'\x00' * 16 * 4))
 w('bad-refs-unaligned', R(refs(0, 0x1001, hs(1))))
+w('rec-refs-sector', R(refs(0, 63 * 512, hs(2))))
 w('bad-refs-offset', R(refs(0, 0xf0 << 56, hs(1))))
 w('bad-refs-truncated', R(refs(0, 0, hs(4))[:-9]))
 w('bad-sync-final', R(sync(1, 2)))
 w('bad-setup-version', R(setup(ver=1)))
+w('bad-setup-version-2', R(setup(ver=2)))
 w('bad-setup-keylen', R(setup(keylen=16)))
 C4 = 4096
 w('check-ok', C(0, 16 * C4, 100 * C4, refs(0, 8 * C4, hs(4))))

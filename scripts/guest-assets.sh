@@ -310,6 +310,44 @@ step_disk() {
     fi
 }
 
+# Legacy disk layouts (scripts/layout-test.sh), the same files as data.raw
+# (their own DATA_MB, LAYOUT_MB): data-1k.raw, ext4 with 1 KiB blocks (the
+# default of mke2fs below 512 MiB); data-p63.raw, an MBR partition at
+# sector 63 (the DOS-era default) holding ext4 with 4 KiB blocks.  Neither
+# has a guest page's bytes on a 4 KiB boundary of the disk.
+step_layouts() {
+    local inputs src fs sectors
+    need_cmd sfdisk
+    inputs="layout data_mb=$DATA_MB file_mb=$FILE_MB disk_mb=$DISK_MB seed=$SEED gen=$(printf '%s' "$GENERATOR" | sha256sum | cut -c1-16)"
+    if out_ok data-1k.raw "$inputs" && out_ok data-p63.raw "$inputs"; then
+        say "layouts: data-1k.raw, data-p63.raw up to date"
+        return 0
+    fi
+    src=$OUT/layout-src
+    rm -rf "$src"
+    "$NASDEDUP_PYTHON" -c "$GENERATOR" "$src" "$DATA_MB" "$FILE_MB" "$SEED"
+    say "layouts: mke2fs -b 1024 data-1k.raw ${DISK_MB}M"
+    rm -f "$OUT/data-1k.raw.tmp"
+    mke2fs -q -F -t ext4 -b 1024 -L nasdedup -E root_owner=0:0 \
+        -d "$src" "$OUT/data-1k.raw.tmp" "${DISK_MB}M" >&2
+    mv "$OUT/data-1k.raw.tmp" "$OUT/data-1k.raw"
+    stamp_write "$OUT/data-1k.raw.stamp" "$(out_stamp "$inputs" "$OUT/data-1k.raw")"
+    say "layouts: partition at sector 63, ext4 (4 KiB blocks) in it: data-p63.raw"
+    fs=$OUT/layout-fs.tmp
+    rm -f "$fs" "$OUT/data-p63.raw.tmp"
+    mke2fs -q -F -t ext4 -b 4096 -L nasdedup -E root_owner=0:0 \
+        -d "$src" "$fs" "${DISK_MB}M" >&2
+    sectors=$((DISK_MB * 2048))
+    truncate -s $(((63 + sectors) * 512)) "$OUT/data-p63.raw.tmp"
+    printf 'label: dos\nstart=63, size=%d, type=83\n' "$sectors" |
+        sfdisk -q "$OUT/data-p63.raw.tmp" >&2
+    dd if="$fs" of="$OUT/data-p63.raw.tmp" bs=512 seek=63 conv=notrunc,sparse \
+        status=none
+    rm -rf "$src" "$fs"
+    mv "$OUT/data-p63.raw.tmp" "$OUT/data-p63.raw"
+    stamp_write "$OUT/data-p63.raw.stamp" "$(out_stamp "$inputs" "$OUT/data-p63.raw")"
+}
+
 [ $# -gt 0 ] || set -- all
 for step in "$@"; do
     case $step in
@@ -317,7 +355,8 @@ for step in "$@"; do
         kernel) step_kernel ;;
         initramfs) step_initramfs ;;
         disk) step_disk ;;
-        *) die "unknown step '$step' (all|kernel|initramfs|disk)" ;;
+        layouts) step_layouts ;;
+        *) die "unknown step '$step' (all|kernel|initramfs|disk|layouts)" ;;
     esac
 done
 say "assets in $OUT: $(cd "$OUT" && ls vmlinuz initrd.gz data.raw data.qcow2 2>/dev/null | tr '\n' ' ')"

@@ -49,7 +49,7 @@ PKGS=(
     seabios ipxe-qemu
     # real shared storage and guest assets (end-to-end demo and tests)
     nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils
-    busybox-static e2fsprogs cpio kmod iproute2 util-linux
+    busybox-static e2fsprogs cpio kmod iproute2 util-linux fdisk
     # benchmark plot
     python3-matplotlib
     # fuzzing (scripts/fuzz.sh): clang, its libFuzzer/sanitizer runtimes,

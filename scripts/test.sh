@@ -13,7 +13,8 @@
 #      it would be posted and checks it: checkpatch, every prefix builds
 #   3. the dedup-nas qtests (tests/qtest/nas-dedup-test.c)
 #   4. the functional test: Linux guest on an NFS export, pre-copy vs dedup-nas;
-#      then `virsh migrate --live` between two libvirt hosts on that export
+#      then `virsh migrate --live` between two libvirt hosts on that export,
+#      and the guest on disk layouts whose pages are not 4 KiB-aligned
 #   5. the benchmark's smoke mode (one scenario, two modes, one round of the
 #      tracking-overhead workload; numbers in build/bench-smoke/bench.md)
 #   6. upstream's migration qtests (the set meson runs without KVM) on it
@@ -133,6 +134,10 @@ run_tap functional-nas-dedup timeout 1200 scripts/functional-test.sh
 #     domain XML, set just before migrating, and off
 #     (scripts/libvirt-test.sh).
 run_tap libvirt timeout 900 scripts/libvirt-test.sh
+
+# 4c. Legacy disk layouts: ext4 with 1 KiB blocks, a partition at sector
+#     63; pages found at any sector (scripts/layout-test.sh).
+run_tap layouts timeout 1800 scripts/layout-test.sh
 
 # 5. The benchmark command in its smoke mode: it must run end to end and
 #    every guest must verify (the numbers are reported, not asserted).

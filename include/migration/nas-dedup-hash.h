@@ -28,6 +28,13 @@
 
 #define NAS_DEDUP_CHUNK_BITS 12
 #define NAS_DEDUP_CHUNK      (1u << NAS_DEDUP_CHUNK_BITS)
+/*
+ * Where a chunk may start on disk: any sector (a guest page read from a
+ * file system with 1 KiB blocks, or from a partition at sector 63).
+ */
+#define NAS_DEDUP_SECTOR_BITS 9
+#define NAS_DEDUP_SECTOR      (1u << NAS_DEDUP_SECTOR_BITS)
+#define NAS_DEDUP_CHUNK_SECTORS (NAS_DEDUP_CHUNK / NAS_DEDUP_SECTOR)
 
 /*
  * Size of one secret: XXH3's default secret size, so that a 4 KiB chunk is

@@ -5,8 +5,9 @@
  *
  * Maps the keyed hash of a 4 KiB disk chunk (the first half of its
  * NasDedupHash: nas_dedup_hash64(key, 0, ...)) to where it lives on a
- * guest drive: (drive, chunk-aligned byte offset).  Filled from the guest's
- * own disk reads and writes; looked up when a RAM page is about to be sent.
+ * guest drive: (drive, byte offset, a multiple of NAS_DEDUP_SECTOR: a
+ * chunk may start at any sector).  Filled from the guest's own disk reads
+ * and writes; looked up when a RAM page is about to be sent.
  *
  * The index never grows beyond the byte budget it was created with: it
  * evicts with a CLOCK policy when full.  All functions are thread-safe.
@@ -23,8 +24,8 @@
 #define NAS_DEDUP_MAX_DRIVES 32767
 /* A drive's identity (its device's qdev id or QOM path): at most this long */
 #define NAS_DEDUP_ID_MAX 255
-/* Offsets are chunk-aligned and below 2^57 bytes (128 PiB). */
-#define NAS_DEDUP_MAX_OFFSET (1ull << 57)
+/* Offsets are sector-aligned and below 2^54 bytes (16 PiB). */
+#define NAS_DEDUP_MAX_OFFSET (1ull << 54)
 /*
  * A content found at more places is indexed at this many of them only:
  * one place is enough to send a reference.
@@ -35,7 +36,7 @@
 
 typedef struct NasDedupLoc {
     uint16_t drive;
-    uint64_t offset;            /* bytes, multiple of NAS_DEDUP_CHUNK */
+    uint64_t offset;            /* bytes, multiple of NAS_DEDUP_SECTOR */
 } NasDedupLoc;
 
 typedef struct NasDedupIndexStats {
@@ -74,9 +75,11 @@ const NasDedupKey *nas_dedup_index_key(NasDedupIndex *idx);
 void nas_dedup_index_free(NasDedupIndex *idx);
 
 /*
- * Record that the chunk at @drive/@offset holds content @hash: forget what
- * it held before, and index it there unless @hash is indexed at
- * NAS_DEDUP_INDEX_MAX_COPIES places already.
+ * Record that the chunk at @drive/@offset (sector-aligned) holds content
+ * @hash: forget what was recorded at that offset before, and index it
+ * there unless @hash is indexed at NAS_DEDUP_INDEX_MAX_COPIES places
+ * already.  (Chunks recorded at other sectors that overlap it stay: the
+ * caller invalidates what a write changed.)
  */
 void nas_dedup_index_insert(NasDedupIndex *idx, uint64_t hash,
                             uint16_t drive, uint64_t offset);
@@ -87,9 +90,10 @@ void nas_dedup_index_insert(NasDedupIndex *idx, uint64_t hash,
 bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
                             NasDedupLoc *loc);
 /*
- * Forget every chunk overlapping [@offset, @offset + @bytes) of @drive.
- * Costs about the chunks it forgets, not the size of the range; a large
- * range is done in batches, letting other threads in between.
+ * Forget every chunk overlapping [@offset, @offset + @bytes) of @drive,
+ * wherever it starts.  Costs about the chunks it forgets, not the size of
+ * the range; a large range is done in batches, letting other threads in
+ * between.
  */
 void nas_dedup_index_invalidate(NasDedupIndex *idx, uint16_t drive,
                                 uint64_t offset, uint64_t bytes);
@@ -99,10 +103,15 @@ void nas_dedup_index_invalidate_drive(NasDedupIndex *idx, uint16_t drive);
 /*
  * Account for a completed guest I/O on @drive covering [@offset, +@bytes),
  * whose data is in @iov starting @iov_offset bytes in.  Reads index every
- * whole aligned non-zero chunk; writes first invalidate the whole range
- * (so the partially covered chunks at either end and the chunks that
- * became zero stay forgotten), then do the same.  A write with @iov ==
- * NULL (write-zeroes, discard) only invalidates.
+ * non-zero *page of memory* they moved whole: each NAS_DEDUP_CHUNK-aligned
+ * address range of the iovec's memory (contiguous, possibly over several
+ * elements) that lies within the request, at the disk offset its bytes
+ * came from, if that is sector-aligned.  That is what a RAM page looked
+ * up later hashes to, wherever the guest's file system and partitions
+ * put it on disk.  Writes first invalidate the whole range (so chunks
+ * overlapping it, the pages that became zero and the pages written only
+ * in part stay forgotten), then do the same.  A write with @iov == NULL
+ * (write-zeroes, discard) only invalidates.
  */
 void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
                              uint64_t offset, uint64_t bytes,

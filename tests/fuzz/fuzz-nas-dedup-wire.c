@@ -106,7 +106,7 @@ static void check_record_rules(const NasDedupRecord *r)
         CHECK(r->drive <= NAS_DEDUP_MAX_DRIVES, "drive %u", r->drive);
         CHECK(r->npages >= 1 && r->npages <= NAS_DEDUP_REFS_MAX,
               "npages %u", r->npages);
-        CHECK(r->disk_offset % NAS_DEDUP_CHUNK == 0 &&
+        CHECK(r->disk_offset % NAS_DEDUP_SECTOR == 0 &&
               r->disk_offset < NAS_DEDUP_MAX_OFFSET,
               "disk offset 0x%" PRIx64, r->disk_offset);
         break;

@@ -36,8 +36,9 @@
  *                          exit-on-error: it exits with an error message
  *  /nas-dedup/unresolvable/N  references the destination cannot resolve
  *                          or verify (a drive it lacks, a range past its
- *                          end of the disk, changed hashes, a RAMBlock
- *                          grown under them): asked again, RAM identical
+ *                          end of the disk, changed hashes, an offset
+ *                          one sector off, a RAMBlock grown under them):
+ *                          asked again, RAM identical
  *  /nas-dedup/collision    a disk block and a RAM page that collide under
  *                          XXH3 with its published secret: RAM identical
  *  /nas-dedup/rp/...       a destination that sends unexpected or bad
@@ -53,6 +54,10 @@
  *                          fetches are not throttled by them
  *  /nas-dedup/auto-converge   auto-converge counts references as moved:
  *                          the throttle steps for the real dirty rate
+ *  /nas-dedup/unaligned/sector-63, 1k  pages DMAed from disk offsets that
+ *                          are not 4 KiB-aligned (partition at sector 63,
+ *                          1 KiB file system blocks) go as references,
+ *                          RAM identical
  *  /nas-dedup/track/from-boot, off  the capability turned on just before
  *                          "migrate" (HMP): the page cache read before is
  *                          found (tracking from boot), or, with tracking
@@ -306,7 +311,7 @@ static void dma_disk(Source *src, uint8_t ata_cmd, uint64_t gpa,
 {
     uint64_t done, n;
 
-    g_assert_cmphex(disk_off & (CHUNK - 1), ==, 0);
+    g_assert_cmphex(disk_off & (AHCI_SECTOR_SIZE - 1), ==, 0);
     g_assert_cmphex(gpa & (CHUNK - 1), ==, 0);
     for (done = 0; done < bytes; done += n) {
         AHCICommand *cmd = ahci_command_create(ata_cmd);
@@ -1025,10 +1030,10 @@ typedef enum ProxyMode {
 typedef struct Mutation Mutation;
 
 /*
- * The start of the SETUP record: type 4, version 2, RESEND as 8,
+ * The start of the SETUP record: type 4, version 3, RESEND as 8,
  * SYNC_ACK as 9, PROGRESS as 10, a 384-byte key.
  */
-static const uint8_t setup_sig[10] = { 4, 2, 0, 8, 0, 9, 0, 10, 1, 128 };
+static const uint8_t setup_sig[10] = { 4, 3, 0, 8, 0, 9, 0, 10, 1, 128 };
 
 typedef struct Proxy {
     ProxyMode mode;
@@ -1324,7 +1329,8 @@ typedef enum MutationKind {
     MUT_BAD_TYPE,           /* an unknown record type */
     MUT_ZERO_RUN,           /* a run of 0 pages */
     MUT_ABSURD_RUN,         /* a run longer than allowed */
-    MUT_UNALIGNED,          /* a disk offset not 4 KiB aligned */
+    MUT_UNALIGNED,          /* a disk offset not a multiple of 512 */
+    MUT_SECTOR_SHIFT,       /* the disk offset one sector further */
     MUT_TRUNCATED,          /* the stream ends inside the record */
     /* The record is fine, the next one has an unknown type */
     MUT_BAD_NEXT,
@@ -1370,6 +1376,7 @@ static const Mutation unresolvable_cases[] = {
     { "past-disk-end", MUT_PAST_DISK_END, NULL },
     { "bad-hash", MUT_BAD_HASH, NULL },
     { "grown-block", MUT_GROWN_BLOCK, NULL },
+    { "sector-shift", MUT_SECTOR_SHIFT, NULL },
 };
 
 /* Where the first REFS record is, in the stream held so far. */
@@ -1530,6 +1537,9 @@ static bool mutate(const Mutation *m, GByteArray *in, const RefsItem *it,
         rec[3] = 0xff;
         break;
     case MUT_UNALIGNED:
+        stq_be_p(rec + 5, ldq_be_p(rec + 5) + 100);
+        break;
+    case MUT_SECTOR_SHIFT:
         stq_be_p(rec + 5, ldq_be_p(rec + 5) + 512);
         break;
     case MUT_TRUNCATED:
@@ -1696,6 +1706,15 @@ static void test_unresolvable(const void *opaque)
         /* The two pages whose hash changed do not verify: sent again. */
         g_assert_cmpuint(st.mismatches, ==, 2);
         g_assert_cmpuint(st.resend_requests, ==, 2);
+        break;
+    case MUT_SECTOR_SHIFT:
+        /*
+         * A well-formed reference one sector off: read, and none of its
+         * pages verifies (each block holds its own number), all sent
+         * again.
+         */
+        g_assert_cmpuint(st.mismatches, ==, px->mutated_npages);
+        g_assert_cmpuint(st.resend_requests, >=, px->mutated_npages);
         break;
     case MUT_GROWN_BLOCK:
         /*
@@ -2728,6 +2747,61 @@ static void test_cancel_final(void)
     do_cancel(true);
 }
 
+/* Guest RAM [@gpa, +@bytes) holds the image's bytes from @disk_off. */
+static void assert_ram_holds_file(QTestState *qts, uint64_t gpa,
+                                  uint64_t disk_off, uint64_t bytes)
+{
+    g_autofree uint8_t *ram = g_malloc(MiB);
+    g_autofree uint8_t *disk = g_malloc(MiB);
+    int fd = open(image_path, O_RDONLY);
+    uint64_t off;
+
+    g_assert(fd >= 0);
+    for (off = 0; off < bytes; off += MiB) {
+        size_t n = MIN(MiB, bytes - off);
+
+        g_assert_cmpint(pread(fd, disk, n, disk_off + off), ==, n);
+        read_guest(qts, gpa + off, ram, n);
+        g_assert(!memcmp(ram, disk, n));
+    }
+    close(fd);
+}
+
+/*
+ * Guest pages whose bytes do not start on a 4 KiB boundary of the disk
+ * (file systems with 1 KiB blocks, a partition at sector 63): the device
+ * DMAs disk bytes from a sector offset into page-aligned guest RAM.  Those
+ * pages are indexed at that offset and go as references to it.
+ */
+static void test_unaligned(const void *opaque)
+{
+    uint64_t disk_off = *(const uint64_t *)opaque;
+    uint64_t bytes = 8 * MiB, pages = bytes / CHUNK;
+    DedupStats st;
+    Guest g;
+
+    memset(&g, 0, sizeof(g));
+    make_image();
+    source_boot(&g.src, true);
+    g.dma_bytes = bytes;
+    g.dma_addr = guest_buf(&g.src, bytes);
+    dma_read_disk(&g.src, g.dma_addr, disk_off, bytes);
+    assert_ram_holds_file(g.src.qts, g.dma_addr, disk_off, bytes);
+    g.dst = dest_boot(true, "-incoming defer");
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    migrate_and_check(&g, true, &st);
+    assert_ram_holds_file(g.dst, g.dma_addr, disk_off, bytes);
+    g_test_message("disk offset %" PRIu64 ": %" PRIu64 " of %" PRIu64
+                   " pages as references", disk_off, st.ref_pages, pages);
+    g_assert_cmpuint(st.ref_pages, >=, pages * 95 / 100);
+    g_assert_cmpuint(st.verified_pages, ==, st.ref_pages);
+    g_assert_cmpuint(st.mismatches, ==, 0);
+    guest_teardown(&g);
+}
+
+static const uint64_t unaligned_sector63 = 63 * 512;
+static const uint64_t unaligned_1k = 3 * 1024;
+
 /*
  * The HMP habit: a VM started without dedup-nas, the capability turned on
  * just before "migrate".  Tracking runs from the VM's start by default
@@ -3122,6 +3196,10 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/dest-capability-off",
                     test_dest_capability_off);
     g_test_add_func("/nas-dedup/track/from-boot", test_track_from_boot);
+    g_test_add_data_func("/nas-dedup/unaligned/sector-63",
+                         &unaligned_sector63, test_unaligned);
+    g_test_add_data_func("/nas-dedup/unaligned/1k", &unaligned_1k,
+                         test_unaligned);
     g_test_add_func("/nas-dedup/track/off", test_track_off);
     g_test_add_data_func("/nas-dedup/fetch-after-failure/late-read", NULL,
                          test_fetch_after_failure);

@@ -4,6 +4,7 @@
  * Unit tests of the dedup-nas content index.
  */
 #include "qemu/osdep.h"
+#include "qemu/memalign.h"
 #include "migration/nas-dedup-index.h"
 
 #define MiB (1024 * 1024)
@@ -428,89 +429,179 @@ static void test_model_ranges(void)
     nas_dedup_index_free(idx);
 }
 
+/* @pages pages of memory aligned as guest RAM is, freed by the caller. */
+static uint8_t *pages_new(size_t pages)
+{
+    uint8_t *p = qemu_memalign(C, pages * C);
+
+    memset(p, 0, pages * C);
+    return p;
+}
+
+static void assert_page_at(NasDedupIndex *idx, const uint8_t *page,
+                           uint16_t drive, uint64_t offset)
+{
+    uint64_t h = nas_dedup_hash64(&test_key, 0, page);
+    NasDedupLoc loc;
+
+    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
+    g_assert_cmpuint(loc.drive, ==, drive);
+    g_assert_cmpuint(loc.offset, ==, offset);
+}
+
+static void assert_page_unknown(NasDedupIndex *idx, const uint8_t *page)
+{
+    NasDedupLoc loc;
+
+    g_assert_false(nas_dedup_index_lookup(
+        idx, nas_dedup_hash64(&test_key, 0, page), &loc));
+}
+
+/*
+ * A read indexes the pages of memory it filled whole, at the disk offset
+ * their bytes came from: any sector, as with file systems of 1 KiB blocks
+ * or a partition at sector 63.
+ */
 static void test_note_io_read(void)
 {
     NasDedupIndex *idx = index_new(MiB);
-    g_autofree uint8_t *data = g_malloc0(8 * C);
-    struct iovec iov[3];
-    uint64_t h;
-    NasDedupLoc loc;
+    uint8_t *mem = pages_new(9);
+    const uint64_t at = 63 * 512;
+    struct iovec iov[4];
     NasDedupIndexStats st;
     int k;
 
-    for (k = 0; k < 8; k++) {
-        if (k != 4) {                    /* chunk 4 stays all zero */
-            fill_chunk(data + k * C, k);
+    for (k = 0; k < 9; k++) {
+        if (k != 4) {                    /* page 4 stays all zero */
+            fill_chunk(mem + k * C, k);
         }
     }
     /*
-     * A read of disk bytes [C - 512, 8C - 512): the data buffer holds them
-     * at data + C - 512 (so chunk k of the disk is at data + k * C).  Split
-     * the iovec unevenly so that chunks straddle elements.
+     * Disk bytes [at, at + 7C) read into pages 0..6, the iovec split
+     * unevenly (pages straddle elements, which are contiguous).
      */
-    iov[0] = (struct iovec){ data, 1000 };
-    iov[1] = (struct iovec){ data + 1000, 3 * C };
-    iov[2] = (struct iovec){ data + 1000 + 3 * C, 8 * C - 1000 - 3 * C };
-    nas_dedup_index_note_io(idx, 1, C - 512, 7 * C, iov, 3, C - 512, false);
-
-    /* Whole chunks 1..6 are indexed, except the zero chunk 4. */
-    for (k = 0; k < 8; k++) {
-        h = nas_dedup_hash64(&test_key, 0, data + k * C);
-        if (k >= 1 && k <= 6 && k != 4) {
-            g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
-            g_assert_cmpuint(loc.drive, ==, 1);
-            g_assert_cmpuint(loc.offset, ==, k * C);
+    iov[0] = (struct iovec){ mem, 1000 };
+    iov[1] = (struct iovec){ mem + 1000, 3 * C };
+    iov[2] = (struct iovec){ mem + 1000 + 3 * C, 7 * C - 1000 - 3 * C };
+    nas_dedup_index_note_io(idx, 1, at, 7 * C, iov, 3, 0, false);
+    for (k = 0; k < 7; k++) {
+        if (k == 4) {
+            assert_page_unknown(idx, mem + k * C);
         } else {
-            g_assert_false(nas_dedup_index_lookup(idx, h, &loc));
+            assert_page_at(idx, mem + k * C, 1, at + k * C);
         }
     }
     nas_dedup_index_get_stats(idx, &st);
+    g_assert_cmpuint(st.entries, ==, 6);
+    nas_dedup_index_invalidate_drive(idx, 1);
+
+    /*
+     * Memory not page-aligned at the start of the request: disk bytes
+     * [0, 7C) into mem + 512.  Whole pages 1..6 of memory hold disk bytes
+     * from k * C - 512; the partial first and last ones are not indexed.
+     */
+    iov[0] = (struct iovec){ mem + 512, 7 * C };
+    nas_dedup_index_note_io(idx, 2, 0, 7 * C, iov, 1, 0, false);
+    for (k = 1; k < 7; k++) {
+        if (k != 4) {
+            assert_page_at(idx, mem + k * C, 2, k * C - 512);
+        }
+    }
+    assert_page_unknown(idx, mem);
+    nas_dedup_index_get_stats(idx, &st);
     g_assert_cmpuint(st.entries, ==, 5);
+    nas_dedup_index_invalidate_drive(idx, 2);
+
+    /*
+     * Elements that are not contiguous in memory: a page split between
+     * them is not what any page of RAM holds.  And @iov_offset: the
+     * request's data starts that far into the iovec.
+     */
+    iov[0] = (struct iovec){ mem, C + 2048 };           /* page 0, half 1 */
+    iov[1] = (struct iovec){ mem + 3 * C, 2 * C };      /* pages 3, 4 */
+    iov[2] = (struct iovec){ mem + 6 * C, C };          /* page 6 */
+    nas_dedup_index_note_io(idx, 3, 0, 4 * C + 2048 - C, iov, 3, C, false);
+    /* From iovec byte C: half of page 1, then page 3 at disk 2048, ... */
+    assert_page_unknown(idx, mem);                      /* before @iov_offset */
+    assert_page_unknown(idx, mem + C);                  /* split */
+    assert_page_at(idx, mem + 3 * C, 3, 2048);
+    assert_page_at(idx, mem + 6 * C, 3, 2048 + 2 * C);
+    nas_dedup_index_get_stats(idx, &st);
+    g_assert_cmpuint(st.entries, ==, 2);
+    nas_dedup_index_invalidate_drive(idx, 3);
+
+    /* A page whose disk offset is not a sector: not indexed. */
+    iov[0] = (struct iovec){ mem + C - 100, 2 * C };
+    nas_dedup_index_note_io(idx, 4, 0, 2 * C, iov, 1, 0, false);
+    nas_dedup_index_get_stats(idx, &st);
+    g_assert_cmpuint(st.entries, ==, 0);
     g_assert_true(nas_dedup_index_selfcheck(idx));
+    qemu_vfree(mem);
     nas_dedup_index_free(idx);
 }
 
 static void test_note_io_write(void)
 {
     NasDedupIndex *idx = index_new(MiB);
-    g_autofree uint8_t *data = g_malloc0(4 * C);
-    g_autofree uint8_t *newdata = g_malloc0(4 * C);
+    uint8_t *data = pages_new(4);
+    uint8_t *newdata = pages_new(2);
     struct iovec iov = { data, 4 * C };
     struct iovec niov;
-    uint64_t h;
-    NasDedupLoc loc;
     int k;
 
     for (k = 0; k < 4; k++) {
         fill_chunk(data + k * C, 100 + k);
-        fill_chunk(newdata + k * C, 200 + k);
     }
+    fill_chunk(newdata, 200);
+    fill_chunk(newdata + C, 201);
     nas_dedup_index_note_io(idx, 0, 0, 4 * C, &iov, 1, 0, false);
 
-    /* Write 2 chunks' worth at C/2: chunk 1 whole, chunks 0 and 2 partial. */
+    /*
+     * Write two pages at disk C/2: they overlap chunks 0, 1 and 2, which
+     * are forgotten, and are indexed where they now are.
+     */
     niov = (struct iovec){ newdata, 2 * C };
     nas_dedup_index_note_io(idx, 0, C / 2, 2 * C, &niov, 1, 0, true);
-    for (k = 0; k < 4; k++) {
-        h = nas_dedup_hash64(&test_key, 0, data + k * C);
-        g_assert_true(nas_dedup_index_lookup(idx, h, &loc) == (k == 3));
+    for (k = 0; k < 3; k++) {
+        assert_page_unknown(idx, data + k * C);
     }
-    /* The whole chunk 1 now holds newdata[C/2, 3C/2). */
-    h = nas_dedup_hash64(&test_key, 0, newdata + C / 2);
-    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
-    g_assert_cmpuint(loc.offset, ==, C);
+    assert_page_at(idx, data + 3 * C, 0, 3 * C);
+    assert_page_at(idx, newdata, 0, C / 2);
+    assert_page_at(idx, newdata + C, 0, 3 * C / 2);
 
-    /* Write-zeroes / discard (no data) invalidate. */
+    /*
+     * Write-zeroes / discard (no data) of [C, 2C) invalidates what
+     * overlaps it: both new pages, which start before it and in it.
+     */
     nas_dedup_index_note_io(idx, 0, C, C, NULL, 0, 0, true);
-    g_assert_false(nas_dedup_index_lookup(idx, h, &loc));
-    h = nas_dedup_hash64(&test_key, 0, data + 3 * C);
-    g_assert_true(nas_dedup_index_lookup(idx, h, &loc));
+    assert_page_unknown(idx, newdata);
+    assert_page_unknown(idx, newdata + C);
+    assert_page_at(idx, data + 3 * C, 0, 3 * C);
 
-    /* Writing a zero chunk over chunk 3 invalidates it. */
+    /* Writing a zero page over chunk 3 invalidates it. */
     memset(newdata, 0, C);
     niov = (struct iovec){ newdata, C };
     nas_dedup_index_note_io(idx, 0, 3 * C, C, &niov, 1, 0, true);
-    g_assert_false(nas_dedup_index_lookup(idx, h, &loc));
+    assert_page_unknown(idx, data + 3 * C);
+
+    /*
+     * A one-sector write drops the chunk starting 7 sectors before it,
+     * not one that ends where it starts.
+     */
+    fill_chunk(newdata, 202);
+    fill_chunk(newdata + C, 203);
+    niov = (struct iovec){ newdata, C };
+    nas_dedup_index_note_io(idx, 0, 8 * C - 7 * 512, C, &niov, 1, 0, false);
+    niov = (struct iovec){ newdata + C, C };
+    nas_dedup_index_note_io(idx, 0, 7 * C - 8 * 512, C, &niov, 1, 0, false);
+    assert_page_at(idx, newdata, 0, 8 * C - 7 * 512);
+    assert_page_at(idx, newdata + C, 0, 7 * C - 8 * 512);
+    nas_dedup_index_note_io(idx, 0, 8 * C - 512, 512, NULL, 0, 0, true);
+    assert_page_unknown(idx, newdata);
+    assert_page_at(idx, newdata + C, 0, 7 * C - 8 * 512);
     g_assert_true(nas_dedup_index_selfcheck(idx));
+    qemu_vfree(data);
+    qemu_vfree(newdata);
     nas_dedup_index_free(idx);
 }
 
@@ -521,7 +612,7 @@ static void test_note_io_write(void)
 static void test_copies(void)
 {
     NasDedupIndex *idx = index_new(MiB);
-    g_autofree uint8_t *data = g_malloc(256 * C);
+    uint8_t *data = pages_new(256);
     struct iovec iov = { data, 256 * C };
     uint64_t h = H(9), h2 = H(10);
     NasDedupIndexStats st;
@@ -564,6 +655,7 @@ static void test_copies(void)
     nas_dedup_index_get_stats(idx, &st);
     g_assert_cmpuint(st.entries, <=, 2 * NAS_DEDUP_INDEX_MAX_COPIES + 2);
     g_assert_true(nas_dedup_index_selfcheck(idx));
+    qemu_vfree(data);
     nas_dedup_index_free(idx);
 }
 
@@ -743,7 +835,7 @@ static gpointer worker(gpointer opaque)
 {
     ThreadArg *a = opaque;
     g_autoptr(GRand) r = g_rand_new_with_seed(a->seed);
-    g_autofree uint8_t *buf = g_malloc(4 * C);
+    uint8_t *buf = pages_new(4);
     int i;
 
     for (i = 0; i < 20000; i++) {
@@ -778,6 +870,7 @@ static gpointer worker(gpointer opaque)
             }
         }
     }
+    qemu_vfree(buf);
     return NULL;
 }
 

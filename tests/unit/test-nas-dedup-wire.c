@@ -189,7 +189,8 @@ static void test_malformed(void)
     REJECT("final flag", 3, 0, 0, 0, 1, 2);
     /* SETUP: unknown version, wrong key length */
     REJECT("protocol version 1", 4, 1, 0, 9, 0, 10, 0, 11, 1, 128);
-    REJECT("key of 16 bytes", 4, 2, 0, 9, 0, 10, 0, 11, 0, 16);
+    REJECT("protocol version 2", 4, 2, 0, 9, 0, 10, 0, 11, 1, 128);
+    REJECT("key of 16 bytes", 4, 3, 0, 9, 0, 10, 0, 11, 0, 16);
 }
 
 static void test_refs_check(void)
