@@ -539,23 +539,26 @@ void nas_dedup_index_insert(NasDedupIndex *idx, uint64_t hash,
     qemu_mutex_unlock(&idx->lock);
 }
 
-bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
-                            NasDedupLoc *loc)
+static bool lookup_locked(NasDedupIndex *idx, uint64_t hash,
+                          NasDedupLoc *loc, bool peek)
 {
     bool found = false;
     uint32_t i;
 
-    qemu_mutex_lock(&idx->lock);
     for (i = slot_of_hash(idx, hash);; i = (i + 1) & idx->mask) {
         Entry *ent;
 
-        idx->st.steps++;
+        if (!peek) {
+            idx->st.steps++;
+        }
         if (!idx->by_hash[i]) {
             break;
         }
         ent = &idx->entries[idx->by_hash[i] - 1];
         if (ent->hash == hash) {
-            ent->loc |= LOC_REF;
+            if (!peek) {
+                ent->loc |= LOC_REF;
+            }
             loc->drive = (ent->loc >> LOC_DRIVE_SHIFT) & NAS_DEDUP_MAX_DRIVES;
             loc->offset = (ent->loc & LOC_SECTOR_MASK) <<
                           NAS_DEDUP_SECTOR_BITS;
@@ -563,11 +566,32 @@ bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
             break;
         }
     }
+    return found;
+}
+
+bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
+                            NasDedupLoc *loc)
+{
+    bool found;
+
+    qemu_mutex_lock(&idx->lock);
+    found = lookup_locked(idx, hash, loc, false);
     if (found) {
         idx->st.hits++;
     } else {
         idx->st.misses++;
     }
+    qemu_mutex_unlock(&idx->lock);
+    return found;
+}
+
+bool nas_dedup_index_find(NasDedupIndex *idx, uint64_t hash,
+                          NasDedupLoc *loc)
+{
+    bool found;
+
+    qemu_mutex_lock(&idx->lock);
+    found = lookup_locked(idx, hash, loc, true);
     qemu_mutex_unlock(&idx->lock);
     return found;
 }

@@ -90,6 +90,12 @@ void nas_dedup_index_insert(NasDedupIndex *idx, uint64_t hash,
 bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
                             NasDedupLoc *loc);
 /*
+ * Like nas_dedup_index_lookup(), but changes nothing: no hit or miss
+ * counted, no CLOCK reference.  For estimates.
+ */
+bool nas_dedup_index_find(NasDedupIndex *idx, uint64_t hash,
+                          NasDedupLoc *loc);
+/*
  * Forget every chunk overlapping [@offset, @offset + @bytes) of @drive,
  * wherever it starts.  Costs about the chunks it forgets, not the size of
  * the range; a large range is done in batches, letting other threads in

@@ -58,6 +58,9 @@
  *                          are not 4 KiB-aligned (partition at sector 63,
  *                          1 KiB file system blocks) go as references,
  *                          RAM identical
+ *  /nas-dedup/estimate     query-dedup-nas-estimate (and HMP info
+ *                          dedup_nas_estimate) predicts the references and
+ *                          bytes of the migration that follows
  *  /nas-dedup/track/from-boot, off  the capability turned on just before
  *                          "migrate" (HMP): the page cache read before is
  *                          found (tracking from boot), or, with tracking
@@ -2803,6 +2806,87 @@ static const uint64_t unaligned_sector63 = 63 * 512;
 static const uint64_t unaligned_1k = 3 * 1024;
 
 /*
+ * query-dedup-nas-estimate, without migrating: the pages the device read
+ * from disk, random pages and zero pages, classified as the migration
+ * then sends them; with a link and a storage rate, the predicted times.
+ * The migration that follows sends the predicted references, and about
+ * the predicted bytes.
+ */
+#define EST_LINK        125000000
+#define EST_STORAGE     1000000000
+
+static uint64_t est_u64(QDict *d, const char *key)
+{
+    return stat_u64(d, key);
+}
+
+static void test_estimate(void)
+{
+    g_autofree char *out = NULL;
+    uint64_t refs, total, precopy, dedup, expect_ms;
+    DedupStats st;
+    QDict *e;
+    Guest g;
+
+    guest_setup(&g, true, 4 * MiB, 16 * MiB);
+    e = qtest_qmp_assert_success_ref(g.src.qts,
+        "{ 'execute': 'query-dedup-nas-estimate', 'arguments': {"
+        "  'link-bandwidth': %d, 'storage-bandwidth': %d } }",
+        EST_LINK, EST_STORAGE);
+    refs = est_u64(e, "reference-pages");
+    total = est_u64(e, "total-pages");
+    precopy = est_u64(e, "precopy-bytes");
+    dedup = est_u64(e, "dedup-nas-bytes");
+    g_test_message("estimate: %" PRIu64 " pages, %" PRIu64 " zero, %" PRIu64
+                   " references, %" PRIu64 " unique; pre-copy %" PRIu64
+                   " bytes %" PRIu64 " ms, dedup-nas %" PRIu64 " bytes %"
+                   PRIu64 " ms", total, est_u64(e, "zero-pages"), refs,
+                   est_u64(e, "unique-pages"), precopy,
+                   est_u64(e, "precopy-time"), dedup,
+                   est_u64(e, "dedup-nas-time"));
+    g_assert_cmpuint(total, >=, RAM_BYTES / CHUNK);
+    g_assert_cmpuint(total, ==, est_u64(e, "zero-pages") + refs +
+                     est_u64(e, "unique-pages"));
+    g_assert_cmpuint(refs, ==, g.dma_bytes / CHUNK);
+    g_assert_cmpuint(est_u64(e, "unique-pages"), >=, g.rand_bytes / CHUNK);
+    g_assert_cmpuint(est_u64(e, "storage-bytes"), ==, refs * CHUNK);
+    g_assert_cmpuint(dedup, <, precopy - refs * (CHUNK - 64));
+    expect_ms = precopy * 1000 / EST_LINK;
+    g_assert_cmpuint(est_u64(e, "precopy-time"), <=, expect_ms + 1);
+    g_assert_cmpuint(est_u64(e, "precopy-time") + 1, >=, expect_ms);
+    /* The storage is the faster here: every page on disk a reference. */
+    g_assert_cmpuint(est_u64(e, "reference-share"), ==, 100);
+    g_assert_cmpuint(est_u64(e, "dedup-nas-time"), <,
+                     est_u64(e, "precopy-time"));
+    qobject_unref(e);
+
+    /* A storage slower than the link: part of them in full. */
+    e = qtest_qmp_assert_success_ref(g.src.qts,
+        "{ 'execute': 'query-dedup-nas-estimate', 'arguments': {"
+        "  'link-bandwidth': %d, 'storage-bandwidth': %d } }",
+        EST_LINK, EST_LINK / 8);
+    g_assert_cmpuint(est_u64(e, "reference-share"), <, 100);
+    g_assert_cmpuint(est_u64(e, "reference-share"), >, 0);
+    qobject_unref(e);
+
+    out = qtest_hmp(g.src.qts, "info dedup_nas_estimate %d %d", EST_LINK,
+                    EST_STORAGE);
+    g_test_message("info dedup_nas_estimate: %s", out);
+    g_assert(strstr(out, "found on disks"));
+    g_assert(strstr(out, "dedup-nas"));
+
+    migrate_and_check(&g, true, &st);
+    g_test_message("migrated: %" PRIu64 " references, %" PRIu64 " bytes "
+                   "(estimate %" PRIu64 ", %" PRIu64 ")", st.ref_pages,
+                   st.transferred, refs, dedup);
+    g_assert_cmpuint(st.ref_pages, ==, refs);
+    /* Device state and section headers come on top of the estimate. */
+    g_assert_cmpuint(st.transferred, >=, dedup);
+    g_assert_cmpuint(st.transferred, <=, dedup + dedup / 10);
+    guest_teardown(&g);
+}
+
+/*
  * The HMP habit: a VM started without dedup-nas, the capability turned on
  * just before "migrate".  Tracking runs from the VM's start by default
  * (x-dedup-nas-track), so the page cache read before is found; with
@@ -3196,6 +3280,7 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/dest-capability-off",
                     test_dest_capability_off);
     g_test_add_func("/nas-dedup/track/from-boot", test_track_from_boot);
+    g_test_add_func("/nas-dedup/estimate", test_estimate);
     g_test_add_data_func("/nas-dedup/unaligned/sector-63",
                          &unaligned_sector63, test_unaligned);
     g_test_add_data_func("/nas-dedup/unaligned/1k", &unaligned_1k,
