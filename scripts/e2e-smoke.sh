@@ -281,6 +281,18 @@ fi
 say "source parameters: $(qmp "$RUN/src-qmp.sock" query-migrate-parameters |
     "$NASDEDUP_PYTHON" -c 'import json,sys; p=json.load(sys.stdin); print("max-bandwidth=%d B/s downtime-limit=%d ms" % (p["max-bandwidth"], p["downtime-limit"]))')"
 
+# What query-dedup-nas-estimate predicts for this migration, just before
+# it (the benchmark reports the error); empty if the command fails.
+t_est=$(now_ms)
+EST=$(qmp "$RUN/src-qmp.sock" query-dedup-nas-estimate 2>/dev/null |
+    "$NASDEDUP_PYTHON" -c 'import json,sys
+e = json.load(sys.stdin)
+print(" ".join("est_%s=%d" % (k, e[k]) for k in ("total-pages", "zero-pages",
+      "reference-pages", "unique-pages", "precopy-bytes", "dedup-nas-bytes",
+      "storage-bytes")).replace("-", "_"), end="")' 2>/dev/null) || EST=""
+[ -z "$EST" ] || EST+=" est_ms=$(($(now_ms) - t_est))"
+say "estimate: ${EST:-none}"
+
 say "migrating to tcp:127.0.0.1:$PORT"
 t_mig=$(now_ms)
 qmp "$RUN/src-qmp.sock" migrate "{\"uri\":\"tcp:127.0.0.1:$PORT\"}" >/dev/null
@@ -364,7 +376,7 @@ fi
     --expect 'NASDEDUP-POWEROFF' --timeout 30 >/dev/null 2>&1 || true
 
 result="verdict=$([ "$ok" = 1 ] && echo OK || echo FAIL) mem=$MEM read_mb=$READ_MB write_mb=$WRITE_MB dirty_mb=$DIRTY_MB churn_mb=$CHURN_MB fmt=$FMT"
-result+=" boot_to_init_ms=$((t_init - t_launch)) boot_to_ready_ms=$((t_ready - t_launch)) migrate_wall_ms=$((t_migdone - t_mig)) $STATS"
+result+=" boot_to_init_ms=$((t_init - t_launch)) boot_to_ready_ms=$((t_ready - t_launch)) migrate_wall_ms=$((t_migdone - t_mig)) $STATS $EST"
 echo "E2E-RESULT $result"
 [ "$ok" = 1 ] || die "verification failed: $VERDICT / $DISK_VERDICT"
 say "OK"
