@@ -425,18 +425,26 @@ def extras(rows, io, core=None, io_full=None):
     return "\n".join(out)
 
 
-def est_time_ms(r, link, storage):
-    """The estimate's time model (migration/nas-dedup-estimate.c), in ms."""
+def est_model(r, link, storage):
+    """
+    The estimate's model (migration/nas-dedup-estimate.c): bytes on the
+    wire and ms, for pre-copy, or for dedup-nas at the share of references
+    where link and storage end together (all of them if the storage is the
+    faster).  Without a link rate, dedup-nas's bytes with every reference.
+    """
     if r["mode"] == "pre-copy":
-        return num(r, "est_precopy_bytes") * 1e3 / link
+        b = num(r, "est_precopy_bytes")
+        return b, (b * 1e3 / link if link else None)
     refs, page = num(r, "est_reference_pages"), 8 + PAGE
     full = num(r, "est_precopy_bytes") - refs * page
     ded, sto = num(r, "est_dedup_nas_bytes"), num(r, "est_storage_bytes")
+    if not link:
+        return ded, None
     if not refs or not storage or sto / storage <= ded / link:
-        return ded * 1e3 / link
+        return ded, ded * 1e3 / link
     w = (ded - full) / refs
     s = (full + refs * page) / link / (sto / storage + refs * (page - w) / link)
-    return s * sto / storage * 1e3
+    return full + refs * ((1 - s) * page + s * w), s * sto / storage * 1e3
 
 
 def estimate_table(rows):
@@ -450,12 +458,11 @@ def estimate_table(rows):
                 or r.get("est_precopy_bytes") in (None, ""):
             continue
         dd = r["mode"] == "dedup-nas"
-        pred = num(r, "est_dedup_nas_bytes" if dd else "est_precopy_bytes")
         sent = num(r, "ram_transferred_bytes")
         link = LINKS.get(r["link"])
         ft = num(r, "dst_dedup_fetch_time")
         storage = num(r, "dst_dedup_fetched_bytes") / (ft / 1e3) if ft else 0
-        tp = est_time_ms(r, link, storage) if link else None
+        pred, tp = est_model(r, link, storage)
         t = num(r, "total_ms")
         out.append("| %s | %s | %d ms | %d | %d | %s | %.1f MB | %.1f MB | %+.1f %% | %s | %.2f s | %s |" % (
             scen_label(r), r["mode"], num(r, "est_ms"), num(r, "est_reference_pages"),
@@ -466,11 +473,13 @@ def estimate_table(rows):
         n += 1
     if not n:
         return ""
-    return "\n".join(out + ["", "The estimate predicts every page on disk as a reference; where the "
-                            "split sent some in full (*refs sent* below *refs predicted*), the bytes "
-                            "sent are higher by that.  Its times use the run's link rate and, for "
-                            "dedup-nas, the fetch rate the run measured; the guest's own dirtying "
-                            "during the migration, the setup and the switchover are not in them."])
+    return "\n".join(out + ["", "Bytes and times are the estimate's model with the run's link rate "
+                            "(`max-bandwidth`) and, for dedup-nas, the fetch rate the run measured "
+                            "as the storage rate: the references shared between link and storage as "
+                            "the split would (uncapped: every page on disk a reference, no time).  "
+                            "Not in the model: the guest's dirtying during the migration, setup and "
+                            "switchover, and a link slower than `max-bandwidth` (at 10 GbE this "
+                            "machine's migration thread, not the cap, sets the rate)."])
 
 
 def versus_upstream(rows):

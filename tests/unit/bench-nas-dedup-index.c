@@ -17,6 +17,7 @@
  * Usage: bench-nas-dedup-index [MiB of guest I/O (256)] [request KiB (128)]
  */
 #include "qemu/osdep.h"
+#include "qemu/memalign.h"
 #include "migration/nas-dedup-index.h"
 
 #define C NAS_DEDUP_CHUNK
@@ -145,8 +146,11 @@ int main(int argc, char **argv)
                    argv[0]);
         return 2;
     }
-    /* Unique, non-zero, incompressible-looking content. */
-    data = g_malloc(bytes);
+    /*
+     * Unique, non-zero, incompressible-looking content, in page-aligned
+     * memory as guest RAM is (reads index the pages of memory they fill).
+     */
+    data = qemu_memalign(C, bytes);
     for (i = 0; i < bytes / 8; i++) {
         ((uint64_t *)data)[i] = (i + 1) * 0x9E3779B97F4A7C15ull ^ (i >> 7);
     }
