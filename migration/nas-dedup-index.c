@@ -539,18 +539,18 @@ void nas_dedup_index_insert(NasDedupIndex *idx, uint64_t hash,
     qemu_mutex_unlock(&idx->lock);
 }
 
-static bool lookup_locked(NasDedupIndex *idx, uint64_t hash,
-                          NasDedupLoc *loc, bool peek)
+/* @peek: change nothing (no step, hit or miss counted, no reference). */
+static bool lookup(NasDedupIndex *idx, uint64_t hash, NasDedupLoc *loc,
+                   bool peek)
 {
     bool found = false;
     uint32_t i;
 
+    qemu_mutex_lock(&idx->lock);
     for (i = slot_of_hash(idx, hash);; i = (i + 1) & idx->mask) {
         Entry *ent;
 
-        if (!peek) {
-            idx->st.steps++;
-        }
+        idx->st.steps += !peek;
         if (!idx->by_hash[i]) {
             break;
         }
@@ -566,34 +566,27 @@ static bool lookup_locked(NasDedupIndex *idx, uint64_t hash,
             break;
         }
     }
+    if (!peek) {
+        if (found) {
+            idx->st.hits++;
+        } else {
+            idx->st.misses++;
+        }
+    }
+    qemu_mutex_unlock(&idx->lock);
     return found;
 }
 
 bool nas_dedup_index_lookup(NasDedupIndex *idx, uint64_t hash,
                             NasDedupLoc *loc)
 {
-    bool found;
-
-    qemu_mutex_lock(&idx->lock);
-    found = lookup_locked(idx, hash, loc, false);
-    if (found) {
-        idx->st.hits++;
-    } else {
-        idx->st.misses++;
-    }
-    qemu_mutex_unlock(&idx->lock);
-    return found;
+    return lookup(idx, hash, loc, false);
 }
 
 bool nas_dedup_index_find(NasDedupIndex *idx, uint64_t hash,
                           NasDedupLoc *loc)
 {
-    bool found;
-
-    qemu_mutex_lock(&idx->lock);
-    found = lookup_locked(idx, hash, loc, true);
-    qemu_mutex_unlock(&idx->lock);
-    return found;
+    return lookup(idx, hash, loc, true);
 }
 
 /*
