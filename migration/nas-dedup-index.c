@@ -905,12 +905,9 @@ void nas_dedup_index_note_io(NasDedupIndex *idx, uint16_t drive,
         }
         qemu_mutex_lock(&idx->lock);
         for (k = 0; k < n; k++) {
-            uint64_t key;
+            /* Within the request, which ends below NAS_DEDUP_MAX_OFFSET. */
+            uint64_t key = loc_key(drive, disk[k]);
 
-            if (disk[k] + NAS_DEDUP_CHUNK > NAS_DEDUP_MAX_OFFSET) {
-                continue;
-            }
-            key = loc_key(drive, disk[k]);
             if (zero[k]) {
                 invalidate_key_locked(idx, key);
             } else {

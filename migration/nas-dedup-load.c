@@ -505,8 +505,6 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         if (--st->workers == 0) {
             qemu_cond_broadcast(&load_cond);
         }
-    }
-    if (ret >= 0) {
         stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
         stat64_add(&nas_dedup_counters.fetched_bytes,
                    (uint64_t)rec->npages * NAS_DEDUP_CHUNK);

@@ -169,7 +169,7 @@ bool nas_dedup_migrate_check(Error **errp)
         return false;
     }
     WITH_RCU_READ_LOCK_GUARD() {
-        NasDedupIndex *idx = qatomic_rcu_read(&nas_dedup.index);
+        NasDedupIndex *idx = nas_dedup_index_peek();
 
         if (idx) {
             nas_dedup_index_get_stats(idx, &is);
