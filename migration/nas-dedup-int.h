@@ -50,6 +50,8 @@ typedef struct NasDedupCounters {
      * this side's capability says.  qatomic_*() access.
      */
     bool incoming_used;
+    /* Connections the fetch reads through.  qatomic_*() access. */
+    unsigned fetch_connections;
     /*
      * Source: the link/NAS split's share (percent) and the destination's
      * fetch rate as last reported (bytes a second).

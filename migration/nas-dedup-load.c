@@ -52,6 +52,7 @@
 #include "io/channel.h"
 #include "exec/target_page.h"
 #include "migration.h"
+#include "options.h"
 #include "qemu-file.h"
 #include "ram.h"
 #include "nas-dedup-int.h"
@@ -160,7 +161,8 @@ int nas_dedup_load_setup(Error **errp)
         qemu_cond_init(&load_cond);
         lock_inited = true;
     }
-    st->fetcher = nas_dedup_fetcher_new(NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK);
+    st->fetcher = nas_dedup_fetcher_new(NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK,
+                                        migrate_dedup_nas_fetch_connections());
     st->tickets = g_hash_table_new_full(NULL, NULL, NULL, tickets_free);
     st->resends = g_array_new(false, false, sizeof(Resend));
     nas_dedup_load_cleanup();
@@ -569,8 +571,12 @@ static bool qemufile_read(void *opaque, void *buf, size_t len)
 
 static int coroutine_fn load_drive(const NasDedupRecord *rec, Error **errp)
 {
-    return nas_dedup_fetcher_define(load->fetcher, rec->drive, rec->id,
-                                    rec->disk_size, errp);
+    int ret = nas_dedup_fetcher_define(load->fetcher, rec->drive, rec->id,
+                                       rec->disk_size, errp);
+
+    qatomic_set(&nas_dedup_counters.fetch_connections,
+                nas_dedup_fetcher_connections(load->fetcher));
+    return ret;
 }
 
 static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,

@@ -270,6 +270,7 @@ void nas_dedup_stats_reset(bool incoming)
         stat64_set(&c->fetch_time_us, 0);
         qatomic_set_i64(&c->fetch_busy_since, 0);
         qatomic_set(&c->incoming_used, false);
+        qatomic_set(&c->fetch_connections, 0);
     } else {
         stat64_set(&c->ref_pages, 0);
         stat64_set(&c->ref_bytes, 0);
@@ -300,6 +301,7 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
         since = qatomic_read_i64(&c->fetch_busy_since);
         st->fetch_time = (stat64_get(&c->fetch_time_us) +
                           (since ? g_get_monotonic_time() - since : 0)) / 1000;
+        st->fetch_connections = qatomic_read(&c->fetch_connections);
         info->dedup_nas_incoming = st;
     } else {
         DedupNasOutgoingStats *st = g_new0(DedupNasOutgoingStats, 1);
@@ -355,8 +357,9 @@ void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info)
     }
     if (d) {
         monitor_printf(mon, "dedup-nas fetched: %" PRIu64 " blocks, %" PRIu64
-                       " bytes in %" PRIu64 " ms\n", d->fetched_blocks,
-                       d->fetched_bytes, d->fetch_time);
+                       " bytes in %" PRIu64 " ms through %u connection(s)\n",
+                       d->fetched_blocks, d->fetched_bytes, d->fetch_time,
+                       d->fetch_connections);
         monitor_printf(mon, "dedup-nas verified pages: %" PRIu64 "\n",
                        d->verified_pages);
         monitor_printf(mon, "dedup-nas mismatches: %" PRIu64

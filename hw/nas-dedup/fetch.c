@@ -12,6 +12,14 @@
  * Reads go to the drive's node through a BlockBackend of our own (a
  * *view*): not throttled by the guest's iotune limits, and keeping the
  * node alive if the device is unplugged while the migration comes in.
+ * When the drive's image is on an NFS export through QEMU's libnfs driver,
+ * one connection to the server would carry every read: like the kernel's
+ * nconnect, the view then also opens the same image read-only again, a
+ * node graph of its own with a connection of its own, up to
+ * @dedup-nas-fetch-connections in all, and the reads take turns among
+ * them.  What the extra connections read may be stale by as much as
+ * the guest's own node may be (the source is still writing): the loader
+ * checks every block's hash either way.
  * Up to NAS_DEDUP_FETCH_INFLIGHT reads run at once, each in a coroutine of
  * its own with a buffer it keeps for the next read; more requests wait in
  * a queue, and the submitter (the incoming coroutine) waits when the queue
@@ -28,6 +36,9 @@
 #include "qemu/memalign.h"
 #include "block/thread-pool.h"
 #include "qapi/error.h"
+#include "qobject/qdict.h"
+#include "block/qdict.h"
+#include "block/block_int.h"
 #include "system/block-backend.h"
 #include "migration/nas-dedup.h"
 #include "trace.h"
@@ -48,13 +59,16 @@
 /* A read-only view of one of this VM's guest drives. */
 typedef struct FetchView {
     char *id;                   /* the guest device's id or QOM path */
-    BlockBackend *blk;
+    /* [0] on the guest's node; the others on nodes of their own */
+    BlockBackend *blk[NAS_DEDUP_FETCH_CONNECTIONS_MAX];
+    unsigned nblk;
     uint64_t size;
 } FetchView;
 
 /* A drive number of the source. */
 typedef struct FetchDrive {
-    BlockBackend *blk;          /* a view's; NULL: this VM has no such drive */
+    FetchView *view;            /* NULL: this VM has no such drive */
+    unsigned next;              /* the connection for the next read */
     uint64_t size;              /* the smaller of what both sides know */
 } FetchDrive;
 
@@ -74,6 +88,7 @@ typedef struct FetchReq {
 struct NasDedupFetcher {
     bool dead;
     size_t max_len;
+    unsigned connections;       /* per drive on an NFS export, at most */
     GHashTable *drives;         /* drive number -> FetchDrive */
     GPtrArray *views;           /* FetchView, made at the first drive */
     unsigned inflight;          /* fetch coroutines */
@@ -82,11 +97,14 @@ struct NasDedupFetcher {
     GPtrArray *bufs;            /* free read buffers of max_len bytes */
 };
 
-NasDedupFetcher *nas_dedup_fetcher_new(size_t max_len)
+NasDedupFetcher *nas_dedup_fetcher_new(size_t max_len, unsigned connections)
 {
     NasDedupFetcher *f = g_new0(NasDedupFetcher, 1);
 
+    assert(connections >= 1 &&
+           connections <= NAS_DEDUP_FETCH_CONNECTIONS_MAX);
     f->max_len = max_len;
+    f->connections = connections;
     f->drives = g_hash_table_new_full(NULL, NULL, NULL, g_free);
     g_queue_init(&f->queue);
     qemu_co_queue_init(&f->waitq);
@@ -101,8 +119,11 @@ static void views_free_bh(void *opaque)
 
     for (i = 0; i < views->len; i++) {
         FetchView *v = g_ptr_array_index(views, i);
+        unsigned j;
 
-        blk_unref(v->blk);
+        for (j = 0; j < v->nblk; j++) {
+            blk_unref(v->blk[j]);
+        }
         g_free(v->id);
         g_free(v);
     }
@@ -129,7 +150,7 @@ void nas_dedup_fetcher_close(NasDedupFetcher *f)
     }
     g_hash_table_iter_init(&iter, f->drives);
     while (g_hash_table_iter_next(&iter, NULL, &value)) {
-        ((FetchDrive *)value)->blk = NULL;
+        ((FetchDrive *)value)->view = NULL;
     }
     aio_bh_schedule_oneshot(qemu_get_aio_context(), views_free_bh, f->views);
     f->views = NULL;
@@ -161,6 +182,46 @@ void nas_dedup_fetcher_free(NasDedupFetcher *f)
     }
 }
 
+/* True if @bs reads its data from an NFS export through libnfs. */
+static bool coroutine_fn GRAPH_RDLOCK on_libnfs(BlockDriverState *bs)
+{
+    while (bs) {
+        if (bs->drv && !strcmp(bs->drv->format_name, "nfs")) {
+            return true;
+        }
+        bs = bdrv_primary_bs(bs);
+    }
+    return false;
+}
+
+/*
+ * Open @v's image again, read-only, from @options (the guest's node's
+ * full options), for connections of their own.  Failing that, the view
+ * goes on with what it has.
+ */
+static void coroutine_fn open_connections(NasDedupFetcher *f, FetchView *v,
+                                          QDict *options)
+{
+    while (v->nblk < f->connections) {
+        Error *local_err = NULL;
+        QDict *opts = qdict_clone_shallow(options);   /* deep below */
+        BlockBackend *blk;
+
+        qdict_flatten(opts);    /* "file": {...} to "file.*" */
+        qdict_put_str(opts, BDRV_OPT_READ_ONLY, "on");
+        /* Consumes @opts. */
+        blk = blk_co_new_open(NULL, NULL, opts, 0, &local_err);
+        if (!blk) {
+            warn_reportf_err(local_err, "dedup-nas: drive '%s' fetches "
+                             "through %u connection(s), not %u: ", v->id,
+                             v->nblk, f->connections);
+            return;
+        }
+        blk_set_allow_aio_context_change(blk, true);
+        v->blk[v->nblk++] = blk;
+    }
+}
+
 /*
  * Views of every drive attached to a guest device, made at once before
  * the first read: making one takes the block graph's writer lock, which
@@ -172,6 +233,9 @@ static void coroutine_fn make_views(NasDedupFetcher *f)
 {
     g_autoptr(GPtrArray) ids = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(GPtrArray) nodes = g_ptr_array_new();
+    /* Their full options if they are on NFS and more connections are due */
+    g_autoptr(GPtrArray) nfs = g_ptr_array_new_with_free_func(
+        (GDestroyNotify)qobject_unref_impl);
     BlockBackend *blk;
     guint i;
 
@@ -180,12 +244,25 @@ static void coroutine_fn make_views(NasDedupFetcher *f)
      * making a view yields, and the monitor may eject or unplug meanwhile.
      */
     for (blk = blk_all_next(NULL); blk; blk = blk_all_next(blk)) {
-        if (!blk_get_attached_dev(blk) || !blk_bs(blk)) {
+        BlockDriverState *bs = blk_bs(blk);
+        QDict *opts = NULL;
+
+        if (!blk_get_attached_dev(blk) || !bs) {
             continue;           /* not a guest drive, or no medium */
         }
         g_ptr_array_add(ids, blk_get_attached_dev_id(blk));
-        bdrv_ref(blk_bs(blk));
-        g_ptr_array_add(nodes, blk_bs(blk));
+        bdrv_ref(bs);
+        g_ptr_array_add(nodes, bs);
+        if (f->connections > 1) {
+            GRAPH_RDLOCK_GUARD();
+            if (on_libnfs(bs)) {
+                bdrv_refresh_filename(bs);
+                if (bs->full_open_options) {
+                    opts = qdict_clone_shallow(bs->full_open_options);
+                }
+            }
+        }
+        g_ptr_array_add(nfs, opts);
     }
     f->views = g_ptr_array_new();
     for (i = 0; i < nodes->len; i++) {
@@ -194,20 +271,25 @@ static void coroutine_fn make_views(NasDedupFetcher *f)
         int64_t len;
 
         v->id = g_strdup(g_ptr_array_index(ids, i));
-        v->blk = blk_co_new_with_bs(g_ptr_array_index(nodes, i),
-                                    BLK_PERM_CONSISTENT_READ, BLK_PERM_ALL,
-                                    &local_err);
+        v->blk[0] = blk_co_new_with_bs(g_ptr_array_index(nodes, i),
+                                       BLK_PERM_CONSISTENT_READ, BLK_PERM_ALL,
+                                       &local_err);
         bdrv_co_unref(g_ptr_array_index(nodes, i));
-        if (!v->blk) {
+        if (!v->blk[0]) {
             warn_reportf_err(local_err, "dedup-nas: no view of drive '%s', "
                              "its pages will be sent in full: ", v->id);
             g_free(v->id);
             g_free(v);
             continue;
         }
-        blk_set_allow_aio_context_change(v->blk, true);
-        len = blk_co_getlength(v->blk);
+        v->nblk = 1;
+        blk_set_allow_aio_context_change(v->blk[0], true);
+        len = blk_co_getlength(v->blk[0]);
         v->size = len < 0 ? 0 : len;
+        if (g_ptr_array_index(nfs, i)) {
+            open_connections(f, v, g_ptr_array_index(nfs, i));
+        }
+        trace_nas_dedup_fetch_view(v->id, v->nblk);
         g_ptr_array_add(f->views, v);
     }
 }
@@ -243,7 +325,7 @@ int coroutine_fn nas_dedup_fetcher_define(NasDedupFetcher *f, uint16_t drive,
                     "be sent in full", id);
         return 0;
     }
-    d->blk = v->blk;
+    d->view = v;
     d->size = MIN(v->size, size);
     trace_nas_dedup_fetch_drive(drive, id, d->size);
     return 0;
@@ -252,6 +334,17 @@ int coroutine_fn nas_dedup_fetcher_define(NasDedupFetcher *f, uint16_t drive,
 bool nas_dedup_fetcher_has_drive(NasDedupFetcher *f, uint16_t drive)
 {
     return g_hash_table_contains(f->drives, GUINT_TO_POINTER(drive));
+}
+
+unsigned nas_dedup_fetcher_connections(NasDedupFetcher *f)
+{
+    unsigned n = 0;
+    guint i;
+
+    for (i = 0; f->views && i < f->views->len; i++) {
+        n += ((FetchView *)g_ptr_array_index(f->views, i))->nblk;
+    }
+    return n;
 }
 
 unsigned nas_dedup_fetcher_inflight(NasDedupFetcher *f)
@@ -284,10 +377,12 @@ static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
 
     if (f->dead) {
         ret = -ECANCELED;
-    } else if (!d->blk || req->offset + req->len > d->size) {
+    } else if (!d->view || req->offset + req->len > d->size) {
         ret = -ENOENT;
     } else if (buf) {
-        ret = blk_co_pread(d->blk, req->offset, req->len, buf, 0);
+        BlockBackend *blk = d->view->blk[d->next++ % d->view->nblk];
+
+        ret = blk_co_pread(blk, req->offset, req->len, buf, 0);
         trace_nas_dedup_fetch_done(req->offset, req->len, ret);
         if (f->dead) {
             /* Freed while the read was in flight, whatever it returned. */

@@ -55,8 +55,13 @@ typedef struct NasDedupFetcher NasDedupFetcher;
  * callback checks that what @opaque belongs to is still alive.
  */
 typedef void NasDedupFetchDone(void *opaque, uint8_t *buf, int ret);
-/* A fetcher for one incoming migration; reads are at most @max_len. */
-NasDedupFetcher *nas_dedup_fetcher_new(size_t max_len);
+/* Connections to one drive's NFS export, at most (see fetch.c). */
+#define NAS_DEDUP_FETCH_CONNECTIONS_MAX 16
+/*
+ * A fetcher for one incoming migration; reads are at most @max_len, through
+ * up to @connections connections to each drive on an NFS export.
+ */
+NasDedupFetcher *nas_dedup_fetcher_new(size_t max_len, unsigned connections);
 /*
  * Drive number @drive of the source is the guest drive whose attached
  * device has id (or QOM path) @id, and @size bytes long on the source.
@@ -67,6 +72,8 @@ int coroutine_fn nas_dedup_fetcher_define(NasDedupFetcher *f, uint16_t drive,
                                           const char *id, uint64_t size,
                                           Error **errp);
 bool nas_dedup_fetcher_has_drive(NasDedupFetcher *f, uint16_t drive);
+/* Connections to storage the reads take turns among, over all drives. */
+unsigned nas_dedup_fetcher_connections(NasDedupFetcher *f);
 /*
  * Read @len bytes at @offset of defined drive @drive, then call @done.
  * Waits (yields) while too many reads are queued.  Incoming coroutine.

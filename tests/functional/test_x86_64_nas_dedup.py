@@ -330,13 +330,15 @@ class NasDedupMigration(QemuSystemTest):
 
     # --- one migration --------------------------------------------------------
 
-    def migrate_once(self, fmt, dedup):
+    def migrate_once(self, fmt, dedup, connections=1):
         """Boot a fresh guest on a fresh disk copy, let it fill its page
         cache, migrate it, check the guest's verdicts on the destination.
-        Returns timings and both sides' query-migrate."""
+        The destination fetches through @connections connections to the
+        export (dedup-nas-fetch-connections).  Returns timings and both
+        sides' query-migrate."""
         tag = f'{"dedup" if dedup else "precopy"}-{fmt}'
         disk, path = self._export_disk(fmt)
-        res = {'tag': tag, 'disk': disk}
+        res = {'tag': tag, 'disk': disk, 'connections': connections}
         src = dst = None
         try:
             t0 = time.monotonic()
@@ -356,8 +358,10 @@ class NasDedupMigration(QemuSystemTest):
                 if port is None:
                     self.fail('no free TCP port for the migration')
                 uri = f'tcp:127.0.0.1:{port}'
-                dst = self._new_guest_vm(f'dst-{tag}', disk, fmt, dedup,
-                                         '-incoming', uri)
+                dst = self._new_guest_vm(
+                    f'dst-{tag}', disk, fmt, dedup, '-incoming', uri,
+                    '-global',
+                    f'migration.dedup-nas-fetch-connections={connections}')
                 dst.launch()
             dst_con = GuestConsole(self, dst, f'dst-{tag}')
             self._wait_status(dst, f'dst-{tag}', 'inmigrate', 30)
@@ -441,6 +445,11 @@ class NasDedupMigration(QemuSystemTest):
         # before the destination answers the final SYNC.
         self.assertEqual(d['fetched-blocks'], ref, f'{tag}: {s} / {d}')
         self.assertEqual(d['fetched-bytes'], d['fetched-blocks'] * PAGE)
+        # The one drive is on the NFS export through libnfs: the reads take
+        # turns among that many connections (its own and images opened
+        # again), and the blocks still verify.
+        self.assertEqual(d['fetch-connections'], res['connections'],
+                         f'{tag}: {d}')
         resolved = d['verified-pages'] + d['mismatches'] + d['read-errors']
         self.assertLessEqual(resolved, ref, f'{tag}: {s} / {d}')
         self.assertGreater(d['verified-pages'], 0)
@@ -463,7 +472,7 @@ class NasDedupMigration(QemuSystemTest):
         pre = self.migrate_once('raw', dedup=False)
         self.assertNotIn('dedup-nas', pre['src'],
                          'dedup-nas statistics without the capability')
-        ded = self.migrate_once('raw', dedup=True)
+        ded = self.migrate_once('raw', dedup=True, connections=4)
         self.check_dedup_stats(ded)
 
         pre_bytes = pre['src']['ram']['transferred']
@@ -477,7 +486,7 @@ class NasDedupMigration(QemuSystemTest):
         self.assertLessEqual(ded_bytes, pre_bytes * 0.5, msg)
 
     def test_qcow2(self):
-        res = self.migrate_once('qcow2', dedup=True)
+        res = self.migrate_once('qcow2', dedup=True, connections=2)
         self.check_dedup_stats(res)
 
     # --- fault matrix --------------------------------------------------------

@@ -461,6 +461,7 @@ typedef struct DedupStats {
     uint64_t mismatches;
     uint64_t read_errors;
     uint64_t resend_requests;
+    uint64_t fetch_connections;
 } DedupStats;
 
 static void read_stats(QTestState *from, QTestState *to, bool dedup,
@@ -500,6 +501,7 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
         st->mismatches = stat_u64(dn, "mismatches");
         st->read_errors = stat_u64(dn, "read-errors");
         st->resend_requests = stat_u64(dn, "resend-requests");
+        st->fetch_connections = stat_u64(dn, "fetch-connections");
     }
     qobject_unref(rsp);
 
@@ -635,6 +637,12 @@ static void do_dma_refs(bool dedup, DedupStats *st)
         g_assert_cmpuint(st->fetched_bytes, ==, st->ref_pages * CHUNK);
         g_assert_cmpuint(st->verified_pages, ==, st->ref_pages);
         g_assert_cmpuint(st->mismatches, ==, 0);
+        /*
+         * One drive, a shared file, not on NFS through libnfs: its own
+         * node only, whatever dedup-nas-fetch-connections says (the
+         * functional test checks the connections to an NFS export).
+         */
+        g_assert_cmpuint(st->fetch_connections, ==, 1);
         g_assert_cmpuint(st->read_errors, ==, 0);
         g_assert_cmpuint(st->resend_requests, ==, 0);
     }
@@ -881,7 +889,7 @@ static bool cap_state(QTestState *qts, const char *cap)
 static void test_caps(void)
 {
     QTestState *qts = qtest_init("-M q35 -m 128M -nodefaults");
-    QDict *err;
+    QDict *err, *rsp;
 
     /*
      * dedup-nas needs return-path when it migrates, not before: libvirt
@@ -927,6 +935,24 @@ static void test_caps(void)
     g_assert(strstr(qdict_get_str(err, "desc"), "dedup-nas-index-size"));
     qobject_unref(err);
     migrate_set_parameter_int(qts, "dedup-nas-index-size", 0);
+
+    /* Fetch connections: 1 by default, up to 16. */
+    rsp = qtest_qmp_assert_success_ref(
+        qts, "{ 'execute': 'query-migrate-parameters' }");
+    g_assert_cmpint(qdict_get_int(rsp, "dedup-nas-fetch-connections"), ==, 1);
+    qobject_unref(rsp);
+    for (int bad = 0; bad <= 17; bad += 17) {
+        err = qtest_qmp_assert_failure_ref(
+            qts, "{ 'execute': 'migrate-set-parameters',"
+            "   'arguments': { 'dedup-nas-fetch-connections': %d } }", bad);
+        g_test_message("fetch-connections %d: %s", bad,
+                       qdict_get_str(err, "desc"));
+        g_assert(strstr(qdict_get_str(err, "desc"),
+                        "dedup-nas-fetch-connections"));
+        qobject_unref(err);
+    }
+    /* Checks that it reads back. */
+    migrate_set_parameter_int(qts, "dedup-nas-fetch-connections", 16);
 
     qtest_quit(qts);
 }
