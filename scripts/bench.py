@@ -17,12 +17,32 @@ zero pages are counted as free.
 
 Matrices (--matrix):
   smoke     one scenario, pre-copy and dedup-nas (part of the test command)
+  links     1 GiB at 60 % page cache on 1 GbE, 10 GbE and uncapped, and at
+            0 % on 10 GbE, every mode, each scenario without and with
+            destination RAM preallocation ("dst prealloc": -mem-prealloc on
+            the destination QEMU only); then the scaling series; tracking
+            overhead (about 1 h 45 min, see docs/benchmark-links.md)
+  scaling   the scaling series alone: 60 % page cache, idle, raw, 1 GbE,
+            guests of 1, 2, 4 and 8 GiB, each with its own data disk,
+            the upstream and dedup-nas modes (no xbzrle at 4 and 8 GiB);
+            no floor (about 50 min)
   standard  the results page: page-cache share sweep on the 1 GbE model,
             plus a dirtying workload, qcow2, an uncapped link and 2 GiB at
             60 %; tracking overhead
   full      every combination of RAM {1G, 2G} x page cache {0, 30, 60,
             85 %} x workload {idle, busy} x format {raw, qcow2} x link
             {1 GbE, uncapped} x mode (hours)
+
+--only REGEX keeps the scenarios whose label (as in the tables, e.g.
+"2G, 60% cache, idle, raw, 1GbE, scaling") matches, --modes a subset of
+the modes: e.g. --matrix scaling --only '^(1G|2G),' for a short test.
+
+Besides the runs: after each scenario with dedup-nas runs, the storage
+limit, the raw read throughput of the data disk image on the export
+through QEMU's libnfs driver (qemu-img bench, 1 and FETCH_CONNECTIONS
+connections), next to the destination's fetch throughput; for each run the
+CPU time of both QEMUs from `migrate` to completion (e2e-smoke.sh's
+src_cpu_s / dst_cpu_s), reported per GiB of guest RAM in the scaling table.
 
 Writes CSV, Markdown and a PNG plot to --out (build/bench/); with --doc,
 also the results page docs/benchmark.md (+ .csv, .png).  Prints a line per
@@ -71,10 +91,34 @@ WORKLOADS = {
     "busy": (16, 64, 8),
 }
 LINKS = {"1GbE": LINK_1GBE, "10GbE": LINK_10GBE, "uncapped": 0}
+# Destination RAM preallocation ("on": the destination QEMU only gets
+# these arguments, so its RAM is allocated before the migration starts).
+PREALLOC_ARGS = "-mem-prealloc"
+# The connections the dedup-nas destination reads the shared storage
+# through (migration parameter dedup-nas-fetch-connections, set by the
+# runs; its default is 1); the storage limit is measured with as many
+# parallel libnfs connections, and with one.
+FETCH_CONNECTIONS = 4
+# How much of the data disk image the storage-limit measurement reads
+# (at most), in 1 MiB requests, 8 in flight per connection.
+LIMIT_MAX_MIB = 2048
+LIMIT_TRIES = 2                 # the best of
+# The scaling series: 60 % page cache, idle, raw, 1 GbE, guests of these
+# sizes; xbzrle is left out of the largest (time: it is never the
+# fastest upstream mode at 1 GbE on this machine, see docs/benchmark-links.md).
+SCALING_SIZES = ("1G", "2G", "4G", "8G")
+SCALING_NO_XBZRLE = ("4G", "8G")
 
 
-def scenario(mem, cache, work="idle", fmt="raw", link="1GbE"):
-    return {"mem": mem, "cache": cache, "work": work, "fmt": fmt, "link": link}
+def scenario(mem, cache, work="idle", fmt="raw", link="1GbE", prealloc="off", series=""):
+    return {"mem": mem, "cache": cache, "work": work, "fmt": fmt, "link": link,
+            "prealloc": prealloc, "series": series}
+
+
+def scaling_runs():
+    return [(scenario(mem, 60, series="scaling"),
+             [m for m in MODES if not (m == "xbzrle" and mem in SCALING_NO_XBZRLE)])
+            for mem in SCALING_SIZES]
 
 
 def matrix(name):
@@ -83,10 +127,16 @@ def matrix(name):
     if name == "smoke":
         runs.append((scenario("512M", 60), ["pre-copy", "dedup-nas"]))
     elif name == "links":
-        # One guest on every link model, every mode (docs/benchmark.md).
+        # One guest on every link model, every mode, with and without
+        # destination RAM preallocation; then the scaling series.
         for link in LINKS:
-            runs.append((scenario("1G", 60, link=link), all_modes))
-        runs.append((scenario("1G", 0, link="10GbE"), all_modes))
+            for pre in ("off", "on"):
+                runs.append((scenario("1G", 60, link=link, prealloc=pre), all_modes))
+        for pre in ("off", "on"):
+            runs.append((scenario("1G", 0, link="10GbE", prealloc=pre), all_modes))
+        runs += scaling_runs()
+    elif name == "scaling":
+        runs += scaling_runs()
     elif name == "standard":
         for cache in (0, 30, 60, 85):
             runs.append((scenario("1G", cache), all_modes))
@@ -113,6 +163,19 @@ def mem_mib(mem):
 
 def read_mb(sc):
     return mem_mib(sc["mem"]) * sc["cache"] // 100
+
+
+def timeouts(sc, run_timeout):
+    """Seconds for the run, and for e2e-smoke.sh's boot (the guest reads
+    its page cache with md5sum under TCG), migration and verification
+    (md5sum again), growing with the guest's size."""
+    # Measured at 2 GiB: ready after 32 s, 11 s of pre-copy at 1 GbE,
+    # verify 15 s; at 8 GiB about 4x that.  Five times that and more here.
+    gib = max(1, mem_mib(sc["mem"]) // 1024)
+    # (At least e2e-smoke.sh's defaults.)
+    boot, mig, verify = max(300, 120 + 60 * gib), max(600, 300 + 60 * gib), max(300, 120 + 40 * gib)
+    run = run_timeout if mem_mib(sc["mem"]) <= 1024 else max(run_timeout, boot + mig + verify + 300)
+    return run, boot, mig, verify
 
 
 def say(msg):
@@ -197,42 +260,128 @@ def num(r, k, default=0.0):
 
 def one_run(args, sc, mode, idx, total):
     caps, sparams, dparams, qargs = MODES[mode]
+    if mode.startswith("dedup-nas"):
+        dparams = dict(dparams, **{"dedup-nas-fetch-connections": FETCH_CONNECTIONS})
     wmb, dmb, cmb = WORKLOADS[sc["work"]]
     sparams = dict(sparams, **{"max-bandwidth": LINKS[sc["link"]]})
-    snap = os.path.join(args.out, "snapshot")
+    # The scaling series has no floor: saving and hashing up to 8 GiB of
+    # RAM and a 5 GiB disk per run would cost more than the run.
+    snap = os.path.join(args.out, "snapshot") if sc["series"] != "scaling" else ""
+    run_timeout, boot_t, mig_t, verify_t = timeouts(sc, args.run_timeout)
     env = {
         "NASDEDUP_MEM": sc["mem"], "NASDEDUP_READ_MB": str(read_mb(sc)),
-        "NASDEDUP_DATA_MB": str(args.data_mb),
+        "NASDEDUP_DATA_MB": str(sc["data_mb"]),
         "NASDEDUP_WRITE_MB": str(wmb), "NASDEDUP_DIRTY_MB": str(dmb),
         "NASDEDUP_CHURN_MB": str(cmb), "NASDEDUP_DISK_FORMAT": sc["fmt"],
         "NASDEDUP_MIGRATE_CAPS": caps,
         "NASDEDUP_MIGRATE_PARAMS": json.dumps(sparams),
         "NASDEDUP_MIGRATE_DST_PARAMS": json.dumps(dparams) if dparams else "",
         "NASDEDUP_QEMU_ARGS": qargs, "NASDEDUP_VERIFY_DISK": "0",
+        "NASDEDUP_DST_QEMU_ARGS": PREALLOC_ARGS if sc["prealloc"] == "on" else "",
         "NASDEDUP_SNAPSHOT_DIR": snap, "NASDEDUP_KEEP_NFS": "1",
+        "NASDEDUP_BOOT_TIMEOUT": str(boot_t), "NASDEDUP_MIGRATE_TIMEOUT": str(mig_t),
+        "NASDEDUP_VERIFY_TIMEOUT": str(verify_t),
     }
-    label = "%s %d%% %s %s %s" % (sc["mem"], sc["cache"], sc["work"], sc["fmt"], sc["link"])
-    say("run %d/%d: %s, %s" % (idx, total, label, mode))
+    say("run %d/%d: %s, %s" % (idx, total, scen_label(sc), mode))
     log = os.path.join(args.out, "logs", "run%03d-%s.log" % (idx, mode.replace("+", "-")))
     t0 = time.monotonic()
-    rc, out = run_e2e(env, log, args.run_timeout)
+    rc, out = run_e2e(env, log, run_timeout)
     row = dict(sc, mode=mode, read_mb=read_mb(sc), verdict="FAIL", log=os.path.relpath(log, TOP))
     res = [line for line in out.splitlines() if line.startswith("E2E-RESULT ")]
     if res:
         row.update(parse_kv(res[-1], "E2E-RESULT "))
     if rc != 0:
         row["verdict"] = "FAIL"
-    if rc == 0 and os.path.exists(os.path.join(snap, "ram.bin")):
+    if snap and rc == 0 and os.path.exists(os.path.join(snap, "ram.bin")):
         row.update(floor_of(snap))
-    shutil.rmtree(snap, ignore_errors=True)
+    if snap:
+        shutil.rmtree(snap, ignore_errors=True)
     r = row
+    r["run_s"] = "%.0f" % (time.monotonic() - t0)
     say("    %s: %.1f MB on the wire, %.1f MB from NFS, %.2f s, downtime %d ms, "
-        "%d ref pages, floor %.1f MB (%.0f s incl. boot)" % (
+        "%d ref pages, floor %.1f MB, CPU src %.1f s dst %.1f s (%s s incl. boot)" % (
             r["verdict"], num(r, "ram_transferred_bytes") / 1e6,
             num(r, "dst_dedup_fetched_bytes") / 1e6, num(r, "total_ms") / 1e3,
             num(r, "downtime_ms"), num(r, "src_dedup_reference_pages"),
-            num(r, "floor_bytes") / 1e6, time.monotonic() - t0))
+            num(r, "floor_bytes") / 1e6, num(r, "src_cpu_s"), num(r, "dst_cpu_s"), r["run_s"]))
     return row
+
+
+def ensure_assets(data_mb):
+    """Build the guest's data disk for data_mb before the runs that use it
+    (scripts/guest-assets.sh; a no-op when it is up to date), so that its
+    generation does not count against a run's timeout."""
+    env = dict(os.environ, NASDEDUP_DATA_MB=str(data_mb))
+    say("guest assets with a data disk of %d MiB of files" % data_mb)
+    p = subprocess.Popen([os.path.join(TOP, "scripts", "guest-assets.sh")], env=env, cwd=TOP,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=1800)
+    except (subprocess.TimeoutExpired, Stop, KeyboardInterrupt):
+        os.killpg(p.pid, signal.SIGTERM)
+        p.communicate(timeout=120)
+        raise
+    if p.returncode != 0:
+        raise SystemExit("scripts/guest-assets.sh failed:\n" + err[-2000:])
+
+
+def storage_limit(args, tag):
+    """Raw read throughput of the data disk image on the NFS export through
+    QEMU's libnfs driver: N `qemu-img bench` processes at once (one libnfs
+    connection each) reading disjoint parts of the image, for N = 1 and N =
+    FETCH_CONNECTIONS; bytes over the wall time of all N together (process
+    start included), the best of LIMIT_TRIES.  The image is a hard link to the template (a copy if
+    the export is on another file system) under a name of its own, removed
+    again.  Returns {N: bytes/s}; {} if it failed."""
+    guest = os.environ.get("NASDEDUP_GUEST_DIR", os.path.join(TOP, "build", "guest"))
+    export = os.environ.get("NASDEDUP_EXPORT_DIR", os.path.join(TOP, "build", "nfs-export"))
+    img = os.environ.get("NASDEDUP_QEMU_IMG", os.path.join(TOP, "build", "qemu", "qemu-img"))
+    nfs = os.path.join(TOP, "scripts", "nfs-export.sh")
+    src = os.path.join(guest, "data.raw")
+    name = "limit-%d-%s.raw" % (os.getpid(), tag)
+    path = os.path.join(export, name)
+    res, procs = {}, []
+    try:
+        try:
+            os.link(src, path)
+        except OSError:
+            shutil.copyfile(src, path)
+        mib = min(os.path.getsize(src) >> 20, LIMIT_MAX_MIB)
+        for n in [c for c in sorted({1, FETCH_CONNECTIONS}) for _ in range(LIMIT_TRIES)]:
+            per = mib // n
+            t0 = time.monotonic()
+            procs = [subprocess.Popen(
+                [nfs, "exec", img, "bench", "-f", "raw", "-t", "none", "-s", "1M", "-d", "8",
+                 "-c", str(per), "-o", str((i * per) << 20), "nfs://127.0.0.1/export/" + name],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                for i in range(n)]
+            outs = [p.communicate(timeout=300)[0] for p in procs]
+            dt = time.monotonic() - t0
+            bad = [o for p, o in zip(procs, outs) if p.returncode != 0 or "Run completed" not in o]
+            procs = []
+            if bad:
+                say("storage limit, %d connection(s): qemu-img bench failed: %s" % (n, bad[0].strip()[-300:]))
+                return {}
+            res[n] = max(res.get(n, 0), (per * n << 20) / dt)
+            say("storage limit: %d connection(s) read %d MiB in %.2f s: %.0f MB/s"
+                % (n, per * n, dt, (per * n << 20) / dt / 1e6))
+    except (OSError, subprocess.SubprocessError) as e:
+        say("storage limit failed: %s" % e)
+        return {}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return res
 
 
 # The full-index variant: an index of 1 MiB (~30k entries) is full after
@@ -311,7 +460,7 @@ def core_bench():
     return res
 
 
-FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "mode", "verdict",
+FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "prealloc", "series", "mode", "verdict",
           "ram_transferred_bytes", "dst_dedup_fetched_bytes", "total_ms", "downtime_ms",
           "setup_ms", "src_dedup_reference_pages", "src_dedup_reference_bytes", "src_dedup_resent_pages",
           "dst_dedup_mismatches", "dst_dedup_fetch_time", "src_dedup_index_size",
@@ -320,12 +469,14 @@ FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "mode", "verdict",
           "bytes_vs_precopy", "time_vs_precopy", "dirty_sync_count", "normal_pages",
           "zero_pages", "src_dedup_reference_share", "src_dedup_fetch_rate",
           "est_total_pages", "est_zero_pages", "est_reference_pages", "est_unique_pages",
-          "est_precopy_bytes", "est_dedup_nas_bytes", "est_storage_bytes", "est_ms", "log"]
+          "est_precopy_bytes", "est_dedup_nas_bytes", "est_storage_bytes", "est_ms",
+          "src_cpu_s", "dst_cpu_s", "dst_rss_mib", "dst_dedup_fetch_connections",
+          "storage_limit_1_bps", "storage_limit_n_bps", "storage_limit_n", "data_mb", "run_s", "log"]
 
 
 def scen_key(r):
     """What makes a scenario: the runs with the same key are compared."""
-    return (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
+    return (r["mem"], r["cache"], r["work"], r["fmt"], r["link"], r["prealloc"], r["series"])
 
 
 def derive(rows):
@@ -344,7 +495,10 @@ def derive(rows):
 
 
 def scen_label(r):
-    return "%s, %s%% cache, %s, %s, %s" % (r["mem"], r["cache"], r["work"], r["fmt"], r["link"])
+    return "%s, %s%% cache, %s, %s, %s%s%s" % (
+        r["mem"], r["cache"], r["work"], r["fmt"], r["link"],
+        ", dst prealloc" if r["prealloc"] == "on" else "",
+        ", scaling" if r["series"] == "scaling" else "")
 
 
 def markdown(rows):
@@ -386,18 +540,39 @@ def extras(rows, io, core=None, io_full=None):
     dd = [r for r in rows if r["mode"].startswith("dedup-nas") and r["verdict"] == "OK"]
     if dd:
         out += ["| scenario | guest RAM | index memory | index/RAM | entries | fetched | fetch busy "
-                "| fetch throughput | vs link |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| fetch throughput | vs link | conn | storage limit (1 conn) "
+                "| storage limit (%d conn) | fetch / limit |" % FETCH_CONNECTIONS,
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in dd:
             ram = mem_mib(r["mem"]) << 20
             ft = num(r, "dst_dedup_fetch_time")
             thr = num(r, "dst_dedup_fetched_bytes") / (ft / 1e3) if ft else 0
             link = LINKS[r["link"]]
-            out.append("| %s | %d MiB | %.1f MiB | %.2f %% | %d | %.1f MB | %d ms | %.0f MB/s | %s |" % (
-                scen_label(r) + ", " + r["mode"], ram >> 20, num(r, "src_dedup_index_size") / 2**20,
-                100 * num(r, "src_dedup_index_size") / ram, num(r, "src_dedup_index_entries"),
-                num(r, "dst_dedup_fetched_bytes") / 1e6, ft, thr / 1e6,
-                ("%.2f×" % (thr / link)) if link and thr else "uncapped"))
+            lim1, limn = num(r, "storage_limit_1_bps"), num(r, "storage_limit_n_bps")
+            out.append("| %s | %d MiB | %.1f MiB | %.2f %% | %d | %.1f MB | %d ms | %.0f MB/s | %s "
+                       "| %s | %s | %s | %s |" % (
+                           scen_label(r) + ", " + r["mode"], ram >> 20,
+                           num(r, "src_dedup_index_size") / 2**20,
+                           100 * num(r, "src_dedup_index_size") / ram, num(r, "src_dedup_index_entries"),
+                           num(r, "dst_dedup_fetched_bytes") / 1e6, ft, thr / 1e6,
+                           ("%.2f×" % (thr / link)) if link and thr else "uncapped",
+                           r.get("dst_dedup_fetch_connections") or "–",
+                           ("%.0f MB/s" % (lim1 / 1e6)) if lim1 else "–",
+                           ("%.0f MB/s" % (limn / 1e6)) if limn else "–",
+                           ("%.2f" % (thr / limn)) if limn and thr else "–"))
+        out += ["", "*fetch throughput* is what the destination fetched over the time its fetch was "
+                "busy; *conn* the connections it read through per drive, as query-migrate reports "
+                "them (– when the build does not report them). The *storage limit* is measured once per "
+                "scenario, after its runs, on the same export: the raw read throughput of the data disk "
+                "image (up to its first %d MiB) through QEMU's own libnfs driver, `qemu-img bench -f raw "
+                "-t none -s 1M -d 8` in N processes at once (one NFS connection each, disjoint parts of "
+                "the image), bytes over the wall time of all N including their start, the best of %d; "
+                "N = 1 and N = %d, "
+                "the destination's `dedup-nas-fetch-connections` (set by the runs; its default is 1). "
+                "*fetch / limit* sets the fetch throughput against the %d-connection limit. The image "
+                "is in the host's page cache, as the run's copy of it is: this is ganesha and libnfs on "
+                "this machine's 2 CPUs, not a disk." % (LIMIT_MAX_MIB, LIMIT_TRIES, FETCH_CONNECTIONS,
+                                                       FETCH_CONNECTIONS)]
     if io:
         out += io_table(io, "")
     if io_full:
@@ -464,9 +639,10 @@ def estimate_table(rows):
         storage = num(r, "dst_dedup_fetched_bytes") / (ft / 1e3) if ft else 0
         pred, tp = est_model(r, link, storage)
         t = num(r, "total_ms")
-        out.append("| %s | %s | %d ms | %d | %d | %s | %.1f MB | %.1f MB | %+.1f %% | %s | %.2f s | %s |" % (
+        out.append("| %s | %s | %d ms | %d | %s | %s | %.1f MB | %.1f MB | %+.1f %% | %s | %.2f s | %s |" % (
             scen_label(r), r["mode"], num(r, "est_ms"), num(r, "est_reference_pages"),
-            num(r, "ram_disk_pages"), ("%d" % num(r, "src_dedup_reference_pages")) if dd else "–",
+            ("%d" % num(r, "ram_disk_pages")) if r.get("ram_disk_pages") not in (None, "") else "–",
+            ("%d" % num(r, "src_dedup_reference_pages")) if dd else "–",
             pred / 1e6, sent / 1e6, 100 * (pred / sent - 1) if sent else 0,
             ("%.2f s" % (tp / 1e3)) if tp else "–", t / 1e3,
             ("%+.1f %%" % (100 * (tp / t - 1))) if tp and t else "–"))
@@ -512,10 +688,59 @@ def versus_upstream(rows):
     return "\n".join(out) if n else ""
 
 
+def scaling_table(rows):
+    """The scaling series: per guest size, the fastest upstream mode against
+    the fastest dedup-nas mode, with bytes, index memory and CPU."""
+    sc = [r for r in rows if r["series"] == "scaling"]
+    out = ["| guest RAM | page cache | fastest upstream | time | fastest dedup-nas | time | shorter by "
+           "| wire, upstream | wire, dedup-nas | from NFS | index memory "
+           "| src CPU s/GiB, upstream / dedup-nas | dst CPU s/GiB, upstream / dedup-nas |",
+           "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    n, skipped = 0, []
+    for mem in sorted({r["mem"] for r in sc}, key=mem_mib):
+        ok = [r for r in sc if r["mem"] == mem and r["verdict"] == "OK" and num(r, "total_ms")]
+        up = [r for r in ok if r["mode"] in UPSTREAM_MODES]
+        dd = [r for r in ok if r["mode"].startswith("dedup-nas")]
+        if mem in SCALING_NO_XBZRLE:
+            skipped.append(mem)
+        if not up or not dd:
+            continue
+        u = min(up, key=lambda r: num(r, "total_ms"))
+        d = min(dd, key=lambda r: num(r, "total_ms"))
+        gib = mem_mib(mem) / 1024
+        cpu = lambda r, k: ("%.2f" % (num(r, k) / gib)) if r.get(k) not in (None, "") else "–"
+        out.append("| %s | %d MiB | %s | %.2f s | %s | %.2f s | %.2f× | %.1f MB | %.1f MB | %.1f MB "
+                   "| %.1f MiB | %s / %s | %s / %s |" % (
+                       mem, read_mb(u), u["mode"], num(u, "total_ms") / 1e3, d["mode"],
+                       num(d, "total_ms") / 1e3, num(u, "total_ms") / num(d, "total_ms"),
+                       num(u, "ram_transferred_bytes") / 1e6, num(d, "ram_transferred_bytes") / 1e6,
+                       num(d, "dst_dedup_fetched_bytes") / 1e6, num(d, "src_dedup_index_size") / 2**20,
+                       cpu(u, "src_cpu_s"), cpu(d, "src_cpu_s"), cpu(u, "dst_cpu_s"), cpu(d, "dst_cpu_s")))
+        n += 1
+    if not n:
+        return ""
+    note = ("Each guest: 60 % of its RAM read into the page cache, idle, raw, 1 GbE, on a data disk "
+            "sized for it; upstream modes pre-copy, xbzrle, multifd and multifd+zstd, dedup-nas modes "
+            "dedup-nas, dedup-nas+multifd and dedup-nas+multifd+zstd (every run is in the tables "
+            "below, scenario \"…, scaling\"; no floor is computed for these runs).")
+    if skipped:
+        note += (" xbzrle is left out at %s to bound the run time (at 1 GbE it is never the fastest "
+                 "upstream mode here)." % ", ".join(skipped))
+    note += (" *index memory* is the source's index (query-migrate's dedup-nas `index-size`). CPU "
+             "seconds per GiB of guest RAM: utime + stime of each QEMU process, all its threads, from "
+             "`migrate` until the migration completed on that side (the destination: until it left "
+             "`inmigrate`), for the fastest upstream / fastest dedup-nas run. Under TCG the source's "
+             "figure includes the guest's vCPU thread, which keeps running (emulated) during the "
+             "migration, so it is not the migration's cost alone; the destination's vCPU does not "
+             "run until the migration ends.")
+    return "\n".join(out + ["", note])
+
+
 def targets(rows, io, io_full=None):
     """The issue's targets for the 60 % page-cache idle 1 GiB guest on 1 GbE."""
     sel = {r["mode"]: r for r in rows if r["mem"] == "1G" and r["cache"] == 60 and r["work"] == "idle"
-           and r["fmt"] == "raw" and r["link"] == "1GbE" and r["verdict"] == "OK"}
+           and r["fmt"] == "raw" and r["link"] == "1GbE" and r["prealloc"] == "off"
+           and not r["series"] and r["verdict"] == "OK"}
     if "pre-copy" not in sel or "dedup-nas" not in sel:
         return ""
     p, d = sel["pre-copy"], sel["dedup-nas"]
@@ -602,14 +827,19 @@ def machine():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--matrix", default="standard", choices=("smoke", "links", "standard", "full"))
+    ap.add_argument("--matrix", default="standard",
+                    choices=("smoke", "links", "scaling", "standard", "full"))
     ap.add_argument("--modes", help="comma-separated subset of: " + ", ".join(MODES))
+    ap.add_argument("--only", metavar="REGEX",
+                    help="only the scenarios whose label matches REGEX (re.search), e.g. "
+                    "'^(1G|2G),' or 'dst prealloc'; labels as in the tables")
     ap.add_argument("--out", default=os.path.join(TOP, "build", "bench"))
     ap.add_argument("--doc", action="store_true", help="write docs/benchmark.{md,csv,png}")
     ap.add_argument("--iobench-rounds", type=int, default=None,
-                    help="tracking-overhead rounds (standard/full: 5, smoke: 0)")
+                    help="tracking-overhead rounds (standard/links/full: 5, smoke/scaling: 0)")
     ap.add_argument("--iobench-read-mb", type=int, default=400)
-    ap.add_argument("--run-timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--run-timeout", type=int, default=900,
+                    help="seconds per run, at least (more for guests above 1 GiB)")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless every run's guest verdict is OK (smoke test)")
     args = ap.parse_args()
@@ -621,22 +851,57 @@ def main():
         if bad:
             ap.error("unknown mode(s) %s" % bad)
         runs = [(sc, [m for m in ms if m in keep]) for sc, ms in runs]
+    if args.only:
+        runs = [(sc, ms) for sc, ms in runs if re.search(args.only, scen_label(sc))]
+    runs = [(sc, ms) for sc, ms in runs if ms]
+    if not runs:
+        ap.error("no run left")
     if args.iobench_rounds is None:
-        args.iobench_rounds = 0 if args.matrix == "smoke" else 5
+        args.iobench_rounds = 0 if args.matrix in ("smoke", "scaling") else 5
+    # One data disk for the scenarios of the matrix; the scaling series
+    # gives each guest size one of its own (a 8 GiB guest's page cache
+    # needs 5 GiB of files, which every run copies into the export).
     args.data_mb = max([400, args.iobench_read_mb if args.iobench_rounds else 0] +
-                       [read_mb(sc) for sc, _ in runs])
+                       [read_mb(sc) for sc, _ in runs if not sc["series"]])
+    for sc, _ in runs:
+        sc["data_mb"] = max(400, read_mb(sc)) if sc["series"] else args.data_mb
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     total = sum(len(ms) for _, ms in runs)
-    say("matrix %s: %d runs; data disk %d MiB; output in %s" % (args.matrix, total, args.data_mb, args.out))
+    say("matrix %s: %d runs in %d scenarios; data disk %s MiB; output in %s" % (
+        args.matrix, total, len(runs), "/".join(str(m) for m in sorted({sc["data_mb"] for sc, _ in runs})),
+        args.out))
     started = datetime.datetime.now(datetime.timezone.utc)
-    rows, i = [], 0
-    for sc, ms in runs:
+    rows, i, disk_mb = [], 0, None
+    io = io_full = core = None
+
+    def overhead():
+        nonlocal io, io_full, core
+        if args.iobench_rounds and io is None:
+            if disk_mb != args.data_mb:
+                ensure_assets(args.data_mb)
+            io = iobench(args) or {}
+            io_full = iobench(args, full_index=True)
+            core = core_bench()
+
+    for k, (sc, ms) in enumerate(runs):
+        if sc["series"]:
+            # The tracking overhead before the series, on the matrix's disk.
+            overhead()
+        if sc["data_mb"] != disk_mb:
+            ensure_assets(sc["data_mb"])
+            disk_mb = sc["data_mb"]
+        first = len(rows)
         for m in ms:
             i += 1
             rows.append(one_run(args, sc, m, i, total))
-    io = iobench(args) if args.iobench_rounds else None
-    io_full = iobench(args, full_index=True) if args.iobench_rounds else None
-    core = core_bench() if args.iobench_rounds else None
+        if any(m.startswith("dedup-nas") for m in ms):
+            lim = storage_limit(args, str(k))
+            for r in rows[first:]:
+                r["storage_limit_1_bps"] = "%.0f" % lim[1] if 1 in lim else ""
+                r["storage_limit_n_bps"] = "%.0f" % lim[FETCH_CONNECTIONS] if FETCH_CONNECTIONS in lim else ""
+                r["storage_limit_n"] = FETCH_CONNECTIONS
+    overhead()
+    io = io or None
     derive(rows)
 
     csv_path = os.path.join(args.out, "bench.csv")
@@ -665,13 +930,20 @@ def main():
           "the multifd channels; dedup-nas is refused with xbzrle and postcopy "
           "(see docs/devel/nas-dedup.rst). The dedup-nas modes run with the automatic link/NAS "
           "split (`dedup-nas-ref-share` 0, the default): *refs / on disk* is the share of the pages "
-          "whose content is on disk that went as references, the others in full." % REF_COST, ""]
+          "whose content is on disk that went as references, the others in full. Scenarios marked "
+          "*dst prealloc* start the destination QEMU (only it) with `%s`: its RAM is allocated and "
+          "touched before the migration starts, so the incoming pages land in memory that is already "
+          "there; they are compared with the upstream modes under the same condition. Scenarios "
+          "marked *scaling* are the scaling series (below)." % (REF_COST, PREALLOC_ARGS), ""]
     t = targets(rows, io, io_full)
     if t:
         md += ["## Targets", "", t, ""]
     v = versus_upstream(rows)
     if v:
         md += ["## dedup-nas against the fastest upstream mode", "", v, ""]
+    sc = scaling_table(rows)
+    if sc:
+        md += ["## Scaling", "", sc, ""]
     md += ["## Runs", "", markdown(rows), ""]
     e = estimate_table(rows)
     if e:

@@ -7,7 +7,7 @@
 # packages, the QEMU build, the guest assets, the NFS export (stopped
 # again at the end if this script started it).
 #
-# Usage: scripts/bench.sh [--matrix smoke|links|standard|full] [--doc] [...]
+# Usage: scripts/bench.sh [--matrix smoke|links|scaling|standard|full] [--doc] [...]
 #        scripts/bench.sh --help        (every option of scripts/bench.py)
 #
 #   scripts/bench.sh --doc          the results page docs/benchmark.md
@@ -18,7 +18,14 @@
 #                                   1 GiB, 60 % page cache on 1 GbE, 10 GbE
 #                                   and uncapped links (and 0 % on 10 GbE),
 #                                   every mode, multifd and dedup-nas with
-#                                   multifd among them
+#                                   multifd among them, each without and
+#                                   with destination RAM preallocation;
+#                                   then the scaling series (~1 h 45 min)
+#   scripts/bench.sh --matrix scaling
+#                                   the scaling series alone: 1, 2, 4 and
+#                                   8 GiB guests at 60 % page cache, 1 GbE
+#                                   (about 50 min; a short test:
+#                                   --only '^(1G|2G),')
 #   scripts/bench.sh --stress [N]   randomized RAM-identity stress: N (30)
 #                                   migrations of /nas-dedup/stress, each
 #                                   with random page-cache share, raw or

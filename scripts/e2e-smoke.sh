@@ -50,6 +50,9 @@
 #                            -global migration.x-return-path=on"
 #                           (its query-migrate stats are printed as
 #                           src_dedup_* / dst_dedup_*)
+#   NASDEDUP_DST_QEMU_ARGS  extra arguments for the destination QEMU
+#                           only, e.g. "-mem-prealloc" (its RAM is
+#                           allocated before the migration starts)  []
 #   NASDEDUP_SNAPSHOT_DIR   if set: keep the destination paused at the
 #                           end of the migration (-S), save the stopped
 #                           source's RAM (pmemsave) as DIR/ram.bin and the
@@ -68,7 +71,12 @@
 #   NASDEDUP_QEMU_WAIT_S    how long to wait for the QEMU build     [1800]
 #
 # Output: logs, console logs, sockets and query-migrate.json in build/e2e/;
-# a final "E2E-RESULT key=value ..." line on stdout.  Exit 0 only on
+# a final "E2E-RESULT key=value ..." line on stdout.  Besides
+# query-migrate's statistics it holds src_cpu_s / dst_cpu_s, the CPU time
+# (utime + stime, all threads: the source's includes the guest's vCPU)
+# each QEMU used from `migrate` until the migration completed on its side,
+# and dst_rss_mib, the destination's resident memory when `migrate` was
+# sent.  Exit 0 only on
 # NASDEDUP-VERDICT: OK.  Every process started here is killed by PID on exit.
 set -euo pipefail
 # shellcheck disable=SC2034 # read by lib/common.sh
@@ -159,6 +167,7 @@ APPEND="console=ttyS0 panic=-1 quiet nasdedup.read_mb=$READ_MB nasdedup.write_mb
 # -display none -nodefaults instead of -nographic: no monitor/serial on
 # stdio, no default NIC (whose option ROM q35 would need).
 read -r -a EXTRA <<<"${NASDEDUP_QEMU_ARGS:-}"
+read -r -a DST_EXTRA <<<"${NASDEDUP_DST_QEMU_ARGS:-}"
 # shellcheck disable=SC2054 # commas are QEMU option syntax
 QARGS=("${FW[@]}" -M q35 -accel tcg -m "$MEM" -smp 1 -display none -nodefaults -no-reboot
     -kernel "$NASDEDUP_GUEST_DIR/vmlinuz" -initrd "$NASDEDUP_GUEST_DIR/initrd.gz"
@@ -190,13 +199,27 @@ start_qemu() {
 start_dst() {
     local paused=()
     [ -z "${NASDEDUP_SNAPSHOT_DIR:-}" ] || paused=(-S)
-    start_qemu dst -incoming "tcp:127.0.0.1:$PORT" "${paused[@]}"
+    start_qemu dst -incoming "tcp:127.0.0.1:$PORT" "${paused[@]}" "${DST_EXTRA[@]}"
     DST_PID=$QEMU_PID
     "$NASDEDUP_PYTHON" "$QMP_PY" wait-status "$RUN/dst-qmp.sock" inmigrate --timeout 30 >/dev/null ||
         die "destination not in state inmigrate"
 }
 
 qmp() { "$NASDEDUP_PYTHON" "$QMP_PY" cmd "$@"; }
+
+# cpu_ticks PID: utime + stime of PID, all its threads, in clock ticks
+# (/proc/PID/stat fields 14 and 15, counted after the ")" that ends comm).
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() {
+    local st
+    st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    st=${st##*) }
+    # shellcheck disable=SC2086 # split into fields on purpose
+    set -- $st
+    echo $((${12} + ${13}))
+}
+# ticks_s TICKS: seconds, two decimals.
+ticks_s() { awk -v t="$1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }'; }
 
 # wait_console NAME PID REGEX TIMEOUT_S: wait for a console line matching
 # REGEX; fail early on a FAIL verdict or when QEMU exits.
@@ -294,6 +317,8 @@ print(" ".join("est_%s=%d" % (k, e[k]) for k in ("total-pages", "zero-pages",
 say "estimate: ${EST:-none}"
 
 say "migrating to tcp:127.0.0.1:$PORT"
+dst_rss_kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$DST_PID/status" 2>/dev/null || echo 0)
+src_cpu0=$(cpu_ticks "$SRC_PID") dst_cpu0=$(cpu_ticks "$DST_PID") dst_cpu1=''
 t_mig=$(now_ms)
 qmp "$RUN/src-qmp.sock" migrate "{\"uri\":\"tcp:127.0.0.1:$PORT\"}" >/dev/null
 if ! "$NASDEDUP_PYTHON" "$QMP_PY" wait-migration "$RUN/src-qmp.sock" --timeout "$MIGRATE_TIMEOUT" \
@@ -302,6 +327,7 @@ if ! "$NASDEDUP_PYTHON" "$QMP_PY" wait-migration "$RUN/src-qmp.sock" --timeout "
     die "migration did not complete"
 fi
 t_migdone=$(now_ms)
+src_cpu1=$(cpu_ticks "$SRC_PID")
 if [ -n "${NASDEDUP_SNAPSHOT_DIR:-}" ]; then
     # Both VMs are stopped now: the source's RAM and the disk are as they
     # were at switchover.
@@ -309,6 +335,7 @@ if [ -n "${NASDEDUP_SNAPSHOT_DIR:-}" ]; then
     rm -f "$NASDEDUP_SNAPSHOT_DIR/ram.bin" "$NASDEDUP_SNAPSHOT_DIR/disk.raw"
     "$NASDEDUP_PYTHON" "$QMP_PY" wait-status "$RUN/dst-qmp.sock" paused --timeout 60 >/dev/null ||
         die "destination not paused after migration"
+    dst_cpu1=$(cpu_ticks "$DST_PID")
     ram_bytes=$(qmp "$RUN/src-qmp.sock" query-memory-size-summary |
         "$NASDEDUP_PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["base-memory"])')
     qmp "$RUN/src-qmp.sock" pmemsave \
@@ -325,6 +352,8 @@ if [ -n "${NASDEDUP_SNAPSHOT_DIR:-}" ]; then
 fi
 "$NASDEDUP_PYTHON" "$QMP_PY" wait-status "$RUN/dst-qmp.sock" running --timeout 60 >/dev/null ||
     die "destination not running after migration"
+[ -n "$dst_cpu1" ] || dst_cpu1=$(cpu_ticks "$DST_PID")
+CPU="src_cpu_s=$(ticks_s $((src_cpu1 - src_cpu0))) dst_cpu_s=$(ticks_s $((dst_cpu1 - dst_cpu0))) dst_rss_mib=$((dst_rss_kb / 1024))"
 qmp "$RUN/dst-qmp.sock" query-migrate >"$RUN/query-migrate-dst.json" || true
 
 STATS=$("$NASDEDUP_PYTHON" - "$RUN/query-migrate.json" "$RUN/query-migrate-dst.json" <<'EOF'
@@ -352,7 +381,7 @@ for side, key, info in (("src", "dedup-nas", m),
 print()
 EOF
 )
-say "migration: $STATS (wall $((t_migdone - t_mig)) ms; full JSON: $RUN/query-migrate.json)"
+say "migration: $STATS $CPU (wall $((t_migdone - t_mig)) ms; full JSON: $RUN/query-migrate.json)"
 
 # --- verification on the destination -------------------------------------------
 verify() {
@@ -376,7 +405,7 @@ fi
     --expect 'NASDEDUP-POWEROFF' --timeout 30 >/dev/null 2>&1 || true
 
 result="verdict=$([ "$ok" = 1 ] && echo OK || echo FAIL) mem=$MEM read_mb=$READ_MB write_mb=$WRITE_MB dirty_mb=$DIRTY_MB churn_mb=$CHURN_MB fmt=$FMT"
-result+=" boot_to_init_ms=$((t_init - t_launch)) boot_to_ready_ms=$((t_ready - t_launch)) migrate_wall_ms=$((t_migdone - t_mig)) $STATS $EST"
+result+=" boot_to_init_ms=$((t_init - t_launch)) boot_to_ready_ms=$((t_ready - t_launch)) migrate_wall_ms=$((t_migdone - t_mig)) $STATS $CPU $EST"
 echo "E2E-RESULT $result"
 [ "$ok" = 1 ] || die "verification failed: $VERDICT / $DISK_VERDICT"
 say "OK"
