@@ -257,9 +257,8 @@ static void coroutine_fn make_views(NasDedupFetcher *f)
             GRAPH_RDLOCK_GUARD();
             if (on_libnfs(bs)) {
                 bdrv_refresh_filename(bs);
-                if (bs->full_open_options) {
-                    opts = qdict_clone_shallow(bs->full_open_options);
-                }
+                /* Replaced, never changed in place: a reference will do. */
+                opts = qobject_ref(bs->full_open_options);
             }
         }
         g_ptr_array_add(nfs, opts);
