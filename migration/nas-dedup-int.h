@@ -107,6 +107,20 @@ static inline uint64_t nas_dedup_saved(uint64_t pages, uint64_t bytes)
     return pages * NAS_DEDUP_CHUNK > bytes ? pages * NAS_DEDUP_CHUNK - bytes
                                            : 0;
 }
+/* This migration may send references (it has a return path). */
+bool nas_dedup_save_active(void);
+/*
+ * No more references from now on (migration thread); and whether that
+ * was said.
+ */
+void nas_dedup_save_close(void);
+bool nas_dedup_save_closed(void);
+/*
+ * The scan of the dirty bitmap wrapped to the first RAMBlock (a pass over
+ * RAM is over: ram.c's find_dirty_block()); how many times it did.
+ */
+void nas_dedup_save_pass_done(void);
+uint64_t nas_dedup_save_passes(void);
 /*
  * The guest just stopped for switchover (top of ram_save_complete()): arm
  * the bound on how long dedup-nas may keep it stopped.
@@ -162,6 +176,8 @@ int nas_dedup_rp_final(MigrationState *s, Error **errp);
  * in full, once).
  */
 bool nas_dedup_rp_take_noref(RAMBlock *block, ram_addr_t offset);
+/* Pages asked again and not offered to nas_dedup_save_page() since. */
+uint64_t nas_dedup_rp_noref_pages(void);
 /*
  * Migration thread, without ram.c's bitmap mutex: dirty again the pages
  * the destination asked for since the last call (@all: every page asked
@@ -191,6 +207,13 @@ void nas_dedup_rp_watch(NasDedupWatch kind, int64_t deadline_ms,
 
 /* nas-dedup-live.c: live SYNC before switchover, source */
 void nas_dedup_live_setup(void);
+/*
+ * Arm the watchdog for the answer to SYNC @seq, sent with @backlog_pages
+ * pages of references not confirmed yet, while the guest runs.
+ */
+void nas_dedup_live_watch(uint32_t seq, uint64_t backlog_pages);
+/* Pages sent as references since the last live SYNC the destination answered. */
+uint64_t nas_dedup_live_unconfirmed(void);
 /* Send a live SYNC if nas_dedup_live_can_switchover() asked for one. */
 void nas_dedup_live_flush(void);
 /*
@@ -201,6 +224,22 @@ void nas_dedup_live_flush(void);
  */
 bool nas_dedup_live_can_switchover(uint64_t pending_bytes,
                                    uint64_t threshold_bytes);
+
+/* nas-dedup-postcopy.c: dedup-nas with postcopy-ram */
+/* Once, at start-up (nas_dedup_init()): the destination's LISTEN check. */
+void nas_dedup_postcopy_init(void);
+/* Source, a migration starts (nas_dedup_save_setup()). */
+void nas_dedup_postcopy_setup(void);
+/* The gate found every reference resolved (the final SYNC may follow). */
+bool nas_dedup_postcopy_resolved(void);
+/*
+ * Migration thread, postcopy asked for and otherwise ready to start:
+ * false until every reference sent is resolved and the final SYNC went
+ * out.  May fail the migration (the guest keeps running on the source).
+ */
+bool nas_dedup_postcopy_can_start(MigrationState *s);
+/* End of a RAM iteration (ram_save_iterate()): send what the gate wants. */
+void nas_dedup_postcopy_flush(void);
 
 /* nas-dedup-load.c: destination side, called from ram.c */
 int nas_dedup_load_setup(Error **errp);
@@ -230,5 +269,11 @@ void nas_dedup_load_pages_arrived(RAMBlock *block, const ram_addr_t *offsets,
  * reference was neither verified nor sent again.
  */
 bool nas_dedup_load_check(Error **errp);
+/*
+ * The destination is about to listen for postcopy pages: false (and @errp
+ * set) if any page sent as a reference is not resolved, or the final SYNC
+ * has not come.
+ */
+bool nas_dedup_load_postcopy_listen(Error **errp);
 
 #endif

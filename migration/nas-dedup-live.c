@@ -51,11 +51,25 @@ void nas_dedup_live_setup(void)
     memset(&live, 0, sizeof(live));
 }
 
+uint64_t nas_dedup_live_unconfirmed(void)
+{
+    return nas_dedup_save_refs_sent() - live.resolved_mark;
+}
+
+void nas_dedup_live_watch(uint32_t seq, uint64_t backlog_pages)
+{
+    nas_dedup_rp_watch(NAS_DEDUP_WATCH_SYNC,
+                       qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
+                       NAS_DEDUP_LIVE_TIMEOUT_MS +
+                       backlog_pages * NAS_DEDUP_CHUNK * 1000 /
+                       NAS_DEDUP_MIN_FETCH_RATE, seq);
+}
+
 void nas_dedup_live_flush(void)
 {
-    uint64_t backlog;
-
-    if (!live.wanted || live.seq) {
+    nas_dedup_postcopy_flush();
+    /* Closed for postcopy: the gate's SYNCs do the live SYNC's job. */
+    if (!live.wanted || live.seq || nas_dedup_save_closed()) {
         return;
     }
     live.seq = nas_dedup_save_put_sync(false);
@@ -66,11 +80,7 @@ void nas_dedup_live_flush(void)
     live.syncs++;
     live.wanted = false;
     /* The answer must come in time, even if we block writing. */
-    backlog = (live.mark - live.resolved_mark) * NAS_DEDUP_CHUNK;
-    nas_dedup_rp_watch(NAS_DEDUP_WATCH_SYNC,
-                       qemu_clock_get_ms(QEMU_CLOCK_REALTIME) +
-                       NAS_DEDUP_LIVE_TIMEOUT_MS +
-                       backlog * 1000 / NAS_DEDUP_MIN_FETCH_RATE, live.seq);
+    nas_dedup_live_watch(live.seq, live.mark - live.resolved_mark);
 }
 
 bool nas_dedup_live_can_switchover(uint64_t pending_bytes,
@@ -80,6 +90,14 @@ bool nas_dedup_live_can_switchover(uint64_t pending_bytes,
 
     if (!migrate_dedup_nas()) {
         return true;
+    }
+    /*
+     * Closed for postcopy (nas-dedup-postcopy.c): no more references, and
+     * the postcopy gate's SYNCs let the destination catch up; the guest
+     * may stop (for pre-copy's switchover or postcopy's) once they did.
+     */
+    if (nas_dedup_save_closed()) {
+        return nas_dedup_postcopy_resolved();
     }
     sent = nas_dedup_save_refs_sent();
     if (!sent) {

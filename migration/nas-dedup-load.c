@@ -591,6 +591,10 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
         error_setg(errp, "dedup-nas: REFS record before the SETUP record");
         return -EINVAL;
     }
+    if (load->final_seen) {
+        error_setg(errp, "dedup-nas: REFS record after the final SYNC");
+        return -EINVAL;
+    }
     if (!nas_dedup_fetcher_has_drive(load->fetcher, rec->drive)) {
         error_setg(errp, "dedup-nas: REFS record for drive %u, which the "
                    "source never defined", rec->drive);
@@ -749,6 +753,19 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
     }
     g_free(rec);
     return ret;
+}
+
+bool nas_dedup_load_postcopy_listen(Error **errp)
+{
+    if (!load || !load->refs_seen) {
+        return true;
+    }
+    if (!load->final_seen) {
+        error_setg(errp, "dedup-nas: postcopy started before the final "
+                   "SYNC: references may be unresolved");
+        return false;
+    }
+    return nas_dedup_load_check(errp);
 }
 
 bool nas_dedup_load_check(Error **errp)

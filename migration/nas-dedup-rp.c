@@ -260,6 +260,11 @@ int nas_dedup_rp_final(MigrationState *s, Error **errp)
     return 0;
 }
 
+uint64_t nas_dedup_rp_noref_pages(void)
+{
+    return qatomic_read(&rp.noref_pages);
+}
+
 bool nas_dedup_rp_take_noref(RAMBlock *block, ram_addr_t offset)
 {
     RpBlock *rb;

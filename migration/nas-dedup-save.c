@@ -53,6 +53,15 @@ static struct {
     unsigned long *drive_sent;      /* DRIVE records sent, by drive */
     bool setup_sent;
     bool any_refs;
+    /*
+     * No more references: every page goes in full from now on (before
+     * postcopy, see nas-dedup-postcopy.c).  Set by the migration thread;
+     * read by the return-path thread too, which sends urgent pages with
+     * postcopy-preempt: qatomic_*() access.
+     */
+    bool closed;
+    bool final_sent;                /* SYNC(final=1) went out */
+    uint64_t passes;                /* over RAM, completed */
     uint32_t seq;
     unsigned rounds;
     int64_t deadline_ms;            /* of the switchover */
@@ -125,6 +134,10 @@ int nas_dedup_save_setup(Error **errp)
     save.f = NULL;
     save.setup_sent = false;
     save.any_refs = false;
+    qatomic_set(&save.closed, false);
+    save.final_sent = false;
+    save.passes = 0;
+    nas_dedup_postcopy_setup();
     save.seq = 0;
     save.rounds = 0;
     save.deadline_ms = 0;
@@ -181,13 +194,18 @@ uint32_t nas_dedup_save_put_sync(bool final)
 {
     NasDedupRecord *rec;
 
-    if (!save.f) {
-        return 0;               /* nothing sent yet */
+    /*
+     * Nothing sent yet; or past the final SYNC, or in postcopy, where
+     * ram_load_postcopy() takes no record of ours.
+     */
+    if (!save.f || save.final_sent || migration_in_postcopy()) {
+        return 0;
     }
     rec = g_new0(NasDedupRecord, 1);
     rec->type = NAS_DEDUP_REC_SYNC;
     rec->seq = ++save.seq;
     rec->final = final;
+    save.final_sent |= final;
     nas_dedup_rp_sync_sent(rec->seq);
     trace_nas_dedup_save_sync(rec->seq, final);
     /* Any RAMBlock will do: the record is about all of them. */
@@ -281,7 +299,12 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     NasDedupHash hash;
     NasDedupLoc loc;
 
-    if (!save.drive_sent || nas_dedup_rp_take_noref(block, offset)) {
+    /*
+     * A page asked again goes in full (and is no longer owed once taken
+     * here, closed or not: the postcopy gate counts what is owed).
+     */
+    if (!save.drive_sent || nas_dedup_rp_take_noref(block, offset) ||
+        qatomic_read(&save.closed)) {
         return 0;
     }
     RCU_READ_LOCK_GUARD();
@@ -348,6 +371,31 @@ uint64_t nas_dedup_save_bytes_saved(void)
                            stat64_get(&nas_dedup_counters.ref_bytes));
 }
 
+bool nas_dedup_save_active(void)
+{
+    return save.drive_sent;
+}
+
+void nas_dedup_save_close(void)
+{
+    qatomic_set(&save.closed, true);
+}
+
+bool nas_dedup_save_closed(void)
+{
+    return qatomic_read(&save.closed);
+}
+
+void nas_dedup_save_pass_done(void)
+{
+    save.passes++;
+}
+
+uint64_t nas_dedup_save_passes(void)
+{
+    return save.passes;
+}
+
 uint64_t nas_dedup_save_refs_sent(void)
 {
     if (!save.drive_sent || !save.any_refs) {
@@ -360,7 +408,12 @@ void nas_dedup_save_switchover(void)
 {
     MigrationState *s = migrate_get_current();
 
-    if (!save.drive_sent) {
+    /*
+     * Nothing to wait for in postcopy: the references were resolved
+     * before it started (nas-dedup-postcopy.c), and the guest runs on the
+     * destination.
+     */
+    if (!save.drive_sent || save.final_sent || migration_in_postcopy()) {
         return;
     }
     /*
@@ -390,6 +443,9 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
     uint32_t pending;
     int64_t ret;
 
+    if (save.final_sent) {
+        return 0;               /* resolved before postcopy would start */
+    }
     ret = nas_dedup_save_flush_run();
     if (ret < 0) {
         error_setg_errno(errp, -ret, "dedup-nas: failed to send references");

@@ -37,6 +37,7 @@ static struct {
 void nas_dedup_init(void)
 {
     qemu_mutex_init(&nas_dedup.lock);
+    nas_dedup_postcopy_init();
 }
 
 bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
@@ -45,8 +46,6 @@ bool nas_dedup_caps_check(const bool *new_caps, Error **errp)
         MigrationCapability cap;
         const char *why;
     } conflicts[] = {
-        { MIGRATION_CAPABILITY_POSTCOPY_RAM,
-          "postcopy cannot repair pages after switchover" },
         { MIGRATION_CAPABILITY_MAPPED_RAM, "mapped-ram writes to a file" },
         { MIGRATION_CAPABILITY_BACKGROUND_SNAPSHOT,
           "a snapshot has no destination to read the disks" },

@@ -13,6 +13,8 @@
 #                          the RAM bytes, and its query-migrate statistics
 #                          must be consistent between source and destination
 #   test_qcow2             dedup-nas with a qcow2 image
+#   test_postcopy          dedup-nas with postcopy-ram (small guest): RAM
+#                          identical, verdict OK
 #   test_fault_*           the fault matrix, each on a small guest of its
 #                          own (256 MiB, 64 MiB of page cache): NFS server
 #                          stopped 2 s in pre-copy (1), stopped at
@@ -1255,6 +1257,55 @@ class NasDedupMigration(QemuSystemTest):
                          f'{case}: {s} / {d}')
         self.assertEqual(s['resent-pages'], s['reference-pages'],
                          f'{case}: {s}')
+        self._fm_shutdown(dst)
+        self._fm_done()
+
+    def test_postcopy(self):
+        """dedup-nas with postcopy-ram, postcopy asked for right after
+        migrate: it starts only once the first pass's references are
+        resolved; the destination (paused, -S) then holds the source's RAM
+        byte for byte, and the guest's verdict is OK."""
+        case = 'postcopy'
+        disk, src, con = self._fm_start(
+            case, both=('-global', 'migration.x-postcopy-ram=on'))
+        dst, uri = self._fm_dest(f'dst-{case}', disk)
+        self._fm_defaults(src)
+        # The guest keeps dirtying memory: with 1 ms, pre-copy cannot end.
+        self._fm_set(src, downtime_limit=1)
+        src.cmd('migrate', uri=uri)
+        src.cmd('migrate-start-postcopy')
+        t0 = time.monotonic()
+        switched = None
+        while True:
+            info = src.cmd('query-migrate')
+            if 'dedup-nas' in info:
+                self.fm_live = info
+            if info['status'] == 'postcopy-active' and switched is None:
+                switched = info
+                switch_s = time.monotonic() - t0
+            if info['status'] in ('completed', 'failed', 'cancelled'):
+                break
+            if time.monotonic() - t0 > self.FM_MIGRATE_TIMEOUT:
+                self.fail(f'{case}: not over after {self.FM_MIGRATE_TIMEOUT}'
+                          f' s (status {info["status"]})')
+            time.sleep(0.02)
+        self.assertIsNotNone(switched, f'{case}: postcopy never started '
+                             f'({info["status"]}: {info.get("error-desc")})')
+        s = switched['dedup-nas']
+        self.assertGreater(s['reference-pages'], 0,
+                           f'{case}: no reference before postcopy: {s}')
+        dinfo = self._fm_expect_completed(case, src, info, dst)
+        d = dinfo['dedup-nas-incoming']
+        # Every reference was read before the switch; none after it.
+        self.assertEqual(d['fetched-blocks'], info['dedup-nas']
+                         ['reference-pages'], f'{case}: {d}')
+        self.assertEqual(info['dedup-nas']['reference-pages'],
+                         s['reference-pages'], f'{case}: references after '
+                         'postcopy started')
+        self.assertEqual(d['resend-requests'],
+                         d['mismatches'] + d['read-errors'], f'{case}: {d}')
+        self._fm_row(case, 'a', info, dinfo,
+                     f'postcopy-active after {switch_s:.2f} s')
         self._fm_shutdown(dst)
         self._fm_done()
 

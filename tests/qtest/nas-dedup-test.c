@@ -23,6 +23,10 @@
  *                          the source keeps running
  *  /nas-dedup/multifd/{none,zstd}  with multifd (4 channels): the race
  *                          case and randomized migrations, RAM identical
+ *  /nas-dedup/postcopy/{plain,preempt}  with postcopy-ram (and preempt),
+ *                          asked for at once: it starts once the first
+ *                          pass's references are resolved (the race case
+ *                          before it), RAM identical
  *  /nas-dedup/multifd/stall  a destination that stops reading its multifd
  *                          sockets during switchover: the migration fails
  *                          within the bound, the source runs
@@ -737,6 +741,8 @@ static void test_race(void)
      */
     migrate_set_parameter_int(g.src.qts, "downtime-limit", 30 * 1000);
     migrate_set_parameter_int(g.src.qts, "max-bandwidth", 4 * MiB);
+    /* Postcopy may be over before a query sees it: its event tells. */
+    migrate_set_capability(g.src.qts, "events", true);
     migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
     rsp = wait_for_status(g.src.qts, "active", NULL);
     qobject_unref(rsp);
@@ -783,6 +789,134 @@ static void test_race(void)
                          >, rand_bytes);
     }
     guest_teardown(&g);
+}
+
+/* Postcopy: the source keeps rewriting its random pages, all of them. */
+#define PC_RAND_BYTES   (4 * MiB)
+/* The destination's reads of the shared disk, slower than the first pass. */
+#define PC_READ_BPS     (4 * MiB)
+
+/*
+ * dedup-nas with postcopy-ram (and @opaque non-NULL: postcopy-preempt).
+ * Postcopy is asked for at once; it must wait until the references of the
+ * first pass are resolved, the blocks overwritten behind the source's
+ * back among them asked again and sent in full; from then on every page
+ * goes in full, through postcopy's own paths.  The destination reads the
+ * shared disk through a throttle node, slower than the first pass goes:
+ * the gate's first SYNC finds pages still awaited (its trace says
+ * "resending"), so the gate must wait for them and SYNC again.  The source
+ * keeps dirtying its random pages by writing back what they hold, so that
+ * pre-copy does not converge, and a write that comes after the guest
+ * stopped changes nothing.
+ */
+static void test_postcopy(const void *opaque)
+{
+    g_autofree uint8_t *keep = g_malloc(PC_RAND_BYTES);
+    g_autofree char *log = g_build_filename(tmpdir, "postcopy-src.log", NULL);
+    g_autofree char *trace = g_strdup_printf("-trace nas_dedup_postcopy_gate "
+                                             "2>%s", log);
+    g_autofree char *drive = g_strdup_printf(
+        "driver=throttle,throttle-group=tg0,file.driver=raw,"
+        "file.file.driver=file,file.file.filename=%s", image_path);
+    g_autofree char *throttle = g_strdup_printf(
+        "-object throttle-group,id=tg0,x-bps-read=%u -incoming defer",
+        (unsigned)PC_READ_BPS);
+    g_autofree char *dst_args = NULL;
+    g_autofree char *status = NULL;
+    g_autofree char *out = NULL;
+    g_autoptr(GTimer) timer = g_timer_new();
+    unsigned writes = 0;
+    bool postcopy = false;
+    DedupStats st;
+    QDict *ev;
+    Guest g;
+
+    if (!ufd_version_check(NULL)) {
+        g_test_skip("userfaultfd is not available");
+        return;
+    }
+    mig_globals = opaque ? "-global migration.x-postcopy-ram=on "
+                           "-global migration.x-postcopy-preempt=on"
+                         : "-global migration.x-postcopy-ram=on";
+    memset(&g, 0, sizeof(g));
+    make_image();
+    source_boot_args(&g.src, true, trace);
+    g.rand_bytes = PC_RAND_BYTES;
+    g.rand_addr = guest_buf(&g.src, PC_RAND_BYTES);
+    write_random(g.src.qts, g.rand_addr, PC_RAND_BYTES, 0x5eed);
+    g.dma_bytes = RACE_DMA_BYTES;
+    g.dma_addr = guest_buf(&g.src, RACE_DMA_BYTES);
+    dma_read_disk(&g.src, g.dma_addr, 0, RACE_DMA_BYTES);
+    dst_args = machine_args_drive(true, false, drive, throttle);
+    g.dst = qtest_init(dst_args);
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+
+    overwrite_blocks(RACE_BEFORE_FIRST, RACE_COUNT, RACE_STRIDE, 1);
+    read_guest(g.src.qts, g.rand_addr, keep, PC_RAND_BYTES);
+
+    /*
+     * 4 KiB may go while the guest is stopped, and the pages rewritten
+     * between two syncs of the dirty bitmap take a second to send:
+     * pre-copy cannot end.
+     */
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", 1);
+    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 4 * MiB);
+    /* Postcopy may be over before a query sees it: its event tells. */
+    migrate_set_capability(g.src.qts, "events", true);
+    migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
+    qtest_qmp_assert_success(g.src.qts,
+                             "{ 'execute': 'migrate-start-postcopy' }");
+    for (;;) {
+        QDict *rsp;
+
+        qtest_bufwrite(g.src.qts, g.rand_addr, keep, PC_RAND_BYTES);
+        writes++;
+        rsp = migrate_query(g.src.qts);
+        g_free(status);
+        status = g_strdup(qdict_get_str(rsp, "status"));
+        qobject_unref(rsp);
+        if (strcmp(status, "active") && strcmp(status, "setup") &&
+            strcmp(status, "device")) {
+            break;
+        }
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+    }
+    g_test_message("%s after %u rewrites of %u KiB", status, writes,
+                   (unsigned)(PC_RAND_BYTES / KiB));
+    /* The events of the migration so far came before the last answer. */
+    while ((ev = qtest_qmp_event_ref(g.src.qts, "MIGRATION"))) {
+        postcopy |= !strcmp(qdict_get_str(qdict_get_qdict(ev, "data"),
+                                          "status"), "postcopy-active");
+        qobject_unref(ev);
+    }
+    g_assert(postcopy);
+
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    read_stats(g.src.qts, g.dst, true, &st);
+    assert_ram_equal(g.src.qts, g.dst);
+    /* The destination holds what the device read, not the new blocks. */
+    assert_ram_holds_disk(g.dst, g.dma_addr, 0, RACE_DMA_BLOCKS, NULL);
+
+    /* References went; each was verified, or asked again and resent. */
+    g_assert_cmpuint(st.ref_pages, >=, RACE_DMA_BLOCKS * 95 / 100);
+    g_assert_cmpuint(st.ref_pages, <=, RACE_DMA_BLOCKS);
+    g_assert_cmpuint(st.mismatches, <=, RACE_COUNT);
+    g_assert_cmpuint(st.mismatches, >=,
+                     RACE_COUNT - (RACE_DMA_BLOCKS - st.ref_pages));
+    g_assert_cmpuint(st.read_errors, ==, 0);
+    g_assert_cmpuint(st.resend_requests, ==, st.mismatches);
+    g_assert_cmpuint(st.resent_pages, ==, st.mismatches);
+    g_assert_cmpuint(st.verified_pages + st.mismatches, ==, st.ref_pages);
+
+    /* The gate waited for pages asked again, and then let postcopy go. */
+    g_assert(g_file_get_contents(log, &out, NULL, NULL));
+    g_test_message("source's gate:\n%s", out);
+    g_assert(strstr(out, "-> resending"));
+    g_assert(strstr(out, "final-wanted -> done"));
+    mig_globals = "";
+    guest_teardown(&g);
+    unlink(log);
 }
 
 /*
@@ -914,18 +1048,25 @@ static void test_caps(void)
     migrate_set_capability(qts, "multifd", true);
     g_assert(cap_state(qts, "multifd"));
     migrate_set_capability(qts, "multifd", false);
-    assert_cap_fails(qts, "postcopy-ram", true,
-                     "not compatible with 'postcopy-ram'");
+    /* References are resolved before postcopy starts (/nas-dedup/postcopy). */
+    migrate_set_capability(qts, "postcopy-ram", true);
+    migrate_set_capability(qts, "postcopy-preempt", true);
+    g_assert(cap_state(qts, "postcopy-preempt"));
+    migrate_set_capability(qts, "postcopy-preempt", false);
+    migrate_set_capability(qts, "postcopy-ram", false);
     assert_cap_fails(qts, "xbzrle", true, "not compatible with 'xbzrle'");
     g_assert(cap_state(qts, "dedup-nas"));
     g_assert(cap_state(qts, "return-path"));
     g_assert(!cap_state(qts, "multifd"));
 
-    /* The other order: postcopy first. */
+    /* The other order: xbzrle first. */
     migrate_set_capability(qts, "dedup-nas", false);
+    migrate_set_capability(qts, "xbzrle", true);
+    assert_cap_fails(qts, "dedup-nas", true, "not compatible with 'xbzrle'");
+    migrate_set_capability(qts, "xbzrle", false);
     migrate_set_capability(qts, "postcopy-ram", true);
-    assert_cap_fails(qts, "dedup-nas", true,
-                     "not compatible with 'postcopy-ram'");
+    migrate_set_capability(qts, "dedup-nas", true);
+    g_assert(cap_state(qts, "postcopy-ram"));
     migrate_set_capability(qts, "postcopy-ram", false);
 
     /* The index size is 0 (auto) or within bounds. */
@@ -3298,6 +3439,8 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/race", test_race);
     ADD_CASES("/nas-dedup/malformed", malformed_cases, test_malformed);
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
+    g_test_add_data_func("/nas-dedup/postcopy/plain", NULL, test_postcopy);
+    g_test_add_data_func("/nas-dedup/postcopy/preempt", "", test_postcopy);
     g_test_add_data_func("/nas-dedup/multifd/none", "none", test_multifd);
     g_test_add_func("/nas-dedup/multifd/stall", test_multifd_stall);
 #ifdef CONFIG_ZSTD

@@ -1,0 +1,229 @@
+/*
+ * SPDX-License-Identifier: GPL-2.0-or-later
+ *
+ * dedup-nas with postcopy-ram
+ *
+ * Postcopy places pages with UFFDIO_COPY once the destination listens,
+ * and the page request path only sends pages that are dirty on the
+ * source: a page sent as a reference and still being read when postcopy
+ * starts could be neither placed from its read nor asked again.  So the
+ * references are resolved before postcopy starts, while the guest still
+ * runs on the source:
+ *
+ * 1. once postcopy is asked for (migrate-start-postcopy) and the first
+ *    pass over RAM is done (the scan of the dirty bitmap wrapped), so
+ *    that the pages found on disk went as references, the source sends
+ *    no more references ("closed"): every page from now on goes in full,
+ *    in pre-copy and in postcopy alike;
+ * 2. at the end of the next iteration it sends SYNC(final=0); the
+ *    destination reads every block still to read and answers, after its
+ *    DEDUP_RESEND requests, how many pages it awaits;
+ * 3. if some, they are dirtied again and sent in full by the next
+ *    iterations, and once they went, 2. is repeated;
+ * 4. otherwise the source sends SYNC(final=1), and postcopy may start.
+ *    The destination fails the load (before it listens) if a reference
+ *    is not resolved by then.
+ *
+ * Until 4., dedup-nas may fail the migration (an answer that does not
+ * come in time, a destination that keeps asking): the guest keeps running
+ * on the source.  The gate only delays postcopy; the migration may also
+ * complete as pre-copy, with the usual switchover handshake, but only once
+ * the gate found everything resolved (nas_dedup_live_can_switchover()):
+ * the guest is not stopped while a backlog of reads is still to come.
+ */
+#include "qemu/osdep.h"
+#include "qemu/notify.h"
+#include "qapi/error.h"
+#include "migration.h"
+#include "postcopy-ram.h"
+#include "nas-dedup-int.h"
+#include "options.h"
+#include "trace.h"
+
+/*
+ * Answers in a row that count no fewer pages awaited than the one before,
+ * before the source gives up.
+ */
+#define NAS_DEDUP_POSTCOPY_ROUNDS 16
+/*
+ * Pages asked again are re-sent by the next iterations; the next SYNC
+ * waits for that, but no longer than this many iterations (a page the
+ * guest zeroed since goes as a zero page, which does not count).
+ */
+#define NAS_DEDUP_POSTCOPY_RESEND_ITERATIONS 64
+/* How long one check waits for an answer, not to spin. */
+#define NAS_DEDUP_POSTCOPY_WAIT_MS 20
+
+typedef enum {
+    GATE_OPEN,          /* references go out as usual */
+    GATE_SYNC_WANTED,   /* closed: SYNC at the end of the next iteration */
+    GATE_SYNC_SENT,     /* waiting for its answer */
+    GATE_RESENDING,     /* pages asked again: SYNC once they went */
+    GATE_FINAL_WANTED,  /* all resolved: the final SYNC at the next flush */
+    GATE_DONE,          /* postcopy may start */
+} NasDedupPostcopyGate;
+
+static const char *const gate_names[] = {
+    [GATE_OPEN] = "open",
+    [GATE_SYNC_WANTED] = "sync-wanted",
+    [GATE_SYNC_SENT] = "sync-sent",
+    [GATE_RESENDING] = "resending",
+    [GATE_FINAL_WANTED] = "final-wanted",
+    [GATE_DONE] = "done",
+};
+
+/* Migration thread only. */
+static struct {
+    NasDedupPostcopyGate state;
+    uint32_t seq;               /* of the SYNC in flight */
+    uint32_t last_pending;      /* pages awaited, as last answered */
+    unsigned stuck;             /* answers in a row without progress */
+    unsigned iterations;        /* spent in GATE_RESENDING */
+} gate;
+
+void nas_dedup_postcopy_setup(void)
+{
+    memset(&gate, 0, sizeof(gate));
+    gate.last_pending = UINT32_MAX;
+}
+
+static void gate_set(NasDedupPostcopyGate state, uint32_t pending)
+{
+    trace_nas_dedup_postcopy_gate(gate_names[gate.state], gate_names[state],
+                                  gate.seq, pending);
+    gate.state = state;
+}
+
+bool nas_dedup_postcopy_resolved(void)
+{
+    return gate.state == GATE_FINAL_WANTED || gate.state == GATE_DONE;
+}
+
+bool nas_dedup_postcopy_can_start(MigrationState *s)
+{
+    g_autoptr(Error) err = NULL;
+    uint32_t pending;
+
+    if (!migrate_dedup_nas() || !nas_dedup_save_active()) {
+        return true;
+    }
+    switch (gate.state) {
+    case GATE_OPEN:
+        /* The first pass sends what the index knows as references. */
+        if (!nas_dedup_save_passes()) {
+            return false;
+        }
+        nas_dedup_save_close();
+        if (!nas_dedup_save_refs_sent()) {
+            /* Nothing to resolve; nothing of ours fails postcopy. */
+            if (nas_dedup_rp_final(s, &err) < 0) {
+                nas_dedup_rp_fail(s, err);
+                return false;
+            }
+            gate_set(GATE_DONE, 0);
+            return true;
+        }
+        gate_set(GATE_SYNC_WANTED, 0);
+        return false;
+    case GATE_SYNC_SENT:
+        if ((int32_t)(nas_dedup_rp_acked(&pending) - gate.seq) < 0) {
+            /* The watchdog fails the migration if it does not come. */
+            nas_dedup_rp_wait(NAS_DEDUP_POSTCOPY_WAIT_MS);
+            return false;
+        }
+        nas_dedup_rp_watch(NAS_DEDUP_WATCH_NONE, 0, 0);
+        if (!pending) {
+            gate_set(GATE_FINAL_WANTED, 0);
+            return false;
+        }
+        gate.stuck = pending < gate.last_pending ? 0 : gate.stuck + 1;
+        if (gate.stuck >= NAS_DEDUP_POSTCOPY_ROUNDS) {
+            error_setg(&err, "dedup-nas: the destination still awaits %u "
+                       "pages after %u answers in a row without progress, "
+                       "before postcopy", pending, gate.stuck);
+            nas_dedup_rp_fail(s, err);
+            return false;
+        }
+        gate.last_pending = pending;
+        gate.iterations = 0;
+        gate_set(GATE_RESENDING, pending);
+        return false;
+    case GATE_DONE:
+        return true;
+    default:
+        return false;           /* nas_dedup_postcopy_flush() moves on */
+    }
+}
+
+static void put_sync(uint64_t backlog_pages)
+{
+    gate.seq = nas_dedup_save_put_sync(false);
+    nas_dedup_live_watch(gate.seq, backlog_pages);
+    gate_set(GATE_SYNC_SENT, 0);
+}
+
+void nas_dedup_postcopy_flush(void)
+{
+    g_autoptr(Error) err = NULL;
+    MigrationState *s = migrate_get_current();
+
+    switch (gate.state) {
+    case GATE_SYNC_WANTED:
+        /*
+         * After the last references (the run was flushed just before);
+         * the answer may take as long as reading what the destination
+         * has not confirmed yet.
+         */
+        put_sync(nas_dedup_live_unconfirmed());
+        break;
+    case GATE_RESENDING:
+        /*
+         * nas_dedup_save_flush() dirtied the pages asked again (those it
+         * knew of at the answer, at the latest now).  If the previous
+         * answer made no progress either, dirty all that are still owed:
+         * a free page hint may have cleared a bit since.
+         */
+        if (!gate.iterations++ && gate.stuck &&
+            nas_dedup_rp_redirty(true, &err) < 0) {
+            nas_dedup_rp_fail(s, err);
+            break;
+        }
+        if (!nas_dedup_rp_noref_pages() ||
+            gate.iterations > NAS_DEDUP_POSTCOPY_RESEND_ITERATIONS) {
+            put_sync(0);        /* no reference since the last answer */
+        }
+        break;
+    case GATE_FINAL_WANTED:
+        /* From here on, nothing of dedup-nas fails the migration. */
+        if (nas_dedup_rp_final(s, &err) < 0) {
+            nas_dedup_rp_fail(s, err);
+            break;
+        }
+        nas_dedup_save_put_sync(true);
+        gate_set(GATE_DONE, 0);
+        break;
+    default:
+        break;
+    }
+}
+
+/*
+ * Destination: postcopy places pages with UFFDIO_COPY from the moment it
+ * listens; nothing of dedup-nas may still write guest RAM by then.
+ */
+static int listen_notify(NotifierWithReturn *n, void *data, Error **errp)
+{
+    struct PostcopyNotifyData *pnd = data;
+
+    if (pnd->reason != POSTCOPY_NOTIFY_INBOUND_LISTEN) {
+        return 0;
+    }
+    return nas_dedup_load_postcopy_listen(errp) ? 0 : -1;
+}
+
+static NotifierWithReturn listen_notifier = { .notify = listen_notify };
+
+void nas_dedup_postcopy_init(void)
+{
+    postcopy_add_notifier(&listen_notifier);
+}
