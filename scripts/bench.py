@@ -22,6 +22,10 @@ Matrices (--matrix):
             destination RAM preallocation ("dst prealloc": -mem-prealloc on
             the destination QEMU only); then the scaling series; tracking
             overhead (about 1 h 45 min, see docs/benchmark-links.md)
+  postcopy  1 GiB at 60 % page cache on 1 GbE: pre-copy, postcopy,
+            dedup-nas and dedup-nas+postcopy (postcopy asked for right
+            after migrate): when the guest runs on the destination, when
+            the last page is there (about 5 min)
   scaling   the scaling series alone: 60 % page cache, idle, raw, 1 GbE,
             guests of 1, 2, 4 and 8 GiB, each with its own data disk,
             the upstream and dedup-nas modes (no xbzrle at 4 and 8 GiB);
@@ -70,6 +74,7 @@ LINK_1GBE = 125000000           # bytes/s: 1 Gbit/s
 LINK_10GBE = 1250000000         # bytes/s: 10 Gbit/s
 MULTIFD = "-global migration.x-multifd=on -global migration.multifd-channels=2"
 DEDUP = "-global migration.x-dedup-nas=on -global migration.x-return-path=on"
+POSTCOPY = "-global migration.x-postcopy-ram=on"
 
 MODES = {
     # name: (caps on both sides, source params, destination params, QEMU args)
@@ -82,7 +87,11 @@ MODES = {
     "dedup-nas+multifd": ("", {}, {}, DEDUP + " " + MULTIFD),
     "dedup-nas+multifd+zstd": ("", {}, {},
                                DEDUP + " " + MULTIFD + " -global migration.multifd-compression=zstd"),
+    # migrate-start-postcopy right after migrate (e2e-smoke.sh NASDEDUP_POSTCOPY).
+    "postcopy": ("", {}, {}, POSTCOPY),
+    "dedup-nas+postcopy": ("", {}, {}, DEDUP + " " + POSTCOPY),
 }
+POSTCOPY_MODES = ("postcopy", "dedup-nas+postcopy")
 UPSTREAM_MODES = ("pre-copy", "xbzrle", "multifd", "multifd+zstd")
 DEDUP_ARGS = MODES["dedup-nas"][3]
 WORKLOADS = {
@@ -117,15 +126,19 @@ def scenario(mem, cache, work="idle", fmt="raw", link="1GbE", prealloc="off", se
 
 def scaling_runs():
     return [(scenario(mem, 60, series="scaling"),
-             [m for m in MODES if not (m == "xbzrle" and mem in SCALING_NO_XBZRLE)])
+             [m for m in MODES if m not in POSTCOPY_MODES and
+              not (m == "xbzrle" and mem in SCALING_NO_XBZRLE)])
             for mem in SCALING_SIZES]
 
 
 def matrix(name):
-    all_modes = list(MODES)
+    # The postcopy modes have a matrix of their own.
+    all_modes = [m for m in MODES if m not in POSTCOPY_MODES]
     runs = []
     if name == "smoke":
         runs.append((scenario("512M", 60), ["pre-copy", "dedup-nas"]))
+    elif name == "postcopy":
+        runs.append((scenario("1G", 60), ["pre-copy", "postcopy", "dedup-nas", "dedup-nas+postcopy"]))
     elif name == "links":
         # One guest on every link model, every mode, with and without
         # destination RAM preallocation; then the scaling series.
@@ -219,6 +232,9 @@ def run_e2e(env_extra, log_path, timeout):
             if not isinstance(e, subprocess.TimeoutExpired):
                 raise
             out += "\nTIMEOUT\n"
+        # Its results (E2E-RESULT, IOBENCH) too: the log is all a run leaves
+        # if the benchmark ends before its report.
+        log.write("--- stdout ---\n" + out)
     return p.returncode, out
 
 
@@ -263,7 +279,9 @@ def one_run(args, sc, mode, idx, total):
     if mode.startswith("dedup-nas"):
         dparams = dict(dparams, **{"dedup-nas-fetch-connections": FETCH_CONNECTIONS})
     wmb, dmb, cmb = WORKLOADS[sc["work"]]
-    sparams = dict(sparams, **{"max-bandwidth": LINKS[sc["link"]]})
+    # The link model holds in postcopy too (its own limit is unlimited by default).
+    sparams = dict(sparams, **{"max-bandwidth": LINKS[sc["link"]],
+                               "max-postcopy-bandwidth": LINKS[sc["link"]]})
     # The scaling series has no floor: saving and hashing up to 8 GiB of
     # RAM and a 5 GiB disk per run would cost more than the run.
     snap = os.path.join(args.out, "snapshot") if sc["series"] != "scaling" else ""
@@ -281,6 +299,7 @@ def one_run(args, sc, mode, idx, total):
         "NASDEDUP_SNAPSHOT_DIR": snap, "NASDEDUP_KEEP_NFS": "1",
         "NASDEDUP_BOOT_TIMEOUT": str(boot_t), "NASDEDUP_MIGRATE_TIMEOUT": str(mig_t),
         "NASDEDUP_VERIFY_TIMEOUT": str(verify_t),
+        "NASDEDUP_POSTCOPY": "1" if mode in POSTCOPY_MODES else "0",
     }
     say("run %d/%d: %s, %s" % (idx, total, scen_label(sc), mode))
     log = os.path.join(args.out, "logs", "run%03d-%s.log" % (idx, mode.replace("+", "-")))
@@ -415,9 +434,19 @@ def iobench(args, full_index=False):
            args.iobench_rounds, read_mb, write_mb))
     log = os.path.join(args.out, "logs", "iobench-full.log" if full_index else "iobench.log")
     rc, out = run_e2e(env, log, args.run_timeout * 2)
-    rounds = [parse_kv(l, "IOBENCH ") for l in out.splitlines() if l.startswith("IOBENCH ")]
-    if rc != 0 or not rounds:
+    res = iobench_result(out) if rc == 0 else None
+    if not res:
         say("    iobench failed (log: %s)" % log)
+        return None
+    say("    total centiseconds off %s, on %s: overhead %+.1f %% (medians)"
+        % (res["off_cs"], res["on_cs"], 100 * res["overhead"]))
+    return res
+
+
+def iobench_result(out):
+    """The rounds of e2e-smoke.sh's IOBENCH lines in @out, off and on."""
+    rounds = [parse_kv(l, "IOBENCH ") for l in out.splitlines() if l.startswith("IOBENCH ")]
+    if not rounds:
         return None
     res = {"rounds": rounds}
     for state in ("off", "on"):
@@ -430,8 +459,6 @@ def iobench(args, full_index=False):
     med = lambda v: v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
     res["off_med"], res["on_med"] = med(res["off_cs"]), med(res["on_cs"])
     res["overhead"] = res["on_med"] / res["off_med"] - 1 if res["off_med"] else float("nan")
-    say("    total centiseconds off %s, on %s: overhead %+.1f %% (medians)"
-        % (res["off_cs"], res["on_cs"], 100 * res["overhead"]))
     return res
 
 
@@ -471,7 +498,8 @@ FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "prealloc", "series"
           "est_total_pages", "est_zero_pages", "est_reference_pages", "est_unique_pages",
           "est_precopy_bytes", "est_dedup_nas_bytes", "est_storage_bytes", "est_ms",
           "src_cpu_s", "dst_cpu_s", "dst_rss_mib", "dst_dedup_fetch_connections",
-          "storage_limit_1_bps", "storage_limit_n_bps", "storage_limit_n", "data_mb", "run_s", "log"]
+          "storage_limit_1_bps", "storage_limit_n_bps", "storage_limit_n", "postcopy_ms",
+          "postcopy_requests", "data_mb", "run_s", "log"]
 
 
 def scen_key(r):
@@ -688,6 +716,46 @@ def versus_upstream(rows):
     return "\n".join(out) if n else ""
 
 
+def postcopy_table(rows):
+    """Per scenario with postcopy runs: when the guest runs on the destination
+    (postcopy: when the source said postcopy-active; otherwise at completion)
+    and when the last page is there, against pre-copy and dedup-nas of the
+    same run (issue #12's targets)."""
+    out = ["| scenario | mode | guest on destination | last page in place | downtime | RAM on wire "
+           "| from NFS | pages requested by the destination | verdict |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    tgt = []
+    for k in sorted({scen_key(r) for r in rows if r["mode"] in POSTCOPY_MODES}):
+        runs = [r for r in rows if scen_key(r) == k]
+        on_dst = {}
+        for r in runs:
+            pc = r["mode"] in POSTCOPY_MODES and num(r, "postcopy_ms", -1) >= 0
+            on_dst[r["mode"]] = num(r, "postcopy_ms") if pc else num(r, "total_ms")
+            out.append("| %s | %s | %.2f s%s | %.2f s | %d ms | %.1f MB | %.1f MB | %s | %s |" % (
+                scen_label(r), r["mode"], on_dst[r["mode"]] / 1e3, "" if pc or r["mode"] not in
+                POSTCOPY_MODES else " (completed as pre-copy)", num(r, "total_ms") / 1e3,
+                num(r, "downtime_ms"), num(r, "ram_transferred_bytes") / 1e6,
+                num(r, "dst_dedup_fetched_bytes") / 1e6,
+                r.get("postcopy_requests", "–") if r["mode"] in POSTCOPY_MODES else "–", r["verdict"]))
+        ok = {r["mode"]: r for r in runs if r["verdict"] == "OK"}
+        if "dedup-nas+postcopy" in ok and "pre-copy" in ok and on_dst["dedup-nas+postcopy"]:
+            ratio = on_dst["pre-copy"] / on_dst["dedup-nas+postcopy"]
+            tgt.append("| %s: guest on the destination ≥ 5× sooner than with pre-copy | %.2f× "
+                       "(%.2f s vs %.2f s) | %s |" % (
+                           scen_label(ok["pre-copy"]), ratio, on_dst["dedup-nas+postcopy"] / 1e3,
+                           on_dst["pre-copy"] / 1e3, "yes" if ratio >= 5 else "**no**"))
+        if "dedup-nas+postcopy" in ok and "dedup-nas" in ok:
+            a, b = num(ok["dedup-nas+postcopy"], "total_ms"), num(ok["dedup-nas"], "total_ms")
+            tgt.append("| %s: last page in place no later than dedup-nas pre-copy completes | "
+                       "%.2f s vs %.2f s | %s |" % (scen_label(ok["dedup-nas"]), a / 1e3, b / 1e3,
+                                                    "yes" if a <= b else "**no**"))
+    if len(out) == 2:
+        return ""
+    if tgt:
+        out += ["", "| target | measured | met |", "|---|---|---|"] + tgt
+    return "\n".join(out)
+
+
 def scaling_table(rows):
     """The scaling series: per guest size, the fastest upstream mode against
     the fastest dedup-nas mode, with bytes, index memory and CPU."""
@@ -828,7 +896,7 @@ def machine():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--matrix", default="standard",
-                    choices=("smoke", "links", "scaling", "standard", "full"))
+                    choices=("smoke", "links", "postcopy", "scaling", "standard", "full"))
     ap.add_argument("--modes", help="comma-separated subset of: " + ", ".join(MODES))
     ap.add_argument("--only", metavar="REGEX",
                     help="only the scenarios whose label matches REGEX (re.search), e.g. "
@@ -840,6 +908,11 @@ def main():
     ap.add_argument("--iobench-read-mb", type=int, default=400)
     ap.add_argument("--run-timeout", type=int, default=900,
                     help="seconds per run, at least (more for guests above 1 GiB)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse what --out's state.json holds from an earlier invocation of the "
+                    "same matrix (runs with verdict OK, whole scenarios with their storage limit, "
+                    "the tracking overhead) and run the rest; state.json is written as the "
+                    "runs go")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless every run's guest verdict is OK (smoke test)")
     args = ap.parse_args()
@@ -871,8 +944,34 @@ def main():
         args.matrix, total, len(runs), "/".join(str(m) for m in sorted({sc["data_mb"] for sc, _ in runs})),
         args.out))
     started = datetime.datetime.now(datetime.timezone.utc)
+    # At the start: the commit and QEMU the runs use, not those of the end.
+    machine_line = machine()
     rows, i, disk_mb = [], 0, None
     io = io_full = core = None
+    state_path = os.path.join(args.out, "state.json")
+    prior = {"rows": []}
+    if args.resume and os.path.exists(state_path):
+        with open(state_path) as f:
+            prior = json.load(f)
+        say("resuming: %d runs in %s" % (len(prior["rows"]), state_path))
+    if prior.get("matrix", args.matrix) != args.matrix:
+        raise SystemExit("%s is of matrix %s, not %s" % (state_path, prior["matrix"], args.matrix))
+    if args.resume and prior.get("io") is not None:
+        io, io_full, core = prior["io"], prior.get("io_full"), prior.get("core")
+    reused = 0
+
+    def save_state():
+        tmp = state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"matrix": args.matrix, "rows": rows, "io": io, "io_full": io_full,
+                       "core": core}, f)
+        os.replace(tmp, state_path)
+
+    def earlier(sc, mode):
+        for r in prior["rows"]:
+            if r["mode"] == mode and r["verdict"] == "OK" and scen_key(r) == scen_key(sc):
+                return r
+        return None
 
     def overhead():
         nonlocal io, io_full, core
@@ -882,24 +981,38 @@ def main():
             io = iobench(args) or {}
             io_full = iobench(args, full_index=True)
             core = core_bench()
+            save_state()
 
     for k, (sc, ms) in enumerate(runs):
         if sc["series"]:
             # The tracking overhead before the series, on the matrix's disk.
             overhead()
+        old = [earlier(sc, m) for m in ms]
+        if all(old):
+            # A scenario done before, storage limit included.
+            rows += old
+            i += len(ms)
+            reused += len(ms)
+            say("%s: %d runs from %s" % (scen_label(sc), len(ms), state_path))
+            continue
         if sc["data_mb"] != disk_mb:
             ensure_assets(sc["data_mb"])
             disk_mb = sc["data_mb"]
         first = len(rows)
-        for m in ms:
+        for m, o in zip(ms, old):
             i += 1
-            rows.append(one_run(args, sc, m, i, total))
+            if o:
+                reused += 1
+                rows.append(o)
+            else:
+                rows.append(one_run(args, sc, m, i, total))
         if any(m.startswith("dedup-nas") for m in ms):
             lim = storage_limit(args, str(k))
             for r in rows[first:]:
                 r["storage_limit_1_bps"] = "%.0f" % lim[1] if 1 in lim else ""
                 r["storage_limit_n_bps"] = "%.0f" % lim[FETCH_CONNECTIONS] if FETCH_CONNECTIONS in lim else ""
                 r["storage_limit_n"] = FETCH_CONNECTIONS
+        save_state()
     overhead()
     io = io or None
     derive(rows)
@@ -913,10 +1026,13 @@ def main():
     have_png = plot(rows, png)
     elapsed = datetime.datetime.now(datetime.timezone.utc) - started
     md = ["# qemu-nas-dedup benchmark results", "",
-          "Generated by `scripts/bench.sh --matrix %s%s` on %s in %d min. Do not edit: run the command again."
-          % (args.matrix, " --doc" if args.doc else "", started.strftime("%Y-%m-%d %H:%M UTC"),
-             elapsed.total_seconds() // 60), "",
-          "Machine: " + machine() + ".", "",
+          "Generated by `scripts/bench.sh --matrix %s%s%s` on %s in %d min%s. Do not edit: run the "
+          "command again."
+          % (args.matrix, " --doc" if args.doc else "", " --resume" if args.resume else "",
+             started.strftime("%Y-%m-%d %H:%M UTC"), elapsed.total_seconds() // 60,
+             "; %d of the %d runs (and the tracking overhead, if it was measured then) are an "
+             "earlier invocation's, from state.json" % (reused, len(rows)) if reused else ""), "",
+          "Machine: " + machine_line + ".", "",
           "Every run boots the same Linux guest (Debian's kernel, busybox initramfs) with its data disk "
           "on the NFS export, reads the given share of its RAM worth of files into the page cache, "
           "then live-migrates it over loopback TCP with one mode; the destination guest checks every "
@@ -927,8 +1043,9 @@ def main():
           "non-zero page whose content is on no disk block + %d B per page whose content is. "
           "xbzrle and the multifd modes run with QEMU's defaults otherwise (64 MiB xbzrle cache; 2 "
           "channels, zstd level 1). dedup-nas+multifd sends the pages that are not references on "
-          "the multifd channels; dedup-nas is refused with xbzrle and postcopy "
-          "(see docs/devel/nas-dedup.rst). The dedup-nas modes run with the automatic link/NAS "
+          "the multifd channels; dedup-nas is refused with xbzrle (see docs/devel/nas-dedup.rst). "
+          "The postcopy modes ask for postcopy right after `migrate`; dedup-nas+postcopy holds it "
+          "back until the first pass's references are resolved. The dedup-nas modes run with the automatic link/NAS "
           "split (`dedup-nas-ref-share` 0, the default): *refs / on disk* is the share of the pages "
           "whose content is on disk that went as references, the others in full. Scenarios marked "
           "*dst prealloc* start the destination QEMU (only it) with `%s`: its RAM is allocated and "
@@ -941,6 +1058,9 @@ def main():
     v = versus_upstream(rows)
     if v:
         md += ["## dedup-nas against the fastest upstream mode", "", v, ""]
+    pt = postcopy_table(rows)
+    if pt:
+        md += ["## Postcopy", "", pt, ""]
     sc = scaling_table(rows)
     if sc:
         md += ["## Scaling", "", sc, ""]

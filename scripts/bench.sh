@@ -7,7 +7,7 @@
 # packages, the QEMU build, the guest assets, the NFS export (stopped
 # again at the end if this script started it).
 #
-# Usage: scripts/bench.sh [--matrix smoke|links|scaling|standard|full] [--doc] [...]
+# Usage: scripts/bench.sh [--matrix smoke|links|postcopy|scaling|standard|full] [--doc] [...]
 #        scripts/bench.sh --help        (every option of scripts/bench.py)
 #
 #   scripts/bench.sh --doc          the results page docs/benchmark.md
@@ -21,6 +21,11 @@
 #                                   multifd among them, each without and
 #                                   with destination RAM preallocation;
 #                                   then the scaling series (~1 h 45 min)
+#   scripts/bench.sh --matrix postcopy --out build/bench-postcopy
+#                                   1 GiB, 60 % page cache, 1 GbE: pre-copy,
+#                                   postcopy, dedup-nas, dedup-nas+postcopy;
+#                                   when the guest runs on the destination
+#                                   (about 5 min)
 #   scripts/bench.sh --matrix scaling
 #                                   the scaling series alone: 1, 2, 4 and
 #                                   8 GiB guests at 60 % page cache, 1 GbE

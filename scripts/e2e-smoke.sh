@@ -42,6 +42,10 @@
 #   NASDEDUP_MIGRATE_DST_PARAMS  JSON for migrate-set-parameters on the
 #                           destination, e.g. '{"multifd-compression":
 #                           "zstd"}' (must match the source)        []
+#   NASDEDUP_POSTCOPY       1: migrate-start-postcopy right after
+#                           migrate (postcopy-ram must be on, e.g. from
+#                           NASDEDUP_QEMU_ARGS); reports postcopy_ms,
+#                           when the source said postcopy-active     [0]
 #   NASDEDUP_VERIFY_DISK    also run verify-disk on the destination [1]
 #   NASDEDUP_QEMU_ARGS      extra arguments for both QEMUs          []
 #                           dedup-nas must be on from the start to see
@@ -102,6 +106,7 @@ CAPS=${NASDEDUP_MIGRATE_CAPS:-}
 PARAMS=${NASDEDUP_MIGRATE_PARAMS:-}
 DST_PARAMS=${NASDEDUP_MIGRATE_DST_PARAMS:-}
 VERIFY_DISK=${NASDEDUP_VERIFY_DISK:-1}
+POSTCOPY=${NASDEDUP_POSTCOPY:-0}
 PORT=${NASDEDUP_PORT:-4444}
 BOOT_TIMEOUT=${NASDEDUP_BOOT_TIMEOUT:-300}
 MIGRATE_TIMEOUT=${NASDEDUP_MIGRATE_TIMEOUT:-600}
@@ -321,8 +326,10 @@ dst_rss_kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$DST_PID/status" 2>/dev/null ||
 src_cpu0=$(cpu_ticks "$SRC_PID") dst_cpu0=$(cpu_ticks "$DST_PID") dst_cpu1=''
 t_mig=$(now_ms)
 qmp "$RUN/src-qmp.sock" migrate "{\"uri\":\"tcp:127.0.0.1:$PORT\"}" >/dev/null
+postcopy_opt=()
+[ "$POSTCOPY" != 1 ] || postcopy_opt=(--start-postcopy --interval 0.01)
 if ! "$NASDEDUP_PYTHON" "$QMP_PY" wait-migration "$RUN/src-qmp.sock" --timeout "$MIGRATE_TIMEOUT" \
-    >"$RUN/query-migrate.json"; then
+    "${postcopy_opt[@]}" >"$RUN/query-migrate.json"; then
     cat "$RUN/query-migrate.json" >&2
     die "migration did not complete"
 fi
@@ -372,6 +379,9 @@ print("total_ms=%d downtime_ms=%d setup_ms=%d ram_transferred_bytes=%d "
       r.get("transferred", -1), r.get("transferred", 0) / MiB, r.get("downtime-bytes", -1),
       r.get("total", 0) / MiB, r.get("normal", -1), r.get("duplicate", -1),
       r.get("dirty-sync-count", -1), r.get("mbps", 0.0)), end="")
+if "x-postcopy-active-ms" in m:
+    print(" postcopy_ms=%d postcopy_requests=%d" % (
+          m["x-postcopy-active-ms"], r.get("postcopy-requests", 0)), end="")
 # Statistics of the project's dedup-nas capability, when it is on.
 for side, key, info in (("src", "dedup-nas", m),
                         ("dst", "dedup-nas-incoming", dst)):

@@ -97,7 +97,10 @@ QCOW2_OPTS=${NASDEDUP_QCOW2_OPTS:-}
 if [ -n "${NASDEDUP_DISK_MB:-}" ]; then
     DISK_MB=$NASDEDUP_DISK_MB
 else
-    DISK_MB=$(((DATA_MB + DATA_MB / 16 + 64 + 63) / 64 * 64))
+    # ext4's overhead: inode tables, the journal (128 MiB from 4 GiB on)
+    # and the 5 % reserved for root, which mke2fs -d does not fill.
+    # Above 4 GiB of data, 1/16 of it is not enough.
+    DISK_MB=$(((DATA_MB + DATA_MB / (DATA_MB >= 4096 ? 8 : 16) + 64 + 63) / 64 * 64))
     [ "$DISK_MB" -ge 512 ] || DISK_MB=512
 fi
 # Modules the guest needs (their dependencies are added by modprobe).

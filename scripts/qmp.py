@@ -5,9 +5,12 @@
   qmp.py cmd SOCKET COMMAND [JSON-ARGS]
         run one QMP command, print its "return" value as JSON
         (exit 1 and print the error on an error reply)
-  qmp.py wait-migration SOCKET [--timeout S] [--interval S]
+  qmp.py wait-migration SOCKET [--timeout S] [--interval S] [--start-postcopy]
         poll query-migrate until completed/failed/cancelled, print the final
-        query-migrate JSON; exit 0 only when completed
+        query-migrate JSON; exit 0 only when completed.  --start-postcopy:
+        send migrate-start-postcopy first, and add to the JSON
+        "x-postcopy-active-ms", the milliseconds until query-migrate first
+        said postcopy-active (-1: never)
   qmp.py wait-status SOCKET STATUS [--timeout S]
         poll query-status until it reports STATUS (e.g. running)
   qmp.py serial SOCKET [--send TEXT] [--expect REGEX] [--timeout S]
@@ -77,11 +80,19 @@ def cmd_cmd(a):
 
 def cmd_wait_migration(a):
     q = connect(a.socket, 10)
-    deadline = time.monotonic() + a.timeout
+    t0 = time.monotonic()
+    deadline = t0 + a.timeout
+    postcopy_ms = -1
     try:
+        if a.start_postcopy:
+            q.execute("migrate-start-postcopy")
         while True:
             info = q.execute("query-migrate")
             status = info.get("status", "none")
+            if status == "postcopy-active" and postcopy_ms < 0:
+                postcopy_ms = round((time.monotonic() - t0) * 1000)
+            if a.start_postcopy:
+                info["x-postcopy-active-ms"] = postcopy_ms
             if status in ("completed", "failed", "cancelled"):
                 print(json.dumps(info, indent=1, sort_keys=True))
                 return 0 if status == "completed" else 1
@@ -157,6 +168,7 @@ def main():
     w.add_argument("socket")
     w.add_argument("--timeout", type=float, default=600)
     w.add_argument("--interval", type=float, default=0.1)
+    w.add_argument("--start-postcopy", action="store_true")
     w.set_defaults(func=cmd_wait_migration)
     st = sub.add_parser("wait-status")
     st.add_argument("socket")
