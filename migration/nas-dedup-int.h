@@ -116,6 +116,12 @@ bool nas_dedup_save_active(void);
 void nas_dedup_save_close(void);
 bool nas_dedup_save_closed(void);
 /*
+ * Closed, and the destination confirmed every reference (the postcopy
+ * gate says so): the guest may stop without a backlog of reads.
+ */
+void nas_dedup_save_set_resolved(void);
+bool nas_dedup_save_resolved(void);
+/*
  * The scan of the dirty bitmap wrapped to the first RAMBlock (a pass over
  * RAM is over: ram.c's find_dirty_block()); how many times it did.
  */
@@ -212,7 +218,10 @@ void nas_dedup_live_setup(void);
  * pages of references not confirmed yet, while the guest runs.
  */
 void nas_dedup_live_watch(uint32_t seq, uint64_t backlog_pages);
-/* Pages sent as references since the last live SYNC the destination answered. */
+/*
+ * Pages sent as references since the last live SYNC the destination
+ * answered.
+ */
 uint64_t nas_dedup_live_unconfirmed(void);
 /* Send a live SYNC if nas_dedup_live_can_switchover() asked for one. */
 void nas_dedup_live_flush(void);
@@ -226,12 +235,10 @@ bool nas_dedup_live_can_switchover(uint64_t pending_bytes,
                                    uint64_t threshold_bytes);
 
 /* nas-dedup-postcopy.c: dedup-nas with postcopy-ram */
-/* Once, at start-up (nas_dedup_init()): the destination's LISTEN check. */
+/* Once, at start-up (migration_object_init()): the LISTEN check. */
 void nas_dedup_postcopy_init(void);
-/* Source, a migration starts (nas_dedup_save_setup()). */
+/* Source, a migration starts (ram_save_setup()). */
 void nas_dedup_postcopy_setup(void);
-/* The gate found every reference resolved (the final SYNC may follow). */
-bool nas_dedup_postcopy_resolved(void);
 /*
  * Migration thread, postcopy asked for and otherwise ready to start:
  * false until every reference sent is resolved and the final SYNC went

@@ -67,7 +67,6 @@ void nas_dedup_live_watch(uint32_t seq, uint64_t backlog_pages)
 
 void nas_dedup_live_flush(void)
 {
-    nas_dedup_postcopy_flush();
     /* Closed for postcopy: the gate's SYNCs do the live SYNC's job. */
     if (!live.wanted || live.seq || nas_dedup_save_closed()) {
         return;
@@ -97,7 +96,7 @@ bool nas_dedup_live_can_switchover(uint64_t pending_bytes,
      * may stop (for pre-copy's switchover or postcopy's) once they did.
      */
     if (nas_dedup_save_closed()) {
-        return nas_dedup_postcopy_resolved();
+        return nas_dedup_save_resolved();
     }
     sent = nas_dedup_save_refs_sent();
     if (!sent) {

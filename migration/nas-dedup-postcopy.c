@@ -94,11 +94,6 @@ static void gate_set(NasDedupPostcopyGate state, uint32_t pending)
     gate.state = state;
 }
 
-bool nas_dedup_postcopy_resolved(void)
-{
-    return gate.state == GATE_FINAL_WANTED || gate.state == GATE_DONE;
-}
-
 bool nas_dedup_postcopy_can_start(MigrationState *s)
 {
     g_autoptr(Error) err = NULL;
@@ -120,6 +115,7 @@ bool nas_dedup_postcopy_can_start(MigrationState *s)
                 nas_dedup_rp_fail(s, err);
                 return false;
             }
+            nas_dedup_save_set_resolved();
             gate_set(GATE_DONE, 0);
             return true;
         }
@@ -133,6 +129,7 @@ bool nas_dedup_postcopy_can_start(MigrationState *s)
         }
         nas_dedup_rp_watch(NAS_DEDUP_WATCH_NONE, 0, 0);
         if (!pending) {
+            nas_dedup_save_set_resolved();
             gate_set(GATE_FINAL_WANTED, 0);
             return false;
         }

@@ -62,6 +62,7 @@ static struct {
     bool closed;
     bool final_sent;                /* SYNC(final=1) went out */
     uint64_t passes;                /* over RAM, completed */
+    bool resolved;                  /* closed, and nothing is awaited */
     uint32_t seq;
     unsigned rounds;
     int64_t deadline_ms;            /* of the switchover */
@@ -137,7 +138,7 @@ int nas_dedup_save_setup(Error **errp)
     qatomic_set(&save.closed, false);
     save.final_sent = false;
     save.passes = 0;
-    nas_dedup_postcopy_setup();
+    save.resolved = false;
     save.seq = 0;
     save.rounds = 0;
     save.deadline_ms = 0;
@@ -384,6 +385,16 @@ void nas_dedup_save_close(void)
 bool nas_dedup_save_closed(void)
 {
     return qatomic_read(&save.closed);
+}
+
+void nas_dedup_save_set_resolved(void)
+{
+    save.resolved = true;
+}
+
+bool nas_dedup_save_resolved(void)
+{
+    return save.resolved;
 }
 
 void nas_dedup_save_pass_done(void)

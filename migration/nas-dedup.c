@@ -37,7 +37,6 @@ static struct {
 void nas_dedup_init(void)
 {
     qemu_mutex_init(&nas_dedup.lock);
-    nas_dedup_postcopy_init();
 }
 
 bool nas_dedup_caps_check(const bool *new_caps, Error **errp)

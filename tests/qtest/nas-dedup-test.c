@@ -911,7 +911,7 @@ static void test_postcopy(const void *opaque)
 
     /* The gate waited for pages asked again, and then let postcopy go. */
     g_assert(g_file_get_contents(log, &out, NULL, NULL));
-    g_test_message("source's gate:\n%s", out);
+    g_test_message("source's gate: %s", out);
     g_assert(strstr(out, "-> resending"));
     g_assert(strstr(out, "final-wanted -> done"));
     mig_globals = "";
