@@ -42,6 +42,8 @@ typedef struct NasDedupCounters {
     Stat64 mismatches;
     Stat64 read_errors;
     Stat64 resend_requests;
+    Stat64 fill_pages;          /* placed after postcopy started */
+    Stat64 fill_faults;         /* faulted on before, asked from source */
     Stat64 fetch_time_us;       /* with at least one read in flight */
     /* Reads in flight since (us); 0: none.  qatomic_*_i64() access. */
     int64_t fetch_busy_since;
@@ -89,11 +91,12 @@ int nas_dedup_save_flush(Error **errp);
  */
 int nas_dedup_save_flush_run(void);
 /*
- * Send a SYNC record (@final: the last one) on the stream of the last
- * reference.  Returns its sequence number, or 0 if no reference was sent
- * yet (no stream to send it on).
+ * Send a SYNC record (@final: the last one; @lazy: the last one before
+ * postcopy, whose references are filled after it starts) on the stream
+ * of the last reference.  Returns its sequence number, or 0 if no
+ * reference was sent yet (no stream to send it on).
  */
-uint32_t nas_dedup_save_put_sync(bool final);
+uint32_t nas_dedup_save_put_sync(bool final, bool lazy);
 /* Pages sent (or queued in a run) as references; 0 if none. */
 uint64_t nas_dedup_save_refs_sent(void);
 /*
@@ -127,6 +130,16 @@ bool nas_dedup_save_resolved(void);
  */
 void nas_dedup_save_pass_done(void);
 uint64_t nas_dedup_save_passes(void);
+/*
+ * Migration thread, postcopy asked for: until the first pass is over,
+ * send pages only as references, and leave the others for postcopy
+ * (they go out of the dirty bitmap, and nas_dedup_save_undefer() puts
+ * them back, without ram.c's bitmap mutex; it returns how many).  Pages
+ * left out and not put back yet: pre-copy must not complete.
+ */
+void nas_dedup_save_defer(void);
+int64_t nas_dedup_save_undefer(Error **errp);
+uint64_t nas_dedup_save_deferred(void);
 /*
  * The guest just stopped for switchover (top of ram_save_complete()): arm
  * the bound on how long dedup-nas may keep it stopped.
@@ -174,9 +187,12 @@ void nas_dedup_rp_fail(MigrationState *s, const Error *err);
 /*
  * The final SYNC is about to go: from then on nothing of ours may fail
  * the migration, or the guest could run on both sides.  Fails if the
- * migration failed already.
+ * migration failed already.  @lazy: the final SYNC hands the references
+ * still unresolved over to the destination's fill after postcopy starts;
+ * its RESEND and SYNC_ACK still count, and what would fail the migration
+ * pauses postcopy instead.
  */
-int nas_dedup_rp_final(MigrationState *s, Error **errp);
+int nas_dedup_rp_final(MigrationState *s, bool lazy, Error **errp);
 /*
  * Migration thread: true if the destination asked for this page (send it
  * in full, once).
@@ -247,6 +263,13 @@ void nas_dedup_postcopy_setup(void);
 bool nas_dedup_postcopy_can_start(MigrationState *s);
 /* End of a RAM iteration (ram_save_iterate()): send what the gate wants. */
 void nas_dedup_postcopy_flush(void);
+/*
+ * Migration thread, about to complete: false while the destination's
+ * fill after LISTEN may still ask pages from us (waits a little).
+ */
+bool nas_dedup_postcopy_can_complete(MigrationState *s);
+/* Migration thread: postcopy resumes after a recovery. */
+void nas_dedup_postcopy_resumed(void);
 
 /* nas-dedup-load.c: destination side, called from ram.c */
 int nas_dedup_load_setup(Error **errp);
@@ -282,5 +305,17 @@ bool nas_dedup_load_check(Error **errp);
  * has not come.
  */
 bool nas_dedup_load_postcopy_listen(Error **errp);
+/*
+ * Postcopy with the fill after LISTEN (the lazy final SYNC), destination:
+ * the source discards @len bytes at @start of RAMBlock @ramid before
+ * LISTEN, and will send them (incoming coroutine); a vCPU faulted on
+ * @offset of @block (fault thread); postcopy pauses (listen thread);
+ * postcopy is over.
+ */
+void nas_dedup_load_postcopy_discard(const char *ramid, uint64_t start,
+                                     uint64_t len);
+void nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset);
+void nas_dedup_load_postcopy_pause(void);
+void nas_dedup_load_postcopy_end(void);
 
 #endif

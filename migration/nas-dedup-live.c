@@ -71,7 +71,7 @@ void nas_dedup_live_flush(void)
     if (!live.wanted || live.seq || nas_dedup_save_closed()) {
         return;
     }
-    live.seq = nas_dedup_save_put_sync(false);
+    live.seq = nas_dedup_save_put_sync(false, false);
     if (!live.seq) {
         return;
     }

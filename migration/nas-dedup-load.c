@@ -53,6 +53,7 @@
 #include "exec/target_page.h"
 #include "migration.h"
 #include "options.h"
+#include "postcopy-ram.h"
 #include "qemu-file.h"
 #include "ram.h"
 #include "nas-dedup-int.h"
@@ -115,6 +116,19 @@ struct LoadState {
     bool refs_seen;
     bool final_seen;
     bool rp_nodelay;
+    /*
+     * Postcopy with the fill after LISTEN (docs/devel/nas-dedup.rst,
+     * "postcopy"): the lazy final SYNC came (@lazy_seq), and the fetches
+     * are held until LISTEN.  Under load_lock, the rest: from LISTEN on,
+     * fetches place pages with UFFDIO_COPY (@listening); once postcopy
+     * paused, they place nothing (@paused: the source sends every page
+     * not placed after recovery); SYNC_ACK(@lazy_seq) went (@lazy_acked).
+     */
+    bool lazy;
+    uint32_t lazy_seq;
+    bool listening;
+    bool paused;
+    bool lazy_acked;
 };
 
 static LoadState *load;
@@ -127,6 +141,12 @@ static uint64_t load_gen;
 static QemuMutex load_lock;
 /* Signalled when a LoadState's workers drop to 0. */
 static QemuCond load_cond;
+/*
+ * After LISTEN, RESEND and the last SYNC_ACK go from any thread (fetch
+ * workers, the fault thread): taken around taking the queue of RESEND
+ * and sending it, so that none goes after the SYNC_ACK that ends them.
+ */
+static QemuMutex lazy_send_lock;
 
 static void tickets_free(gpointer p)
 {
@@ -159,6 +179,7 @@ int nas_dedup_load_setup(Error **errp)
     if (!lock_inited) {
         qemu_mutex_init(&load_lock);
         qemu_cond_init(&load_cond);
+        qemu_mutex_init(&lazy_send_lock);
         lock_inited = true;
     }
     st->fetcher = nas_dedup_fetcher_new(NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK,
@@ -458,6 +479,107 @@ static void populate(RAMBlock *block, ram_addr_t offset, const bool *match,
 }
 
 /*
+ * Postcopy's fill, under load_lock: place the verified page @page of
+ * @block (at @host, its ticket still the fetch's) from @data with
+ * UFFDIO_COPY, which wakes whoever faulted on it.  Returns false if it
+ * must be asked from the source.
+ */
+static bool fill_page(LoadState *st, RAMBlock *block, uint32_t *t,
+                      unsigned long page, void *host, uint8_t *data)
+{
+    int ret;
+
+    if (st->paused) {
+        /*
+         * The source sends it after postcopy-recover, as it sends every
+         * page not in receivedmap: placing it now could make its copy
+         * fail with EEXIST.
+         */
+        return true;
+    }
+    ret = postcopy_place_page(migration_incoming_get_current(), host, data,
+                              block);
+    if (ret == -EEXIST) {
+        /*
+         * Nothing else places a page with a ticket (the source sends no
+         * page we read: its newer data cleared the ticket at the discard
+         * before LISTEN, and the pages asked again are no longer ours).
+         */
+        error_report("dedup-nas: %s 0x%" PRIx64 " was placed by someone "
+                     "else", block->idstr,
+                     (uint64_t)page << TARGET_PAGE_BITS);
+        ticket_clear(st, t, page);
+        return true;
+    }
+    if (ret < 0) {
+        error_report("dedup-nas: cannot place %s 0x%" PRIx64 ": %s",
+                     block->idstr, (uint64_t)page << TARGET_PAGE_BITS,
+                     strerror(-ret));
+        return false;
+    }
+    ticket_clear(st, t, page);
+    stat64_add(&nas_dedup_counters.verified_pages, 1);
+    stat64_add(&nas_dedup_counters.fill_pages, 1);
+    return true;
+}
+
+/*
+ * Postcopy's fill, any thread but under no lock of ours: send the RESEND
+ * queued, and once no read is left, SYNC_ACK for the lazy SYNC, after
+ * every RESEND: the source sends EOS only after it, and after every page
+ * asked.  The caller keeps @st alive (st->workers, or the main thread).
+ */
+static void fill_report(LoadState *st)
+{
+    MigrationIncomingState *mis = migration_incoming_get_current();
+
+    QEMU_LOCK_GUARD(&lazy_send_lock);
+    for (;;) {
+        g_autoptr(GByteArray) buf = NULL;
+        GArray *todo = NULL;
+        uint64_t awaiting = 0;
+        bool ack = false;
+        guint i;
+
+        WITH_QEMU_LOCK_GUARD(&load_lock) {
+            if (st->resends->len) {
+                todo = st->resends;
+                st->resends = g_array_new(false, false, sizeof(Resend));
+            }
+            qatomic_set(&st->resends_queued, false);
+            if (!todo && st->listening && !st->paused && !st->fetches &&
+                !st->lazy_acked) {
+                st->lazy_acked = true;
+                ack = true;
+                awaiting = st->awaiting;
+            }
+        }
+        if (todo) {
+            for (i = 0; i < todo->len; i++) {
+                Resend r = g_array_index(todo, Resend, i);
+
+                send_resend(st, r.block, r.offset, r.npages);
+            }
+            g_array_free(todo, true);
+            continue;
+        }
+        if (ack) {
+            trace_nas_dedup_load_fill_done(st->lazy_seq, awaiting);
+            buf = g_byte_array_new();
+            nas_dedup_sync_ack_encode(buf, st->lazy_seq, awaiting);
+            rp_nodelay(mis);
+            if (migrate_send_rp_dedup(mis, st->sync_ack_msg, buf->data,
+                                      buf->len) < 0) {
+                /* Postcopy pauses; the recovery needs no answer. */
+                error_report("dedup-nas: cannot answer SYNC %u on the "
+                             "return path", st->lazy_seq);
+            }
+        }
+        return;
+    }
+}
+
+/*
  * The fetch engine read the blocks of @opaque's run into @buf, or could
  * not (@ret < 0): verify and install them, ask the source for the others.
  * In a worker thread (see the top of the file).
@@ -498,14 +620,18 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
          * dropped (the first touch zeroes them, which is slow) and the
          * load kept alive by st->workers: the copies under the lock then
          * only copy.  A page that newer data overwrites meanwhile would
-         * have been populated by that data anyway.
+         * have been populated by that data anyway.  Not in postcopy's
+         * fill (after the lazy SYNC, which held the results until LISTEN):
+         * userfaultfd guards the pages, and UFFDIO_COPY allocates them.
          */
-        st->workers++;
-        qemu_mutex_unlock(&load_lock);
-        populate(fe->block, fe->offset, match, rec->npages);
-        qemu_mutex_lock(&load_lock);
-        if (--st->workers == 0) {
-            qemu_cond_broadcast(&load_cond);
+        if (!st->lazy) {
+            st->workers++;
+            qemu_mutex_unlock(&load_lock);
+            populate(fe->block, fe->offset, match, rec->npages);
+            qemu_mutex_lock(&load_lock);
+            if (--st->workers == 0) {
+                qemu_cond_broadcast(&load_cond);
+            }
         }
         stat64_add(&nas_dedup_counters.fetched_blocks, rec->npages);
         stat64_add(&nas_dedup_counters.fetched_bytes,
@@ -527,15 +653,24 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
                 void *host = fe->block->host + fe->offset +
                              k * NAS_DEDUP_CHUNK;
 
-                memcpy(host, buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
-                ramblock_recv_bitmap_set(fe->block, host);
-                ticket_clear(st, t, first + k);
-                stat64_add(&nas_dedup_counters.verified_pages, 1);
-                ok = true;
+                if (st->lazy) {
+                    ok = fill_page(st, fe->block, t, first + k, host,
+                                   buf + k * NAS_DEDUP_CHUNK);
+                } else {
+                    memcpy(host, buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
+                    ramblock_recv_bitmap_set(fe->block, host);
+                    ticket_clear(st, t, first + k);
+                    stat64_add(&nas_dedup_counters.verified_pages, 1);
+                    ok = true;
+                }
             } else {
                 stat64_add(&nas_dedup_counters.mismatches, 1);
                 trace_nas_dedup_load_mismatch(fe->block->idstr,
                     fe->offset + k * NAS_DEDUP_CHUNK);
+            }
+            if (!ok && st->paused) {
+                /* Sent again anyway after postcopy-recover. */
+                ok = true;
             }
             if (!ok) {
                 if (!bad++) {
@@ -555,6 +690,16 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         stat64_add(&nas_dedup_counters.fetch_time_us,
                    g_get_monotonic_time() - st->busy_since);
         qatomic_set_i64(&nas_dedup_counters.fetch_busy_since, 0);
+    }
+    if (st->listening) {
+        /* Postcopy: no incoming coroutine to send what we queued. */
+        st->workers++;
+        qemu_mutex_unlock(&load_lock);
+        fill_report(st);
+        qemu_mutex_lock(&load_lock);
+        if (--st->workers == 0) {
+            qemu_cond_broadcast(&load_cond);
+        }
     }
     qemu_mutex_unlock(&load_lock);
 out:
@@ -641,6 +786,35 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     return 0;
 }
 
+/*
+ * The lazy final SYNC: postcopy is about to start, and the references
+ * still unresolved are filled once the destination listens (see
+ * nas_dedup_load_postcopy_listen()).  Until then, hold the results of
+ * the reads: from when postcopy registers guest RAM with userfaultfd, a
+ * write to a page not yet there would fault and wait for the source,
+ * which does not send pages it sent as references.
+ */
+static int coroutine_fn load_sync_lazy(const NasDedupRecord *rec,
+                                       Error **errp)
+{
+    if (!migrate_postcopy_ram()) {
+        error_setg(errp, "dedup-nas: lazy final SYNC record, but postcopy "
+                   "is not on");
+        return -EINVAL;
+    }
+    /* The RESEND queued so far, from here: no result is handled later. */
+    flush_resends(load);
+    nas_dedup_fetcher_hold(load->fetcher);
+    flush_resends(load);
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        trace_nas_dedup_load_sync(rec->seq, rec->final, load->pending);
+        load->final_seen = true;
+        load->lazy = true;
+        load->lazy_seq = rec->seq;
+    }
+    return 0;
+}
+
 static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
 {
     MigrationIncomingState *mis = migration_incoming_get_current();
@@ -650,6 +824,9 @@ static int coroutine_fn load_sync(const NasDedupRecord *rec, Error **errp)
     if (!load->have_setup) {
         error_setg(errp, "dedup-nas: SYNC record before the SETUP record");
         return -EINVAL;
+    }
+    if (rec->lazy) {
+        return load_sync_lazy(rec, errp);
     }
     nas_dedup_fetcher_drain(load->fetcher);
     /* Every RESEND goes before the SYNC_ACK that counts it. */
@@ -757,15 +934,181 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
 
 bool nas_dedup_load_postcopy_listen(Error **errp)
 {
-    if (!load || !load->refs_seen) {
+    LoadState *st = load;
+    uint64_t pending = 0, awaiting = 0;
+    unsigned fetches = 0;
+    GHashTableIter iter;
+    gpointer key, value;
+
+    if (!st || !st->refs_seen) {
         return true;
     }
-    if (!load->final_seen) {
+    if (!st->final_seen) {
         error_setg(errp, "dedup-nas: postcopy started before the final "
                    "SYNC: references may be unresolved");
         return false;
     }
-    return nas_dedup_load_check(errp);
+    if (!st->lazy) {
+        return nas_dedup_load_check(errp);
+    }
+    /*
+     * Guest RAM is registered with userfaultfd by now, the fetches are
+     * held.  Every page with a ticket holds stale data (or none): drop it
+     * and clear its receivedmap bit, so that a vCPU touching it faults
+     * and waits until the fill (or the source) places it with
+     * UFFDIO_COPY.  Pages the source will send were discarded before,
+     * which cleared their tickets.
+     */
+    RCU_READ_LOCK_GUARD();
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        g_hash_table_iter_init(&iter, st->tickets);
+        while (g_hash_table_iter_next(&iter, &key, &value)) {
+            RAMBlock *block = key;
+            Tickets *t = value;
+            unsigned long page = 0, n;
+
+            while (page < t->npages) {
+                if (!t->t[page]) {
+                    page++;
+                    continue;
+                }
+                for (n = 1; page + n < t->npages && t->t[page + n]; n++) {
+                    /* a run of pages with tickets */
+                }
+                if (block->page_size != TARGET_PAGE_SIZE ||
+                    ram_discard_range(block->idstr,
+                                      (uint64_t)page << TARGET_PAGE_BITS,
+                                      (uint64_t)n << TARGET_PAGE_BITS)) {
+                    error_setg(errp, "dedup-nas: cannot drop %s 0x%" PRIx64
+                               " x%lu to fill it after postcopy starts",
+                               block->idstr,
+                               (uint64_t)page << TARGET_PAGE_BITS, n);
+                    return false;
+                }
+                page += n;
+            }
+        }
+        st->listening = true;
+        pending = st->pending;
+        awaiting = st->awaiting;
+        fetches = st->fetches;
+    }
+    trace_nas_dedup_load_fill_listen(pending, awaiting, fetches);
+    /* With no read left, the answer goes now. */
+    fill_report(st);
+    nas_dedup_fetcher_release(st->fetcher);
+    return true;
+}
+
+void nas_dedup_load_postcopy_discard(const char *ramid, uint64_t start,
+                                     uint64_t len)
+{
+    LoadState *st = load;
+    RAMBlock *block;
+    Tickets *t;
+    unsigned long page, end;
+
+    if (!st || !qatomic_read(&st->refs_seen)) {
+        return;
+    }
+    RCU_READ_LOCK_GUARD();
+    block = qemu_ram_block_by_name(ramid);
+    if (!block) {
+        return;                 /* the discard itself fails */
+    }
+    QEMU_LOCK_GUARD(&load_lock);
+    t = g_hash_table_lookup(st->tickets, block);
+    if (!t) {
+        return;
+    }
+    /* Newer data comes for these pages: their references are void. */
+    end = MIN((start + len) >> TARGET_PAGE_BITS, t->npages);
+    for (page = start >> TARGET_PAGE_BITS; page < end && st->pending;
+         page++) {
+        ticket_clear(st, t->t, page);
+    }
+}
+
+void nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset)
+{
+    LoadState *st;
+    bool asked = false;
+
+    qemu_mutex_lock(&load_lock);
+    st = load;
+    if (st && st->listening && !st->paused && st->pending) {
+        unsigned long page = offset >> TARGET_PAGE_BITS;
+        Tickets *t = tickets_of(st, block, page + 1, false);
+
+        if (t && t->t[page] && t->t[page] != TICKET_AWAITING) {
+            /*
+             * Not waited for: its read may be far down the queue, and the
+             * main thread may be the one that faulted (loading device
+             * state), with the reads needing the main loop.  The run's
+             * fetch leaves the page alone now.
+             */
+            Resend r = { .block = block, .offset = offset, .npages = 1 };
+
+            t->t[page] = TICKET_AWAITING;
+            st->awaiting++;
+            g_array_append_val(st->resends, r);
+            qatomic_set(&st->resends_queued, true);
+            stat64_add(&nas_dedup_counters.fill_faults, 1);
+            st->workers++;
+            asked = true;
+        }
+    }
+    qemu_mutex_unlock(&load_lock);
+    if (asked) {
+        trace_nas_dedup_load_fill_fault(block->idstr, offset);
+        fill_report(st);
+        WITH_QEMU_LOCK_GUARD(&load_lock) {
+            if (--st->workers == 0) {
+                qemu_cond_broadcast(&load_cond);
+            }
+        }
+    }
+}
+
+void nas_dedup_load_postcopy_pause(void)
+{
+    QEMU_LOCK_GUARD(&load_lock);
+    if (load) {
+        load->paused = true;
+    }
+}
+
+void nas_dedup_load_postcopy_end(void)
+{
+    LoadState *st = load;
+    uint64_t missing = 0;
+    GHashTableIter iter;
+    gpointer key, value;
+
+    if (!st || !st->lazy) {
+        return;
+    }
+    QEMU_LOCK_GUARD(&load_lock);
+    g_hash_table_iter_init(&iter, st->tickets);
+    while (g_hash_table_iter_next(&iter, &key, &value)) {
+        RAMBlock *block = key;
+        Tickets *t = value;
+        unsigned long page;
+
+        for (page = 0; page < t->npages; page++) {
+            /* Asked again, or left to the source by a recovery. */
+            if (t->t[page] &&
+                !ramblock_recv_bitmap_test_byte_offset(
+                    block, (uint64_t)page << TARGET_PAGE_BITS)) {
+                missing++;
+            }
+        }
+    }
+    trace_nas_dedup_load_fill_end(st->pending, missing);
+    if (missing) {
+        error_report("dedup-nas: %" PRIu64 " pages sent as references were "
+                     "never placed", missing);
+    }
 }
 
 bool nas_dedup_load_check(Error **errp)

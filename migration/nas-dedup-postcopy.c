@@ -33,9 +33,13 @@
  */
 #include "qemu/osdep.h"
 #include "qemu/notify.h"
+#include "qemu/rcu.h"
+#include "exec/ramblock.h"
+#include "exec/target_page.h"
 #include "qapi/error.h"
 #include "migration.h"
 #include "postcopy-ram.h"
+#include "ram.h"
 #include "nas-dedup-int.h"
 #include "options.h"
 #include "trace.h"
@@ -56,6 +60,7 @@
 
 typedef enum {
     GATE_OPEN,          /* references go out as usual */
+    GATE_LAZY_WANTED,   /* closed: the lazy final SYNC at the next flush */
     GATE_SYNC_WANTED,   /* closed: SYNC at the end of the next iteration */
     GATE_SYNC_SENT,     /* waiting for its answer */
     GATE_RESENDING,     /* pages asked again: SYNC once they went */
@@ -65,6 +70,7 @@ typedef enum {
 
 static const char *const gate_names[] = {
     [GATE_OPEN] = "open",
+    [GATE_LAZY_WANTED] = "lazy-wanted",
     [GATE_SYNC_WANTED] = "sync-wanted",
     [GATE_SYNC_SENT] = "sync-sent",
     [GATE_RESENDING] = "resending",
@@ -79,6 +85,10 @@ static struct {
     uint32_t last_pending;      /* pages awaited, as last answered */
     unsigned stuck;             /* answers in a row without progress */
     unsigned iterations;        /* spent in GATE_RESENDING */
+    /* The final SYNC was the lazy one: the fill runs after LISTEN. */
+    bool lazy;
+    bool filled;                /* ... and the destination answered it */
+    bool resumed;               /* postcopy recovered since */
 } gate;
 
 void nas_dedup_postcopy_setup(void)
@@ -92,6 +102,26 @@ static void gate_set(NasDedupPostcopyGate state, uint32_t pending)
     trace_nas_dedup_postcopy_gate(gate_names[gate.state], gate_names[state],
                                   gate.seq, pending);
     gate.state = state;
+}
+
+/*
+ * The fill after LISTEN places 4 KiB pages with UFFDIO_COPY, which
+ * postcopy allows only where host pages are that small.
+ */
+static bool lazy_possible(void)
+{
+    RAMBlock *block;
+
+    if (!migrate_get_current()->dedup_nas_postcopy_lazy) {
+        return false;
+    }
+    RCU_READ_LOCK_GUARD();
+    RAMBLOCK_FOREACH_NOT_IGNORED(block) {
+        if (qemu_ram_pagesize(block) != TARGET_PAGE_SIZE) {
+            return false;
+        }
+    }
+    return true;
 }
 
 bool nas_dedup_postcopy_can_start(MigrationState *s)
@@ -109,9 +139,13 @@ bool nas_dedup_postcopy_can_start(MigrationState *s)
             return false;
         }
         nas_dedup_save_close();
+        if (nas_dedup_save_refs_sent() && lazy_possible()) {
+            gate_set(GATE_LAZY_WANTED, 0);
+            return false;
+        }
         if (!nas_dedup_save_refs_sent()) {
             /* Nothing to resolve; nothing of ours fails postcopy. */
-            if (nas_dedup_rp_final(s, &err) < 0) {
+            if (nas_dedup_rp_final(s, false, &err) < 0) {
                 nas_dedup_rp_fail(s, err);
                 return false;
             }
@@ -154,7 +188,7 @@ bool nas_dedup_postcopy_can_start(MigrationState *s)
 
 static void put_sync(uint64_t backlog_pages)
 {
-    gate.seq = nas_dedup_save_put_sync(false);
+    gate.seq = nas_dedup_save_put_sync(false, false);
     nas_dedup_live_watch(gate.seq, backlog_pages);
     gate_set(GATE_SYNC_SENT, 0);
 }
@@ -165,6 +199,51 @@ void nas_dedup_postcopy_flush(void)
     MigrationState *s = migrate_get_current();
 
     switch (gate.state) {
+    case GATE_OPEN:
+        /*
+         * Postcopy asked for, and the fill possible: the first pass sends
+         * references only, the other pages go by postcopy; once it is
+         * over, the lazy SYNC goes at once and postcopy may start.
+         */
+        if (!qatomic_read(&s->start_postcopy) || !nas_dedup_save_active() ||
+            !lazy_possible()) {
+            break;
+        }
+        if (!nas_dedup_save_passes()) {
+            nas_dedup_save_defer();
+            break;
+        }
+        nas_dedup_save_close();
+        if (!nas_dedup_save_refs_sent()) {
+            if (nas_dedup_save_undefer(&err) < 0 ||
+                nas_dedup_rp_final(s, false, &err) < 0) {
+                nas_dedup_rp_fail(s, err);
+                break;
+            }
+            nas_dedup_save_set_resolved();
+            gate_set(GATE_DONE, 0);
+            break;
+        }
+        gate_set(GATE_LAZY_WANTED, 0);
+        /* fall through */
+    case GATE_LAZY_WANTED:
+        /*
+         * After the last references (the run was flushed just before).
+         * The pages left for postcopy are dirty again before it starts
+         * (its discard names them).  From here on, nothing of dedup-nas
+         * fails the migration; what the destination still reads, it
+         * places once it listens.
+         */
+        if (nas_dedup_save_undefer(&err) < 0 ||
+            nas_dedup_rp_final(s, true, &err) < 0) {
+            nas_dedup_rp_fail(s, err);
+            break;
+        }
+        gate.seq = nas_dedup_save_put_sync(true, true);
+        gate.lazy = true;
+        nas_dedup_save_set_resolved();
+        gate_set(GATE_DONE, 0);
+        break;
     case GATE_SYNC_WANTED:
         /*
          * After the last references (the run was flushed just before);
@@ -192,11 +271,11 @@ void nas_dedup_postcopy_flush(void)
         break;
     case GATE_FINAL_WANTED:
         /* From here on, nothing of dedup-nas fails the migration. */
-        if (nas_dedup_rp_final(s, &err) < 0) {
+        if (nas_dedup_rp_final(s, false, &err) < 0) {
             nas_dedup_rp_fail(s, err);
             break;
         }
-        nas_dedup_save_put_sync(true);
+        nas_dedup_save_put_sync(true, false);
         gate_set(GATE_DONE, 0);
         break;
     default:
@@ -204,14 +283,74 @@ void nas_dedup_postcopy_flush(void)
     }
 }
 
+bool nas_dedup_postcopy_can_complete(MigrationState *s)
+{
+    g_autoptr(Error) err = NULL;
+    uint32_t pending;
+    int64_t ret;
+
+    if (!migrate_dedup_nas()) {
+        return true;
+    }
+    if (nas_dedup_save_deferred()) {
+        return false;           /* pages left for postcopy, not dirty */
+    }
+    if (gate.state != GATE_DONE || !gate.lazy || gate.filled) {
+        return true;
+    }
+    if (!migration_in_postcopy()) {
+        /* Postcopy starts first: the destination fills after LISTEN. */
+        return false;
+    }
+    /*
+     * The source stays the authority until every reference is placed: no
+     * EOS until the destination answered the lazy SYNC (its reads are
+     * over, after the RESEND of every page that did not verify) and the
+     * pages it asked went in full.  After a recovery, no answer comes:
+     * the destination placed nothing more since it paused, and every page
+     * it had not placed was sent again (the dirty bitmap was rebuilt from
+     * its receivedmap).
+     */
+    if (!gate.resumed &&
+        (int32_t)(nas_dedup_rp_acked(&pending) - gate.seq) < 0) {
+        nas_dedup_rp_wait(NAS_DEDUP_POSTCOPY_WAIT_MS);
+        return false;
+    }
+    /*
+     * Every RESEND came before the answer: once all the pages they named
+     * are dirty again, completing sends them (in full, or as zero pages).
+     */
+    ret = nas_dedup_rp_redirty(false, &err);
+    if (ret < 0) {
+        nas_dedup_rp_fail(s, err);
+        return false;
+    }
+    if (ret > 0) {
+        return false;
+    }
+    gate.filled = true;
+    trace_nas_dedup_postcopy_filled(gate.seq, gate.resumed);
+    return true;
+}
+
+void nas_dedup_postcopy_resumed(void)
+{
+    gate.resumed = true;
+}
+
 /*
- * Destination: postcopy places pages with UFFDIO_COPY from the moment it
- * listens; nothing of dedup-nas may still write guest RAM by then.
+ * Destination: at LISTEN, references are resolved (the final SYNC), or
+ * the fill starts (the lazy one); faults are handled in
+ * nas_dedup_load_postcopy_fault(), and at the end the fill is checked.
  */
 static int listen_notify(NotifierWithReturn *n, void *data, Error **errp)
 {
     struct PostcopyNotifyData *pnd = data;
 
+    if (pnd->reason == POSTCOPY_NOTIFY_INBOUND_END) {
+        nas_dedup_load_postcopy_end();
+        return 0;
+    }
     if (pnd->reason != POSTCOPY_NOTIFY_INBOUND_LISTEN) {
         return 0;
     }

@@ -56,6 +56,11 @@ static struct {
     QemuSemaphore ack_sem;      /* posted on SYNC_ACK */
     bool active;                /* set up, with a return path */
     bool final_sent;            /* no more failing on our account */
+    /*
+     * The final SYNC was a lazy one: the destination fills references
+     * after postcopy started, and may still ask pages again.
+     */
+    bool lazy;
     GHashTable *blocks;         /* RAMBlock * -> RpBlock */
     unsigned long noref_pages;  /* bits set in the noref bitmaps */
     unsigned long asked_pages;  /* bits set in the asked bitmaps */
@@ -112,10 +117,22 @@ void nas_dedup_rp_fail(MigrationState *s, const Error *err)
 {
     /* Atomic with "the final SYNC goes out" (nas_dedup_rp_final()). */
     QEMU_LOCK_GUARD(&rp.lock);
-    if (rp.final_sent) {
+    if (rp.final_sent && !rp.lazy) {
         return;
     }
-    migrate_set_error(s, err);
+    if (rp.final_sent) {
+        /*
+         * Postcopy runs the guest on the destination, which may still
+         * wait for pages we would send on its word: shutting the channels
+         * down pauses postcopy (postcopy-paused), and postcopy-recover
+         * resumes it, with every page the destination has not placed
+         * sent in full.  No error set: that would fail the recovery too.
+         */
+        error_report("dedup-nas: %s; postcopy pauses",
+                     error_get_pretty(err));
+    } else {
+        migrate_set_error(s, err);
+    }
     WITH_QEMU_LOCK_GUARD(&s->qemu_file_lock) {
         if (s->rp_state.from_dst_file) {
             qemu_file_shutdown(s->rp_state.from_dst_file);
@@ -241,6 +258,7 @@ void nas_dedup_rp_stop(void)
          * without, a message of ours is unexpected until it sets up.
          */
         rp.final_sent = false;
+        rp.lazy = false;
         if (rp.blocks) {
             g_hash_table_destroy(rp.blocks);
             rp.blocks = NULL;
@@ -248,7 +266,7 @@ void nas_dedup_rp_stop(void)
     }
 }
 
-int nas_dedup_rp_final(MigrationState *s, Error **errp)
+int nas_dedup_rp_final(MigrationState *s, bool lazy, Error **errp)
 {
     nas_dedup_rp_watch(NAS_DEDUP_WATCH_NONE, 0, 0);
     QEMU_LOCK_GUARD(&rp.lock);
@@ -257,6 +275,7 @@ int nas_dedup_rp_final(MigrationState *s, Error **errp)
         return -EIO;
     }
     rp.final_sent = true;
+    rp.lazy = lazy;
     return 0;
 }
 
@@ -372,7 +391,7 @@ void nas_dedup_rp_wait(int64_t ms)
  */
 static int rp_accept(const char *what, const Error *err, Error **errp)
 {
-    if (rp.final_sent) {
+    if (rp.final_sent && !rp.lazy) {
         return 0;
     }
     if (err) {
@@ -445,6 +464,10 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     qatomic_set(&rp.noref_pages, rp.noref_pages + n);
     /* Every page asked, as the destination's resend-requests counts. */
     stat64_add(&nas_dedup_counters.resent_pages, r.npages);
+    if (rp.lazy) {
+        /* In postcopy: a vCPU there may be waiting for these. */
+        qemu_sem_post(&rp.ack_sem);
+    }
     return 0;
 }
 

@@ -62,6 +62,15 @@ static struct {
     bool closed;
     bool final_sent;                /* SYNC(final=1) went out */
     uint64_t passes;                /* over RAM, completed */
+    /*
+     * Postcopy asked for (nas-dedup-postcopy.c): the first pass sends
+     * references only, and leaves the other pages for postcopy (@defer);
+     * those not dirtied again yet (RAMBlock * -> bitmap of max_length
+     * pages), and how many.
+     */
+    bool defer;
+    GHashTable *deferred;
+    uint64_t deferred_pages;
     bool resolved;                  /* closed, and nothing is awaited */
     uint32_t seq;
     unsigned rounds;
@@ -171,6 +180,9 @@ void nas_dedup_save_cleanup(void)
     nas_dedup_rp_stop();
     g_free(save.drive_sent);
     save.drive_sent = NULL;
+    save.defer = false;
+    g_clear_pointer(&save.deferred, g_hash_table_destroy);
+    save.deferred_pages = 0;
 }
 
 /* Send the pending run; the bitmap mutex may be held. */
@@ -191,7 +203,7 @@ int nas_dedup_save_flush_run(void)
     return qemu_file_get_error(save.f);
 }
 
-uint32_t nas_dedup_save_put_sync(bool final)
+uint32_t nas_dedup_save_put_sync(bool final, bool lazy)
 {
     NasDedupRecord *rec;
 
@@ -206,9 +218,10 @@ uint32_t nas_dedup_save_put_sync(bool final)
     rec->type = NAS_DEDUP_REC_SYNC;
     rec->seq = ++save.seq;
     rec->final = final;
+    rec->lazy = lazy;
     save.final_sent |= final;
     nas_dedup_rp_sync_sent(rec->seq);
-    trace_nas_dedup_save_sync(rec->seq, final);
+    trace_nas_dedup_save_sync(rec->seq, final, lazy);
     /* Any RAMBlock will do: the record is about all of them. */
     put_record(save.run_block, 0, rec);
     g_free(rec);
@@ -291,14 +304,35 @@ static void split_update(void)
     }
 }
 
+/*
+ * Leave the page at @offset of @block for postcopy: it stays out of the
+ * dirty bitmap until nas_dedup_save_undefer().
+ */
+static int defer_page(RAMBlock *block, ram_addr_t offset)
+{
+    unsigned long *bm;
+
+    if (!save.deferred) {
+        save.deferred = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    }
+    bm = g_hash_table_lookup(save.deferred, block);
+    if (!bm) {
+        bm = bitmap_new(block->max_length >> TARGET_PAGE_BITS);
+        g_hash_table_insert(save.deferred, block, bm);
+    }
+    if (!test_and_set_bit(offset >> TARGET_PAGE_BITS, bm)) {
+        save.deferred_pages++;
+    }
+    return 1;
+}
+
+static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
+                    void *opaque, RAMBlock *block, ram_addr_t offset);
+
 int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
                         void *opaque, RAMBlock *block, ram_addr_t offset)
 {
-    NasDedupRecord *run = &save.run;
-    const NasDedupKey *key;
-    NasDedupIndex *idx;
-    NasDedupHash hash;
-    NasDedupLoc loc;
+    int ret;
 
     /*
      * A page asked again goes in full (and is no longer owed once taken
@@ -308,6 +342,24 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
         qatomic_read(&save.closed)) {
         return 0;
     }
+    ret = save_ref(f, put_header, opaque, block, offset);
+    /* (Never in postcopy, whose urgent pages the return path sends.) */
+    if (ret == 0 && save.defer && !migration_in_postcopy()) {
+        return defer_page(block, offset);
+    }
+    return ret;
+}
+
+/* The page as a reference if the index knows it: 1, or 0 if not. */
+static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
+                    void *opaque, RAMBlock *block, ram_addr_t offset)
+{
+    NasDedupRecord *run = &save.run;
+    const NasDedupKey *key;
+    NasDedupIndex *idx;
+    NasDedupHash hash;
+    NasDedupLoc loc;
+
     RCU_READ_LOCK_GUARD();
     idx = nas_dedup_index_peek();
     if (!idx) {
@@ -400,6 +452,47 @@ bool nas_dedup_save_resolved(void)
 void nas_dedup_save_pass_done(void)
 {
     save.passes++;
+    save.defer = false;     /* dirtied again by nas_dedup_save_undefer() */
+}
+
+void nas_dedup_save_defer(void)
+{
+    if (save.drive_sent && !save.passes && !qatomic_read(&save.closed)) {
+        save.defer = true;
+    }
+}
+
+uint64_t nas_dedup_save_deferred(void)
+{
+    return save.deferred_pages;
+}
+
+int64_t nas_dedup_save_undefer(Error **errp)
+{
+    GHashTableIter iter;
+    gpointer key, value;
+    int64_t pages = 0;
+
+    save.defer = false;
+    if (!save.deferred) {
+        return 0;
+    }
+    g_hash_table_iter_init(&iter, save.deferred);
+    while (g_hash_table_iter_next(&iter, &key, &value)) {
+        RAMBlock *block = key;
+        int64_t ret = ram_dedup_redirty(block, value,
+                                        block->max_length >> TARGET_PAGE_BITS,
+                                        errp);
+
+        if (ret < 0) {
+            return ret;
+        }
+        pages += ret;
+    }
+    trace_nas_dedup_save_undefer(save.deferred_pages, pages);
+    g_hash_table_remove_all(save.deferred);
+    save.deferred_pages = 0;
+    return pages;
 }
 
 uint64_t nas_dedup_save_passes(void)
@@ -472,7 +565,7 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
     }
     if (!save.any_refs) {
         /* Nothing to resolve: the destination may complete from now on. */
-        return nas_dedup_rp_final(s, errp);
+        return nas_dedup_rp_final(s, false, errp);
     }
     if (++save.rounds > NAS_DEDUP_SYNC_ROUNDS) {
         error_setg(errp, "dedup-nas: destination still asks for pages after "
@@ -496,7 +589,7 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
     save.f = f;
     save.put_header = put_header;
     save.opaque = opaque;
-    nas_dedup_save_put_sync(false);
+    nas_dedup_save_put_sync(false, false);
     ret = qemu_fflush(f);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "dedup-nas: failed to send SYNC");
@@ -545,11 +638,11 @@ int nas_dedup_save_complete(QEMUFile *f, NasDedupPutHeader put_header,
      * (nas_dedup_rp_fail()).  Before it, the destination cannot complete
      * (nas_dedup_load_check()), so failing was safe.
      */
-    ret = nas_dedup_rp_final(s, errp);
+    ret = nas_dedup_rp_final(s, false, errp);
     if (ret < 0) {
         return ret;
     }
-    nas_dedup_save_put_sync(true);
+    nas_dedup_save_put_sync(true, false);
     ret = qemu_fflush(f);
     if (ret < 0) {
         error_setg_errno(errp, -ret, "dedup-nas: failed to send the final "

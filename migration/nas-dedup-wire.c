@@ -118,7 +118,9 @@ void nas_dedup_record_encode(GByteArray *out, const NasDedupRecord *rec)
         break;
     case NAS_DEDUP_REC_SYNC:
         put_be32(out, rec->seq);
-        put_u8(out, rec->final);
+        assert(rec->final || !rec->lazy);
+        put_u8(out, !rec->final ? NAS_DEDUP_SYNC_LIVE :
+                    rec->lazy ? NAS_DEDUP_SYNC_LAZY : NAS_DEDUP_SYNC_FINAL);
         break;
     case NAS_DEDUP_REC_SETUP:
         put_u8(out, rec->version);
@@ -212,11 +214,12 @@ bool nas_dedup_record_decode(NasDedupReadFn read, void *opaque,
             return false;
         }
         rec->seq = (uint32_t)ldl_be_p(b);
-        if (b[4] > 1) {
+        if (b[4] > NAS_DEDUP_SYNC_LAZY) {
             error_setg(errp, "SYNC record: bad final flag %u", b[4]);
             return false;
         }
-        rec->final = b[4];
+        rec->final = b[4] != NAS_DEDUP_SYNC_LIVE;
+        rec->lazy = b[4] == NAS_DEDUP_SYNC_LAZY;
         return true;
     case NAS_DEDUP_REC_SETUP:
         if (!read(opaque, b, 9)) {

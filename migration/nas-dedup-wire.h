@@ -30,6 +30,11 @@
  *   SYNC:  be32 seq, u8 final
  *          Asks the destination to resolve every reference it has and to
  *          answer SYNC_ACK(seq) on the return path after any RESEND.
+ *          @final 1: the last SYNC, no REFS after it.  @final 2
+ *          (NAS_DEDUP_SYNC_LAZY, since version 4): the last SYNC, right
+ *          before postcopy starts; the references still unresolved are
+ *          filled once the destination listens, and SYNC_ACK(seq) comes
+ *          when every one is placed or asked again.
  *
  * On the return path (destination to source):
  *   RESEND:   u8 id_len, id, be64 offset, be32 npages  (RAMBlock pages)
@@ -55,7 +60,12 @@ enum {
     NAS_DEDUP_REC_SETUP = 4,
 };
 
-#define NAS_DEDUP_WIRE_VERSION 3
+#define NAS_DEDUP_WIRE_VERSION 4
+
+/* SYNC's final byte */
+#define NAS_DEDUP_SYNC_LIVE     0
+#define NAS_DEDUP_SYNC_FINAL    1
+#define NAS_DEDUP_SYNC_LAZY     2
 
 #define NAS_DEDUP_REFS_MAX     256     /* pages in one REFS run */
 /* NAS_DEDUP_ID_MAX (nas-dedup-index.h) bounds drive and RAMBlock ids. */
@@ -69,6 +79,7 @@ typedef struct NasDedupRecord {
     uint64_t disk_offset;               /* REFS */
     uint32_t seq;                       /* SYNC */
     bool final;                         /* SYNC */
+    bool lazy;                          /* SYNC, final only */
     uint8_t version;                    /* SETUP */
     uint16_t resend_msg;                /* SETUP */
     uint16_t sync_ack_msg;              /* SETUP */

@@ -265,6 +265,8 @@ void nas_dedup_stats_reset(bool incoming)
         stat64_set(&c->mismatches, 0);
         stat64_set(&c->read_errors, 0);
         stat64_set(&c->resend_requests, 0);
+        stat64_set(&c->fill_pages, 0);
+        stat64_set(&c->fill_faults, 0);
         stat64_set(&c->fetch_time_us, 0);
         qatomic_set_i64(&c->fetch_busy_since, 0);
         qatomic_set(&c->incoming_used, false);
@@ -296,6 +298,8 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
         st->mismatches = stat64_get(&c->mismatches);
         st->read_errors = stat64_get(&c->read_errors);
         st->resend_requests = stat64_get(&c->resend_requests);
+        st->postcopy_fill_pages = stat64_get(&c->fill_pages);
+        st->postcopy_fill_faults = stat64_get(&c->fill_faults);
         since = qatomic_read_i64(&c->fetch_busy_since);
         st->fetch_time = (stat64_get(&c->fetch_time_us) +
                           (since ? g_get_monotonic_time() - since : 0)) / 1000;
@@ -364,5 +368,11 @@ void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info)
                        " read errors: %" PRIu64 " resend requests: %" PRIu64
                        "\n", d->mismatches, d->read_errors,
                        d->resend_requests);
+        if (d->postcopy_fill_pages || d->postcopy_fill_faults) {
+            monitor_printf(mon, "dedup-nas postcopy fill: %" PRIu64
+                           " pages placed, %" PRIu64 " faults asked from "
+                           "the source\n", d->postcopy_fill_pages,
+                           d->postcopy_fill_faults);
+        }
     }
 }

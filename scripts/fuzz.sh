@@ -51,7 +51,7 @@ def refs(n, off, hashes):
     return b + b''.join(struct.pack('>QQ', hi, lo) for hi, lo in hashes)
 def sync(seq, final):
     return struct.pack('>BIB', 3, seq, final)
-def setup(ver=3, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
+def setup(ver=4, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
     return struct.pack('>BBHHHH', 4, ver, resend, ack, progress, keylen) + \
            bytes((k * 7 + 1) & 0xff for k in range(384))
 def hs(n):
@@ -72,6 +72,7 @@ w('rec-refs-5', R(refs(7, 0x123000, hs(5))))
 w('rec-refs-256', R(refs(0, 0, hs(256))))
 w('rec-sync', R(sync(0xdeadbeef, 1)))
 w('rec-sync-notfinal', R(sync(1, 0)))
+w('rec-sync-lazy', R(sync(3, 2)))
 w('rec-setup', R(setup()))
 w('rec-stream', R(setup() + drive(0, 'disk0', 1 << 30) + refs(0, 0x2000, hs(3))
                   + drive(1, 'disk1', 1 << 20) + refs(1, 0x1000, hs(2))
@@ -88,9 +89,10 @@ w('bad-refs-unaligned', R(refs(0, 0x1001, hs(1))))
 w('rec-refs-sector', R(refs(0, 63 * 512, hs(2))))
 w('bad-refs-offset', R(refs(0, 0xf0 << 56, hs(1))))
 w('bad-refs-truncated', R(refs(0, 0, hs(4))[:-9]))
-w('bad-sync-final', R(sync(1, 2)))
+w('bad-sync-final', R(sync(1, 3)))
 w('bad-setup-version', R(setup(ver=1)))
 w('bad-setup-version-2', R(setup(ver=2)))
+w('bad-setup-version-3', R(setup(ver=3)))
 w('bad-setup-keylen', R(setup(keylen=16)))
 C4 = 4096
 w('check-ok', C(0, 16 * C4, 100 * C4, refs(0, 8 * C4, hs(4))))

@@ -94,6 +94,14 @@ struct NasDedupFetcher {
     unsigned inflight;          /* fetch coroutines */
     GQueue queue;               /* FetchReq, waiting for a coroutine */
     CoQueue waitq;              /* room in the queue, or no read in flight */
+    /*
+     * Held (nas_dedup_fetcher_hold()): results wait in their coroutine
+     * instead of going to a worker, until released.
+     */
+    bool held;
+    CoQueue heldq;
+    unsigned in_worker;         /* results being handled by a worker */
+    CoQueue workq;              /* in_worker dropped to 0 */
     GPtrArray *bufs;            /* free read buffers of max_len bytes */
 };
 
@@ -108,6 +116,8 @@ NasDedupFetcher *nas_dedup_fetcher_new(size_t max_len, unsigned connections)
     f->drives = g_hash_table_new_full(NULL, NULL, NULL, g_free);
     g_queue_init(&f->queue);
     qemu_co_queue_init(&f->waitq);
+    qemu_co_queue_init(&f->heldq);
+    qemu_co_queue_init(&f->workq);
     f->bufs = g_ptr_array_new_with_free_func(qemu_vfree);
     return f;
 }
@@ -177,6 +187,9 @@ void nas_dedup_fetcher_free(NasDedupFetcher *f)
     }
     if (f->inflight) {
         f->dead = true;         /* the last read frees it */
+        /* Held results are cancelled, now. */
+        f->held = false;
+        qemu_co_queue_restart_all(&f->heldq);
     } else {
         fetcher_destroy(f);
     }
@@ -388,6 +401,12 @@ static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
             ret = -ECANCELED;
         }
     }
+    while (ret != -ECANCELED && f->held) {
+        qemu_co_queue_wait(&f->heldq, NULL);
+        if (f->dead) {
+            ret = -ECANCELED;
+        }
+    }
     if (ret == -ECANCELED) {
         req->done(req->opaque, NULL, ret);
     } else {
@@ -395,7 +414,11 @@ static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
         assert(qemu_get_current_aio_context() == qemu_get_aio_context());
         r.buf = ret >= 0 ? buf : NULL;
         r.ret = ret;
+        f->in_worker++;
         thread_pool_submit_co(fetch_result_work, &r);
+        if (--f->in_worker == 0) {
+            qemu_co_queue_restart_all(&f->workq);
+        }
     }
     g_free(req);
 }
@@ -450,6 +473,20 @@ void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
     while (g_queue_get_length(&f->queue) >= NAS_DEDUP_FETCH_QUEUE_MAX) {
         qemu_co_queue_wait(&f->waitq, NULL);
     }
+}
+
+void coroutine_fn nas_dedup_fetcher_hold(NasDedupFetcher *f)
+{
+    f->held = true;
+    while (f->in_worker) {
+        qemu_co_queue_wait(&f->workq, NULL);
+    }
+}
+
+void nas_dedup_fetcher_release(NasDedupFetcher *f)
+{
+    f->held = false;
+    qemu_co_queue_restart_all(&f->heldq);
 }
 
 void coroutine_fn nas_dedup_fetcher_drain(NasDedupFetcher *f)

@@ -84,6 +84,17 @@ void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
                                          void *opaque);
 /* Wait until every read asked so far is over. */
 void coroutine_fn nas_dedup_fetcher_drain(NasDedupFetcher *f);
+/*
+ * Hold the results: from now on, a read that is over keeps its result
+ * (and its buffer) until nas_dedup_fetcher_release(), reads go on.
+ * Returns once no callback runs any more.  Incoming coroutine.  For
+ * postcopy, whose destination must not write guest RAM from when it
+ * registers it with userfaultfd until the loader places pages with
+ * UFFDIO_COPY instead.
+ */
+void coroutine_fn nas_dedup_fetcher_hold(NasDedupFetcher *f);
+/* Hand the held results over to the callbacks; main loop thread. */
+void nas_dedup_fetcher_release(NasDedupFetcher *f);
 /* Reads asked and not over yet. */
 unsigned nas_dedup_fetcher_inflight(NasDedupFetcher *f);
 /*

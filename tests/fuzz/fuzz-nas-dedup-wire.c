@@ -111,7 +111,8 @@ static void check_record_rules(const NasDedupRecord *r)
               "disk offset 0x%" PRIx64, r->disk_offset);
         break;
     case NAS_DEDUP_REC_SYNC:
-        /* final is a bool: nothing to check beyond the round trip */
+        /* Only a final SYNC may be the lazy one. */
+        CHECK(r->final || !r->lazy, "lazy SYNC that is not final");
         break;
     case NAS_DEDUP_REC_SETUP:
         CHECK(r->version == NAS_DEDUP_WIRE_VERSION, "version %u", r->version);
@@ -135,7 +136,8 @@ static bool record_equal(const NasDedupRecord *a, const NasDedupRecord *b)
                a->disk_offset == b->disk_offset &&
                !memcmp(a->hash, b->hash, a->npages * sizeof(a->hash[0]));
     case NAS_DEDUP_REC_SYNC:
-        return a->seq == b->seq && a->final == b->final;
+        return a->seq == b->seq && a->final == b->final &&
+               a->lazy == b->lazy;
     case NAS_DEDUP_REC_SETUP:
         return a->version == b->version && a->resend_msg == b->resend_msg &&
                a->sync_ack_msg == b->sync_ack_msg &&

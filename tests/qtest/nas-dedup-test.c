@@ -466,6 +466,8 @@ typedef struct DedupStats {
     uint64_t read_errors;
     uint64_t resend_requests;
     uint64_t fetch_connections;
+    uint64_t fill_pages;
+    uint64_t fill_faults;
 } DedupStats;
 
 static void read_stats(QTestState *from, QTestState *to, bool dedup,
@@ -506,6 +508,8 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
         st->read_errors = stat_u64(dn, "read-errors");
         st->resend_requests = stat_u64(dn, "resend-requests");
         st->fetch_connections = stat_u64(dn, "fetch-connections");
+        st->fill_pages = stat_u64(dn, "postcopy-fill-pages");
+        st->fill_faults = stat_u64(dn, "postcopy-fill-faults");
     }
     qobject_unref(rsp);
 
@@ -795,36 +799,136 @@ static void test_race(void)
 #define PC_RAND_BYTES   (4 * MiB)
 /* The destination's reads of the shared disk, slower than the first pass. */
 #define PC_READ_BPS     (4 * MiB)
+/* ... and slower still where the test acts during the fill (~8 s). */
+#define PC_FILL_BPS     (2 * MiB)
+/* Pages of the last disk blocks the test reads on the destination early. */
+#define PC_FAULT_PAGES  16
+/* Blocks the destination writes during the fill, just before those. */
+#define PC_DST_WRITES   64
+
+typedef struct PostcopyCase {
+    bool preempt;
+    bool resolve_first;     /* x-dedup-nas-postcopy-lazy=off */
+    bool race;              /* faults, and destination writes, in the fill */
+    bool recover;           /* postcopy paused and recovered in the fill */
+} PostcopyCase;
+
+/* Pages of a "nas_dedup_load_mismatch" trace in @log within [@lo, @hi). */
+static unsigned count_mismatches(const char *log, uint64_t lo, uint64_t hi)
+{
+    g_autofree char *out = NULL;
+    g_auto(GStrv) lines = NULL;
+    unsigned n = 0;
+    int i;
+
+    g_assert(g_file_get_contents(log, &out, NULL, NULL));
+    lines = g_strsplit(out, "\n", -1);
+    for (i = 0; lines[i]; i++) {
+        const char *p = strstr(lines[i], "nas_dedup_load_mismatch ");
+        uint64_t off;
+
+        p = p ? strstr(p, " 0x") : NULL;
+        if (p && !qemu_strtou64(p + 1, NULL, 16, &off) &&
+            off >= lo && off < hi) {
+            n++;
+        }
+    }
+    return n;
+}
 
 /*
- * dedup-nas with postcopy-ram (and @opaque non-NULL: postcopy-preempt).
- * Postcopy is asked for at once; it must wait until the references of the
- * first pass are resolved, the blocks overwritten behind the source's
- * back among them asked again and sent in full; from then on every page
- * goes in full, through postcopy's own paths.  The destination reads the
- * shared disk through a throttle node, slower than the first pass goes:
- * the gate's first SYNC finds pages still awaited (its trace says
- * "resending"), so the gate must wait for them and SYNC again.  The source
- * keeps dirtying its random pages by writing back what they hold, so that
- * pre-copy does not converge, and a write that comes after the guest
- * stopped changes nothing.
+ * While the destination fills: the test reads the last pages of the
+ * region there (from the main thread, as device state loading might:
+ * each must come from the source at once, not wait for a read behind the
+ * main loop), and the destination writes to the disk blocks just before
+ * them (through its block layer, as its guest would) before the fill
+ * read them: those must not verify, and come from the source.
+ */
+static void postcopy_race(Guest *g, uint64_t *write_lo, uint64_t *write_hi)
+{
+    uint64_t first = RACE_DMA_BLOCKS - PC_FAULT_PAGES;
+    uint64_t wfirst = first - PC_DST_WRITES;
+    g_autofree uint8_t *dst = g_malloc(PC_FAULT_PAGES * CHUNK);
+    g_autofree uint8_t *src = g_malloc(PC_FAULT_PAGES * CHUNK);
+    g_autofree char *out = NULL;
+    g_autofree char *image = NULL;
+    gsize image_len;
+    g_autoptr(GTimer) timer = g_timer_new();
+    QDict *rsp;
+
+    read_guest(g->dst, g->dma_addr + first * CHUNK, dst,
+               PC_FAULT_PAGES * CHUNK);
+    read_guest(g->src.qts, g->dma_addr + first * CHUNK, src,
+               PC_FAULT_PAGES * CHUNK);
+    g_assert(!memcmp(dst, src, PC_FAULT_PAGES * CHUNK));
+
+    /* The guest runs there once the device state is in. */
+    for (;;) {
+        rsp = qtest_qmp_assert_success_ref(g->dst,
+                                           "{ 'execute': 'query-status' }");
+        if (qdict_get_bool(rsp, "running")) {
+            qobject_unref(rsp);
+            break;
+        }
+        qobject_unref(rsp);
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+        g_usleep(10 * 1000);
+    }
+    out = qtest_hmp(g->dst, "qemu-io drive0 \"write -P 0x5a %" PRIu64
+                    " %u\"", wfirst * CHUNK, PC_DST_WRITES * CHUNK);
+    g_assert_cmpstr(out, ==, "");
+    /* It went through to the image. */
+    g_assert(g_file_get_contents(image_path, &image, &image_len, NULL));
+    g_assert_cmpuint(image_len, ==, IMAGE_BYTES);
+    g_assert_cmpuint(image[wfirst * CHUNK], ==, 0x5a);
+    g_assert_cmpuint(image[first * CHUNK - 1], ==, 0x5a);
+    *write_lo = g->dma_addr + wfirst * CHUNK;
+    *write_hi = g->dma_addr + first * CHUNK;
+}
+
+/*
+ * dedup-nas with postcopy-ram.  Postcopy is asked for at once; it waits
+ * for the first pass, which sends the blocks the device read as
+ * references (some overwritten behind the source's back before, which
+ * must not verify).  The destination reads the shared disk through a
+ * throttle node, slower than the first pass goes, so that references are
+ * still unresolved when postcopy may start:
+ *  - by default the destination fills them after the switch, and the
+ *    source completes once the destination answered the lazy SYNC
+ *    (optionally with the races of postcopy_race(), or a postcopy pause
+ *    and recovery in the middle of the fill, after which every page not
+ *    placed comes from the source);
+ *  - with x-dedup-nas-postcopy-lazy=off, the source resolves them before
+ *    postcopy starts (its gate's first SYNC finds pages still awaited,
+ *    "resending", and must SYNC again).
+ * The source keeps dirtying its random pages by writing back what they
+ * hold, so that pre-copy does not converge, and a write that comes after
+ * the guest stopped changes nothing.
  */
 static void test_postcopy(const void *opaque)
 {
+    const PostcopyCase *pc = opaque;
     g_autofree uint8_t *keep = g_malloc(PC_RAND_BYTES);
     g_autofree char *log = g_build_filename(tmpdir, "postcopy-src.log", NULL);
-    g_autofree char *trace = g_strdup_printf("-trace nas_dedup_postcopy_gate "
-                                             "2>%s", log);
+    g_autofree char *dlog = g_build_filename(tmpdir, "postcopy-dst.log",
+                                             NULL);
+    g_autofree char *trace = g_strdup_printf(
+        "-trace nas_dedup_postcopy_gate -trace nas_dedup_postcopy_filled "
+        "-trace nas_dedup_save_undefer 2>%s", log);
     g_autofree char *drive = g_strdup_printf(
         "driver=throttle,throttle-group=tg0,file.driver=raw,"
         "file.file.driver=file,file.file.filename=%s", image_path);
     g_autofree char *throttle = g_strdup_printf(
-        "-object throttle-group,id=tg0,x-bps-read=%u -incoming defer",
-        (unsigned)PC_READ_BPS);
+        "-object throttle-group,id=tg0,x-bps-read=%u -incoming defer "
+        "-trace nas_dedup_load_mismatch -trace 'nas_dedup_load_fill_*' "
+        "2>%s", (unsigned)(pc->race || pc->recover ? PC_FILL_BPS
+                                                    : PC_READ_BPS), dlog);
+    g_autofree char *recover_uri = g_strdup_printf("%s-recover", mig_uri);
     g_autofree char *dst_args = NULL;
     g_autofree char *status = NULL;
     g_autofree char *out = NULL;
     g_autoptr(GTimer) timer = g_timer_new();
+    uint64_t write_lo = 0, write_hi = 0;
     unsigned writes = 0;
     bool postcopy = false;
     DedupStats st;
@@ -835,9 +939,11 @@ static void test_postcopy(const void *opaque)
         g_test_skip("userfaultfd is not available");
         return;
     }
-    mig_globals = opaque ? "-global migration.x-postcopy-ram=on "
-                           "-global migration.x-postcopy-preempt=on"
-                         : "-global migration.x-postcopy-ram=on";
+    mig_globals = g_strdup_printf(
+        "-global migration.x-postcopy-ram=on %s %s",
+        pc->preempt ? "-global migration.x-postcopy-preempt=on" : "",
+        pc->resolve_first ? "-global migration.x-dedup-nas-postcopy-lazy=off"
+                          : "");
     memset(&g, 0, sizeof(g));
     make_image();
     source_boot_args(&g.src, true, trace);
@@ -883,17 +989,45 @@ static void test_postcopy(const void *opaque)
     }
     g_test_message("%s after %u rewrites of %u KiB", status, writes,
                    (unsigned)(PC_RAND_BYTES / KiB));
-    /* The events of the migration so far came before the last answer. */
+
+    if (pc->race || pc->recover) {
+        /* The fill takes seconds: the destination listens by now. */
+        wait_for_migration_status(g.dst, "postcopy-active",
+                                  (const char * []) { "failed", "completed",
+                                                      NULL });
+    }
+    if (pc->race) {
+        postcopy_race(&g, &write_lo, &write_hi);
+    }
+    if (pc->recover) {
+        /* As a network failure in the middle of the fill would. */
+        migrate_pause(g.src.qts);
+        wait_for_migration_status(g.dst, "postcopy-paused",
+                                  (const char * []) { "failed", "active",
+                                                      "completed", NULL });
+        /* (Not out-of-band: the destination's main loop is not stuck.) */
+        qtest_qmp_assert_success(g.dst, "{ 'execute': 'migrate-recover', "
+                                 "  'arguments': { 'uri': %s } }",
+                                 recover_uri);
+        wait_for_migration_status(g.src.qts, "postcopy-paused",
+                                  (const char * []) { "failed", "active",
+                                                      "completed", NULL });
+        migrate_qmp(g.src.qts, g.dst, recover_uri, NULL,
+                    "{ 'resume': true }");
+    }
+
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    /* The events of the migration came before the last answer. */
     while ((ev = qtest_qmp_event_ref(g.src.qts, "MIGRATION"))) {
         postcopy |= !strcmp(qdict_get_str(qdict_get_qdict(ev, "data"),
                                           "status"), "postcopy-active");
         qobject_unref(ev);
     }
     g_assert(postcopy);
-
-    wait_for_migration_complete(g.src.qts);
-    wait_for_migration_complete(g.dst);
     read_stats(g.src.qts, g.dst, true, &st);
+    g_test_message("postcopy-fill-pages %" PRIu64 " postcopy-fill-faults %"
+                   PRIu64, st.fill_pages, st.fill_faults);
     assert_ram_equal(g.src.qts, g.dst);
     /* The destination holds what the device read, not the new blocks. */
     assert_ram_holds_disk(g.dst, g.dma_addr, 0, RACE_DMA_BLOCKS, NULL);
@@ -901,22 +1035,73 @@ static void test_postcopy(const void *opaque)
     /* References went; each was verified, or asked again and resent. */
     g_assert_cmpuint(st.ref_pages, >=, RACE_DMA_BLOCKS * 95 / 100);
     g_assert_cmpuint(st.ref_pages, <=, RACE_DMA_BLOCKS);
-    g_assert_cmpuint(st.mismatches, <=, RACE_COUNT);
-    g_assert_cmpuint(st.mismatches, >=,
-                     RACE_COUNT - (RACE_DMA_BLOCKS - st.ref_pages));
     g_assert_cmpuint(st.read_errors, ==, 0);
-    g_assert_cmpuint(st.resend_requests, ==, st.mismatches);
-    g_assert_cmpuint(st.resent_pages, ==, st.mismatches);
-    g_assert_cmpuint(st.verified_pages + st.mismatches, ==, st.ref_pages);
-
-    /* The gate waited for pages asked again, and then let postcopy go. */
+    g_assert_cmpuint(st.fill_pages, <=, st.verified_pages);
     g_assert(g_file_get_contents(log, &out, NULL, NULL));
-    g_test_message("source's gate: %s", out);
-    g_assert(strstr(out, "-> resending"));
-    g_assert(strstr(out, "final-wanted -> done"));
+    g_test_message("source: %s", out);
+    if (pc->resolve_first) {
+        /* The gate waited for pages asked again, then let postcopy go. */
+        g_assert(strstr(out, "-> resending"));
+        g_assert(strstr(out, "final-wanted -> done"));
+        g_assert_cmpuint(st.fill_pages, ==, 0);
+    } else {
+        g_assert(strstr(out, "lazy-wanted -> done"));
+        g_assert(strstr(out, "nas_dedup_postcopy_filled"));
+        g_assert(!strstr(out, "resending"));
+        /* The first pass left the random pages for postcopy. */
+        g_assert(strstr(out, "nas_dedup_save_undefer"));
+        g_assert(!strstr(out, " 0 pages left for postcopy"));
+    }
+    if (pc->recover) {
+        /*
+         * What the destination had not placed when postcopy paused came
+         * from the source after recovery: fewer pages verified than sent.
+         */
+        g_assert(strstr(out, "recovered: 1"));
+        g_assert_cmpuint(st.verified_pages + st.mismatches, <,
+                         st.ref_pages);
+        g_assert_cmpuint(st.resend_requests, <=,
+                         st.mismatches + st.fill_faults);
+    } else {
+        g_assert_cmpuint(st.verified_pages + st.mismatches + st.fill_faults,
+                         ==, st.ref_pages);
+        g_assert_cmpuint(st.resend_requests, ==,
+                         st.mismatches + st.fill_faults);
+        g_assert_cmpuint(st.resent_pages, ==, st.resend_requests);
+        g_assert_cmpuint(st.mismatches, >=,
+                         RACE_COUNT - (RACE_DMA_BLOCKS - st.ref_pages));
+    }
+    if (!pc->resolve_first && !pc->recover) {
+        /* Some pages were still unresolved at the switch, and filled. */
+        g_assert_cmpuint(st.fill_pages, >, 0);
+    }
+    if (!pc->resolve_first) {
+        g_autofree char *dout = NULL;
+
+        /* At the end, every page with a reference was placed. */
+        g_assert(g_file_get_contents(dlog, &dout, NULL, NULL));
+        g_assert(strstr(dout, "nas_dedup_load_fill_listen"));
+        g_assert(strstr(dout, " never placed 0"));
+        g_assert(!strstr(dout, "were never placed"));
+    }
+    if (pc->race) {
+        unsigned dst_mismatches = count_mismatches(dlog, write_lo, write_hi);
+
+        g_test_message("%u of the %u blocks the destination wrote did not "
+                       "verify", dst_mismatches, PC_DST_WRITES);
+        g_assert_cmpuint(st.fill_faults, >=, 1);
+        g_assert_cmpuint(st.fill_faults, <=, PC_FAULT_PAGES);
+        g_assert_cmpuint(dst_mismatches, >, 0);
+        g_assert_cmpuint(st.mismatches, <=, RACE_COUNT + PC_DST_WRITES);
+    } else if (!pc->recover) {
+        g_assert_cmpuint(st.mismatches, <=, RACE_COUNT);
+    }
+    g_free((char *)mig_globals);
     mig_globals = "";
     guest_teardown(&g);
+    unlink(recover_uri + strlen("unix:"));
     unlink(log);
+    unlink(dlog);
 }
 
 /*
@@ -1200,10 +1385,10 @@ typedef enum ProxyMode {
 typedef struct Mutation Mutation;
 
 /*
- * The start of the SETUP record: type 4, version 3, RESEND as 8,
+ * The start of the SETUP record: type 4, version 4, RESEND as 8,
  * SYNC_ACK as 9, PROGRESS as 10, a 384-byte key.
  */
-static const uint8_t setup_sig[10] = { 4, 3, 0, 8, 0, 9, 0, 10, 1, 128 };
+static const uint8_t setup_sig[10] = { 4, 4, 0, 8, 0, 9, 0, 10, 1, 128 };
 
 typedef struct Proxy {
     ProxyMode mode;
@@ -3439,8 +3624,16 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/race", test_race);
     ADD_CASES("/nas-dedup/malformed", malformed_cases, test_malformed);
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
-    g_test_add_data_func("/nas-dedup/postcopy/plain", NULL, test_postcopy);
-    g_test_add_data_func("/nas-dedup/postcopy/preempt", "", test_postcopy);
+    g_test_add_data_func("/nas-dedup/postcopy/plain",
+                         &(PostcopyCase) { .race = true }, test_postcopy);
+    g_test_add_data_func("/nas-dedup/postcopy/preempt",
+                         &(PostcopyCase) { .preempt = true, .race = true },
+                         test_postcopy);
+    g_test_add_data_func("/nas-dedup/postcopy/resolve-first",
+                         &(PostcopyCase) { .resolve_first = true },
+                         test_postcopy);
+    g_test_add_data_func("/nas-dedup/postcopy/recover",
+                         &(PostcopyCase) { .recover = true }, test_postcopy);
     g_test_add_data_func("/nas-dedup/multifd/none", "none", test_multifd);
     g_test_add_func("/nas-dedup/multifd/stall", test_multifd_stall);
 #ifdef CONFIG_ZSTD

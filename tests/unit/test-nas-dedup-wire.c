@@ -105,6 +105,7 @@ static void test_round_trip(void)
         case NAS_DEDUP_REC_SYNC:
             g_assert_cmpuint(out->seq, ==, 0xdeadbeef);
             g_assert_true(out->final);
+            g_assert_false(out->lazy);
             break;
         case NAS_DEDUP_REC_SETUP:
             g_assert_cmpuint(out->version, ==, NAS_DEDUP_WIRE_VERSION);
@@ -123,6 +124,39 @@ static void test_round_trip(void)
 }
 
 /* Every strict prefix of every record fails to decode, with a message. */
+/* SYNC's last byte: live, final, and final with the fill after LISTEN. */
+static void test_sync_kinds(void)
+{
+    static const struct {
+        bool final, lazy;
+        uint8_t byte;
+    } kinds[] = {
+        { false, false, NAS_DEDUP_SYNC_LIVE },
+        { true, false, NAS_DEDUP_SYNC_FINAL },
+        { true, true, NAS_DEDUP_SYNC_LAZY },
+    };
+    size_t i;
+
+    for (i = 0; i < ARRAY_SIZE(kinds); i++) {
+        g_autoptr(GByteArray) a = g_byte_array_new();
+        g_autoptr(Error) err = NULL;
+        NasDedupRecord in = {
+            .type = NAS_DEDUP_REC_SYNC, .seq = 7,
+            .final = kinds[i].final, .lazy = kinds[i].lazy,
+        };
+        NasDedupRecord out;
+        size_t left;
+
+        nas_dedup_record_encode(a, &in);
+        g_assert_cmpuint(a->len, ==, 6);
+        g_assert_cmpuint(a->data[5], ==, kinds[i].byte);
+        g_assert_true(decode(a->data, a->len, &out, &err, &left));
+        g_assert_cmpuint(out.seq, ==, 7);
+        g_assert_cmpint(out.final, ==, kinds[i].final);
+        g_assert_cmpint(out.lazy, ==, kinds[i].lazy);
+    }
+}
+
 static void test_truncated(void)
 {
     NasDedupRecord *in = g_new0(NasDedupRecord, NRECS);
@@ -186,11 +220,12 @@ static void test_malformed(void)
     REJECT("bad disk offset", 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x10, 0x01);
     REJECT("bad disk offset", 2, 0, 0, 0, 1, 0xf0, 0, 0, 0, 0, 0, 0, 0);
     /* SYNC: bad final flag */
-    REJECT("final flag", 3, 0, 0, 0, 1, 2);
+    REJECT("final flag", 3, 0, 0, 0, 1, 3);
     /* SETUP: unknown version, wrong key length */
     REJECT("protocol version 1", 4, 1, 0, 9, 0, 10, 0, 11, 1, 128);
     REJECT("protocol version 2", 4, 2, 0, 9, 0, 10, 0, 11, 1, 128);
-    REJECT("key of 16 bytes", 4, 3, 0, 9, 0, 10, 0, 11, 0, 16);
+    REJECT("protocol version 3", 4, 3, 0, 9, 0, 10, 0, 11, 1, 128);
+    REJECT("key of 16 bytes", 4, 4, 0, 9, 0, 10, 0, 11, 0, 16);
 }
 
 static void test_refs_check(void)
@@ -289,6 +324,7 @@ int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
     g_test_add_func("/nas-dedup/wire/round-trip", test_round_trip);
+    g_test_add_func("/nas-dedup/wire/sync-kinds", test_sync_kinds);
     g_test_add_func("/nas-dedup/wire/truncated", test_truncated);
     g_test_add_func("/nas-dedup/wire/malformed", test_malformed);
     g_test_add_func("/nas-dedup/wire/refs-check", test_refs_check);
