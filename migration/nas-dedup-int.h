@@ -264,10 +264,13 @@ bool nas_dedup_postcopy_can_start(MigrationState *s);
 /* End of a RAM iteration (ram_save_iterate()): send what the gate wants. */
 void nas_dedup_postcopy_flush(void);
 /*
- * Migration thread, about to complete: false while the destination's
- * fill after LISTEN may still ask pages from us (waits a little).
+ * Migration thread, about to complete with @pending_bytes left to send:
+ * false while pages are left out for postcopy, or while the destination's
+ * fill after LISTEN may still ask pages from us (then, with nothing to
+ * send, waits a little for its messages).
  */
-bool nas_dedup_postcopy_can_complete(MigrationState *s);
+bool nas_dedup_postcopy_can_complete(MigrationState *s,
+                                     uint64_t pending_bytes);
 /* Migration thread: postcopy resumes after a recovery. */
 void nas_dedup_postcopy_resumed(void);
 

@@ -283,7 +283,8 @@ void nas_dedup_postcopy_flush(void)
     }
 }
 
-bool nas_dedup_postcopy_can_complete(MigrationState *s)
+bool nas_dedup_postcopy_can_complete(MigrationState *s,
+                                     uint64_t pending_bytes)
 {
     g_autoptr(Error) err = NULL;
     uint32_t pending;
@@ -311,14 +312,11 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s)
      * it had not placed was sent again (the dirty bitmap was rebuilt from
      * its receivedmap).
      */
-    if (!gate.resumed &&
-        (int32_t)(nas_dedup_rp_acked(&pending) - gate.seq) < 0) {
-        nas_dedup_rp_wait(NAS_DEDUP_POSTCOPY_WAIT_MS);
-        return false;
-    }
     /*
-     * Every RESEND came before the answer: once all the pages they named
-     * are dirty again, completing sends them (in full, or as zero pages).
+     * Pages asked again (a vCPU may be waiting for one) are dirtied again
+     * now, and sent by the next iteration.  Every RESEND came before the
+     * answer: once they are all dirty again, completing sends them (in
+     * full, or as zero pages).
      */
     ret = nas_dedup_rp_redirty(false, &err);
     if (ret < 0) {
@@ -326,6 +324,14 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s)
         return false;
     }
     if (ret > 0) {
+        return false;
+    }
+    if (!gate.resumed &&
+        (int32_t)(nas_dedup_rp_acked(&pending) - gate.seq) < 0) {
+        if (!pending_bytes) {
+            /* Nothing to send: wait for a RESEND or the answer. */
+            nas_dedup_rp_wait(NAS_DEDUP_POSTCOPY_WAIT_MS);
+        }
         return false;
     }
     gate.filled = true;

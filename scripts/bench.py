@@ -499,7 +499,8 @@ FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "prealloc", "series"
           "est_precopy_bytes", "est_dedup_nas_bytes", "est_storage_bytes", "est_ms",
           "src_cpu_s", "dst_cpu_s", "dst_rss_mib", "dst_dedup_fetch_connections",
           "storage_limit_1_bps", "storage_limit_n_bps", "storage_limit_n", "postcopy_ms",
-          "postcopy_requests", "data_mb", "run_s", "log"]
+          "postcopy_requests", "dst_dedup_postcopy_fill_pages", "dst_dedup_postcopy_fill_faults",
+          "data_mb", "run_s", "log"]
 
 
 def scen_key(r):
@@ -722,8 +723,9 @@ def postcopy_table(rows):
     and when the last page is there, against pre-copy and dedup-nas of the
     same run (issue #12's targets)."""
     out = ["| scenario | mode | guest on destination | last page in place | downtime | RAM on wire "
-           "| from NFS | pages requested by the destination | verdict |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+           "| from NFS | filled from NFS after the switch | pages requested by the destination "
+           "| of which references faulted on | verdict |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     tgt = []
     for k in sorted({scen_key(r) for r in rows if r["mode"] in POSTCOPY_MODES}):
         runs = [r for r in rows if scen_key(r) == k]
@@ -731,12 +733,15 @@ def postcopy_table(rows):
         for r in runs:
             pc = r["mode"] in POSTCOPY_MODES and num(r, "postcopy_ms", -1) >= 0
             on_dst[r["mode"]] = num(r, "postcopy_ms") if pc else num(r, "total_ms")
-            out.append("| %s | %s | %.2f s%s | %.2f s | %d ms | %.1f MB | %.1f MB | %s | %s |" % (
+            dn = r["mode"].startswith("dedup-nas")
+            out.append("| %s | %s | %.2f s%s | %.2f s | %d ms | %.1f MB | %.1f MB | %s | %s | %s | %s |" % (
                 scen_label(r), r["mode"], on_dst[r["mode"]] / 1e3, "" if pc or r["mode"] not in
                 POSTCOPY_MODES else " (completed as pre-copy)", num(r, "total_ms") / 1e3,
                 num(r, "downtime_ms"), num(r, "ram_transferred_bytes") / 1e6,
                 num(r, "dst_dedup_fetched_bytes") / 1e6,
-                r.get("postcopy_requests", "–") if r["mode"] in POSTCOPY_MODES else "–", r["verdict"]))
+                "%.1f MB" % (num(r, "dst_dedup_postcopy_fill_pages") * 4096 / 1e6) if dn else "–",
+                r.get("postcopy_requests", "–") if r["mode"] in POSTCOPY_MODES else "–",
+                "%d" % num(r, "dst_dedup_postcopy_fill_faults") if dn else "–", r["verdict"]))
         ok = {r["mode"]: r for r in runs if r["verdict"] == "OK"}
         if "dedup-nas+postcopy" in ok and "pre-copy" in ok and on_dst["dedup-nas+postcopy"]:
             ratio = on_dst["pre-copy"] / on_dst["dedup-nas+postcopy"]

@@ -1262,9 +1262,11 @@ class NasDedupMigration(QemuSystemTest):
 
     def test_postcopy(self):
         """dedup-nas with postcopy-ram, postcopy asked for right after
-        migrate: it starts only once the first pass's references are
-        resolved; the destination (paused, -S) then holds the source's RAM
-        byte for byte, and the guest's verdict is OK."""
+        migrate: the first pass sends references only, postcopy starts
+        after it, and the destination reads the referenced blocks while
+        the guest runs there (the fill); once over, the destination
+        (paused, -S) holds the source's RAM byte for byte, and the guest's
+        verdict is OK."""
         case = 'postcopy'
         disk, src, con = self._fm_start(
             case, both=('-global', 'migration.x-postcopy-ram=on'))
@@ -1297,15 +1299,23 @@ class NasDedupMigration(QemuSystemTest):
         s, d = info['dedup-nas'], dinfo['dedup-nas-incoming']
         self.assertGreater(s['reference-pages'], 0,
                            f'{case}: no reference before postcopy: {s}')
-        # Every reference was read, before the switch (the destination
-        # fails at LISTEN otherwise).
+        # Every reference was read, before the switch or by the fill.
         self.assertEqual(d['fetched-blocks'], s['reference-pages'],
                          f'{case}: {d}')
+        # Asked again: what did not verify, and what the guest touched
+        # before the fill placed it.
         self.assertEqual(d['resend-requests'],
-                         d['mismatches'] + d['read-errors'], f'{case}: {d}')
+                         d['mismatches'] + d['read-errors'] +
+                         d['postcopy-fill-faults'], f'{case}: {d}')
+        self.assertEqual(s['resent-pages'], d['resend-requests'],
+                         f'{case}: {s} / {d}')
+        self.assertLessEqual(d['postcopy-fill-pages'], d['verified-pages'],
+                             f'{case}: {d}')
         self._fm_row(case, 'a', info, dinfo,
                      f'states {" ".join(states)}; completed after '
-                     f'{switch_s:.1f} s')
+                     f'{switch_s:.1f} s; filled after the switch '
+                     f'{d["postcopy-fill-pages"]} pages, '
+                     f'{d["postcopy-fill-faults"]} faults to the source')
         self._fm_shutdown(dst)
         self._fm_done()
 
