@@ -547,6 +547,10 @@ static void fill_report(LoadState *st)
                 st->resends = g_array_new(false, false, sizeof(Resend));
             }
             qatomic_set(&st->resends_queued, false);
+            if (todo && st->paused) {
+                /* After recovery the source sends every page not placed. */
+                g_array_set_size(todo, 0);
+            }
             if (!todo && st->listening && !st->paused && !st->fetches &&
                 !st->lazy_acked) {
                 st->lazy_acked = true;

@@ -289,6 +289,7 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s,
     g_autoptr(Error) err = NULL;
     uint32_t pending;
     int64_t ret;
+    bool acked;
 
     if (!migrate_dedup_nas()) {
         return true;
@@ -313,11 +314,14 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s,
      * its receivedmap).
      */
     /*
-     * Pages asked again (a vCPU may be waiting for one) are dirtied again
-     * now, and sent by the next iteration.  Every RESEND came before the
-     * answer: once they are all dirty again, completing sends them (in
-     * full, or as zero pages).
+     * Every RESEND comes before the answer, and the return-path thread
+     * handles them in order: so look at the answer first, then dirty
+     * again the pages asked so far (a vCPU may be waiting for one).  If
+     * the answer had come and none was left to dirty, completing sends
+     * every page asked (in full, or as zero pages).
      */
+    acked = gate.resumed ||
+            (int32_t)(nas_dedup_rp_acked(&pending) - gate.seq) >= 0;
     ret = nas_dedup_rp_redirty(false, &err);
     if (ret < 0) {
         nas_dedup_rp_fail(s, err);
@@ -326,8 +330,7 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s,
     if (ret > 0) {
         return false;
     }
-    if (!gate.resumed &&
-        (int32_t)(nas_dedup_rp_acked(&pending) - gate.seq) < 0) {
+    if (!acked) {
         if (!pending_bytes) {
             /* Nothing to send: wait for a RESEND or the answer. */
             nas_dedup_rp_wait(NAS_DEDUP_POSTCOPY_WAIT_MS);

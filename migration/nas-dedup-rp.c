@@ -406,8 +406,13 @@ static int rp_accept(const char *what, const Error *err, Error **errp)
     return 1;
 }
 
-int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
-                        Error **errp)
+/*
+ * Record a RESEND; under RCU.  *@urgent: in postcopy with the fill after
+ * LISTEN, where a vCPU may wait for the pages (@block, @first, @npages).
+ */
+static int rp_resend(const uint8_t *buf, size_t len, RAMBlock **blockp,
+                     unsigned long *firstp, uint32_t *npagesp, bool *urgent,
+                     Error **errp)
 {
     NasDedupResend r;
     g_autoptr(Error) err = NULL;
@@ -420,7 +425,6 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     if (nas_dedup_resend_decode(buf, len, &r, &err)) {
         trace_nas_dedup_rp_resend(r.id, r.offset, r.npages);
     }
-    RCU_READ_LOCK_GUARD();
     QEMU_LOCK_GUARD(&rp.lock);
     ret = rp_accept("DEDUP_RESEND", err, errp);
     if (ret <= 0) {
@@ -467,8 +471,30 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     if (rp.lazy) {
         /* In postcopy: a vCPU there may be waiting for these. */
         qemu_sem_post(&rp.ack_sem);
+        *urgent = migration_in_postcopy();
+        *blockp = block;
+        *firstp = first;
+        *npagesp = r.npages;
     }
     return 0;
+}
+
+int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
+                        Error **errp)
+{
+    RAMBlock *block = NULL;
+    unsigned long first = 0;
+    uint32_t npages = 0;
+    bool urgent = false;
+
+    /*
+     * (In postcopy the pages are dirtied by the migration thread at its
+     * next flush, not here: dirtying them from this thread, under the
+     * bitmap mutex, hung postcopy without preempt in /nas-dedup/postcopy/
+     * plain; not understood yet.)
+     */
+    RCU_READ_LOCK_GUARD();
+    return rp_resend(buf, len, &block, &first, &npages, &urgent, errp);
 }
 
 int nas_dedup_rp_sync_ack(MigrationState *s, const uint8_t *buf, size_t len,

@@ -71,6 +71,11 @@ static struct {
     bool defer;
     GHashTable *deferred;
     uint64_t deferred_pages;
+    /* That pass's own split (defer_take()): pages offered, hits, taken. */
+    uint64_t defer_offered;
+    uint64_t defer_hits;
+    uint64_t defer_taken;
+    bool defer_span;                /* the current span goes as references */
     bool resolved;                  /* closed, and nothing is awaited */
     uint32_t seq;
     unsigned rounds;
@@ -326,6 +331,44 @@ static int defer_page(RAMBlock *block, ram_addr_t offset)
     return 1;
 }
 
+/*
+ * The link/NAS split of the pass that leaves pages for postcopy: after
+ * the switch, the link carries what is not a reference and the storage
+ * the references, both at once, so the share of hits that go as
+ * references is the one with which both end together:
+ *
+ *     (U + (1 - s) E) / L = s E / F   ->   s = F (U + E) / (E (L + F))
+ *
+ * with E / (U + E) the share of the non-zero pages offered that hit, L
+ * the link's limit (max-postcopy-bandwidth, or max-bandwidth) and F the
+ * destination's read rate as last reported (all references until it
+ * reported).  The split of nas-dedup-split.c does not fit: it paces
+ * references to the link's pace while the pages go, and this pass sends
+ * almost nothing but references.  Decided a span of hits at a time, so
+ * that the destination reads long runs.
+ */
+static bool defer_take(void)
+{
+    double f = stat64_get(&nas_dedup_counters.fetch_rate);
+    double l = migrate_max_postcopy_bandwidth() ?: migrate_max_bandwidth();
+    double s = 1;
+
+    if (save.defer_hits % NAS_DEDUP_SPLIT_SPAN == 0) {
+        if (f > 0) {
+            s = l > 0 ? f * save.defer_offered / (save.defer_hits + 1) /
+                        (l + f) : 0;
+            s = MIN(MAX(s, NAS_DEDUP_SPLIT_MIN), 1);
+        }
+        save.defer_span = save.defer_taken <=
+                          s * (save.defer_hits + NAS_DEDUP_SPLIT_SPAN / 2);
+    }
+    save.defer_hits++;
+    if (save.defer_span) {
+        save.defer_taken++;
+    }
+    return save.defer_span;
+}
+
 static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
                     void *opaque, RAMBlock *block, ram_addr_t offset);
 
@@ -342,12 +385,13 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
         qatomic_read(&save.closed)) {
         return 0;
     }
-    ret = save_ref(f, put_header, opaque, block, offset);
     /* (Never in postcopy, whose urgent pages the return path sends.) */
-    if (ret == 0 && save.defer && !migration_in_postcopy()) {
-        return defer_page(block, offset);
+    if (save.defer && !migration_in_postcopy()) {
+        save.defer_offered++;
+        ret = save_ref(f, put_header, opaque, block, offset);
+        return ret ? ret : defer_page(block, offset);
     }
-    return ret;
+    return save_ref(f, put_header, opaque, block, offset);
 }
 
 /* The page as a reference if the index knows it: 1, or 0 if not. */
@@ -378,13 +422,19 @@ static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
                                    NAS_DEDUP_CHUNK);
         return 0;
     }
-    /* With the guest stopped, the time left counts: every page. */
-    if (save.stop_until_ms ||
-        !(save.split.eligible % NAS_DEDUP_SPLIT_SAMPLE)) {
-        split_update();
-    }
-    if (!nas_dedup_split_take(&save.split)) {
-        return 0;               /* the link/NAS split sends it in full */
+    if (save.defer) {
+        if (!defer_take()) {
+            return 0;           /* left for postcopy */
+        }
+    } else {
+        /* With the guest stopped, the time left counts: every page. */
+        if (save.stop_until_ms ||
+            !(save.split.eligible % NAS_DEDUP_SPLIT_SAMPLE)) {
+            split_update();
+        }
+        if (!nas_dedup_split_take(&save.split)) {
+            return 0;           /* the link/NAS split sends it in full */
+        }
     }
 
     if (run->npages &&
@@ -457,8 +507,10 @@ void nas_dedup_save_pass_done(void)
 
 void nas_dedup_save_defer(void)
 {
-    if (save.drive_sent && !save.passes && !qatomic_read(&save.closed)) {
+    if (save.drive_sent && !save.passes && !qatomic_read(&save.closed) &&
+        !save.defer) {
         save.defer = true;
+        save.defer_offered = save.defer_hits = save.defer_taken = 0;
     }
 }
 
@@ -489,7 +541,8 @@ int64_t nas_dedup_save_undefer(Error **errp)
         }
         pages += ret;
     }
-    trace_nas_dedup_save_undefer(save.deferred_pages, pages);
+    trace_nas_dedup_save_undefer(save.deferred_pages, pages,
+                                 save.defer_hits, save.defer_taken);
     g_hash_table_remove_all(save.deferred);
     save.deferred_pages = 0;
     return pages;
