@@ -37,8 +37,9 @@
  * overwrites it).  A fetch whose load is over (freed, or a later one
  * started) finds that out under the lock and touches nothing.
  *
- * Only the incoming coroutine writes to the
- * return path: fetches queue their RESEND requests for it.  The return path
+ * Until postcopy listens, only the incoming coroutine writes to the
+ * return path: fetches queue their RESEND requests for it (after LISTEN,
+ * see fill_report()).  The return path
  * is a non-blocking channel, so a writer yields when it is full, holding
  * the (thread) mutex of the return path; a second coroutine writing then
  * would block the main loop, and with it the first, for good.

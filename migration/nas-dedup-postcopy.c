@@ -5,16 +5,26 @@
  *
  * Postcopy places pages with UFFDIO_COPY once the destination listens,
  * and the page request path only sends pages that are dirty on the
- * source: a page sent as a reference and still being read when postcopy
- * starts could be neither placed from its read nor asked again.  So the
+ * source: a page sent as a reference and not read yet when postcopy
+ * starts is neither sent by the source nor copied into RAM by the
+ * destination.  By default (the fill, docs/devel/nas-dedup.rst,
+ * "postcopy"):
+ *
+ * 1. once postcopy is asked for, the first pass over RAM sends only
+ *    references; the other pages are left out of the dirty bitmap;
+ * 2. at the end of the iteration where the pass wrapped, they are dirty
+ *    again, no more references go, and the lazy final SYNC tells the
+ *    destination to place what it still reads after LISTEN; postcopy
+ *    starts;
+ * 3. the migration completes once the destination answered that SYNC
+ *    and every page it asked again is dirty again.
+ *
+ * Otherwise (host pages over 4 KiB, x-dedup-nas-postcopy-lazy=off) the
  * references are resolved before postcopy starts, while the guest still
  * runs on the source:
  *
- * 1. once postcopy is asked for (migrate-start-postcopy) and the first
- *    pass over RAM is done (the scan of the dirty bitmap wrapped), so
- *    that the pages found on disk went as references, the source sends
- *    no more references ("closed"): every page from now on goes in full,
- *    in pre-copy and in postcopy alike;
+ * 1. once postcopy is asked for and the first pass over RAM is done, the
+ *    source sends no more references ("closed");
  * 2. at the end of the next iteration it sends SYNC(final=0); the
  *    destination reads every block still to read and answers, after its
  *    DEDUP_RESEND requests, how many pages it awaits;
@@ -24,12 +34,11 @@
  *    The destination fails the load (before it listens) if a reference
  *    is not resolved by then.
  *
- * Until 4., dedup-nas may fail the migration (an answer that does not
- * come in time, a destination that keeps asking): the guest keeps running
- * on the source.  The gate only delays postcopy; the migration may also
- * complete as pre-copy, with the usual switchover handshake, but only once
- * the gate found everything resolved (nas_dedup_live_can_switchover()):
- * the guest is not stopped while a backlog of reads is still to come.
+ * Until the final SYNC (lazy or not), dedup-nas may fail the migration:
+ * the guest keeps running on the source.  The gate only delays postcopy;
+ * the migration may also complete as pre-copy (not after the lazy SYNC),
+ * but only once nothing is left out and the gate found everything
+ * resolved (nas_dedup_live_can_switchover()).
  */
 #include "qemu/osdep.h"
 #include "qemu/notify.h"
