@@ -80,6 +80,11 @@ void nas_dedup_save_cleanup(void);
 int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
                         void *opaque, RAMBlock *block, ram_addr_t offset);
 /*
+ * The target page at @offset of @block is about to be sent, in whatever
+ * form: a reference to it sent before is superseded.
+ */
+void nas_dedup_save_sending(RAMBlock *block, ram_addr_t offset);
+/*
  * Send the pending run of references, if any; dirty again the pages the
  * destination asked for.
  */
@@ -209,6 +214,19 @@ uint64_t nas_dedup_rp_noref_pages(void);
 int64_t nas_dedup_rp_redirty(bool all, Error **errp);
 /* SYNC @seq is being sent. */
 void nas_dedup_rp_sync_sent(uint32_t seq);
+/*
+ * Migration thread: a REFS record is about to be sent (the next number),
+ * of pages offered in dirty-bitmap sync @epoch.
+ */
+void nas_dedup_rp_refs_sent(uint64_t epoch);
+/*
+ * The page at @offset of @block is offered for sending in sync @epoch (in
+ * whatever form), by the thread that sends it.  A RESEND for a
+ * reference sent in an earlier sync is stale from now on, and the page
+ * is no longer owed if it was asked.
+ */
+void nas_dedup_rp_sending(RAMBlock *block, ram_addr_t offset,
+                          uint64_t epoch);
 /*
  * The last SYNC answered and (@pending) how many pages asked again the
  * destination had not received when it answered.  @pending goes with the

@@ -76,6 +76,7 @@ typedef struct Resend {
     RAMBlock *block;
     ram_addr_t offset;
     uint32_t npages;
+    uint32_t refs_seq;          /* the ticket: the REFS record they came in */
 } Resend;
 
 /* The fetch of one REFS record. */
@@ -279,12 +280,16 @@ static void rp_nodelay(MigrationIncomingState *mis)
     }
 }
 
-static void send_resend(LoadState *st, RAMBlock *block, ram_addr_t offset,
-                        uint32_t npages)
+static void send_resend(LoadState *st, const Resend *q)
 {
     MigrationIncomingState *mis = migration_incoming_get_current();
     g_autoptr(GByteArray) buf = g_byte_array_new();
-    NasDedupResend r = { .offset = offset, .npages = npages };
+    RAMBlock *block = q->block;
+    ram_addr_t offset = q->offset;
+    uint32_t npages = q->npages;
+    NasDedupResend r = {
+        .offset = offset, .npages = npages, .refs_seq = q->refs_seq,
+    };
 
     pstrcpy(r.id, sizeof(r.id), block->idstr);
     nas_dedup_resend_encode(buf, &r);
@@ -329,9 +334,7 @@ static void flush_resends(LoadState *st)
             return;
         }
         for (i = 0; i < todo->len; i++) {
-            Resend r = g_array_index(todo, Resend, i);
-
-            send_resend(st, r.block, r.offset, r.npages);
+            send_resend(st, &g_array_index(todo, Resend, i));
         }
         g_clear_pointer(&todo, g_array_unref);
     }
@@ -437,6 +440,7 @@ static void resend_run(LoadState *st, Fetch *fe, uint32_t *t, uint32_t first,
         .block = fe->block,
         .offset = fe->offset + (uint64_t)k0 * NAS_DEDUP_CHUNK,
         .npages = n,
+        .refs_seq = fe->ticket,
     };
     uint32_t k;
 
@@ -561,9 +565,7 @@ static void fill_report(LoadState *st)
         }
         if (todo) {
             for (i = 0; i < todo->len; i++) {
-                Resend r = g_array_index(todo, Resend, i);
-
-                send_resend(st, r.block, r.offset, r.npages);
+                send_resend(st, &g_array_index(todo, Resend, i));
             }
             g_array_free(todo, true);
             continue;
@@ -760,10 +762,8 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     trace_nas_dedup_load_refs(block->idstr, offset, rec->drive,
                               rec->disk_offset, rec->npages);
     qatomic_set(&load->refs_seen, true);
-    if (++load->next_ticket == TICKET_AWAITING) {
-        load->next_ticket = 1;
-    }
-    ticket = load->next_ticket;
+    /* The record's number (nas-dedup-wire.h), which RESEND names. */
+    ticket = load->next_ticket = nas_dedup_refs_seq_next(load->next_ticket);
     fe = g_new0(Fetch, 1);
     fe->st = load;
     fe->key = load->key;
@@ -1052,7 +1052,10 @@ void nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset)
              * state), with the reads needing the main loop.  The run's
              * fetch leaves the page alone now.
              */
-            Resend r = { .block = block, .offset = offset, .npages = 1 };
+            Resend r = {
+                .block = block, .offset = offset, .npages = 1,
+                .refs_seq = t->t[page],
+            };
 
             t->t[page] = TICKET_AWAITING;
             st->awaiting++;

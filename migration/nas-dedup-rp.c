@@ -36,8 +36,20 @@ typedef struct RpBlock {
     unsigned long *noref;       /* send in full, not as a reference */
     unsigned long *asked;       /* of those, not dirtied again yet */
     unsigned long *scratch;     /* for nas_dedup_rp_redirty() */
+    /*
+     * The dirty-bitmap sync (modulo 2^16) in which each page was last
+     * offered for sending, in full or as a reference: a RESEND for a
+     * reference sent in an earlier one is stale (nas_dedup_rp_sending()).
+     */
+    uint16_t *sent_epoch;
     unsigned long npages;
 } RpBlock;
+
+/* REFS records numbered @first and on were offered in sync @epoch. */
+typedef struct RefsEpoch {
+    uint64_t first;
+    uint64_t epoch;
+} RefsEpoch;
 
 static struct {
     /*
@@ -62,8 +74,15 @@ static struct {
      */
     bool lazy;
     GHashTable *blocks;         /* RAMBlock * -> RpBlock */
+    unsigned gen;               /* changes when @blocks is made or freed */
     unsigned long noref_pages;  /* bits set in the noref bitmaps */
     unsigned long asked_pages;  /* bits set in the asked bitmaps */
+    /*
+     * REFS records sent, and the sync each was offered in, a row per
+     * sync that sent any (nas_dedup_rp_refs_sent()).
+     */
+    uint64_t refs_sent;
+    GArray *refs_epochs;
     uint32_t sent_seq;          /* last SYNC sent */
     uint32_t acked_seq;         /* last SYNC answered */
     /*
@@ -110,7 +129,26 @@ static void rp_block_free(gpointer p)
     g_free(rb->noref);
     g_free(rb->asked);
     g_free(rb->scratch);
+    g_free(rb->sent_epoch);
     g_free(rb);
+}
+
+/* Under rp.lock, while active: @block's state, made on first use. */
+static RpBlock *rp_block(RAMBlock *block)
+{
+    RpBlock *rb = g_hash_table_lookup(rp.blocks, block);
+
+    if (!rb) {
+        /* Bounded: 3 bits and 2 bytes a page of guest RAM. */
+        rb = g_new0(RpBlock, 1);
+        rb->npages = block->max_length >> TARGET_PAGE_BITS;
+        rb->noref = bitmap_new(rb->npages);
+        rb->asked = bitmap_new(rb->npages);
+        rb->scratch = bitmap_new(rb->npages);
+        rb->sent_epoch = g_new0(uint16_t, rb->npages);
+        g_hash_table_insert(rp.blocks, block, rb);
+    }
+    return rb;
 }
 
 void nas_dedup_rp_fail(MigrationState *s, const Error *err)
@@ -220,6 +258,9 @@ void nas_dedup_rp_start(MigrationState *s)
     }
     WITH_QEMU_LOCK_GUARD(&rp.lock) {
         rp.blocks = g_hash_table_new_full(NULL, NULL, NULL, rp_block_free);
+        rp.refs_sent = 0;
+        rp.refs_epochs = g_array_new(false, false, sizeof(RefsEpoch));
+        qatomic_inc(&rp.gen);
         qatomic_set(&rp.noref_pages, 0);
         qatomic_set(&rp.asked_pages, 0);
         rp.sent_seq = 0;
@@ -262,6 +303,108 @@ void nas_dedup_rp_stop(void)
         if (rp.blocks) {
             g_hash_table_destroy(rp.blocks);
             rp.blocks = NULL;
+        }
+        if (rp.refs_epochs) {
+            g_array_free(rp.refs_epochs, true);
+            rp.refs_epochs = NULL;
+        }
+        qatomic_inc(&rp.gen);
+    }
+}
+
+void nas_dedup_rp_refs_sent(uint64_t epoch)
+{
+    RefsEpoch *last;
+
+    QEMU_LOCK_GUARD(&rp.lock);
+    if (!rp.active) {
+        return;
+    }
+    rp.refs_sent++;
+    last = rp.refs_epochs->len ?
+           &g_array_index(rp.refs_epochs, RefsEpoch,
+                          rp.refs_epochs->len - 1) : NULL;
+    if (!last || last->epoch != epoch) {
+        RefsEpoch e = { .first = rp.refs_sent, .epoch = epoch };
+
+        g_array_append_val(rp.refs_epochs, e);
+    }
+}
+
+/*
+ * Under rp.lock: the sync in which REFS record @seq (a wire number,
+ * nas_dedup_refs_seq_next()) was offered, if it was sent: the latest
+ * record sent with that number.
+ */
+static bool refs_epoch(uint32_t seq, uint64_t *epoch)
+{
+    const uint64_t m = UINT32_MAX - 1;      /* numbers 1 .. m */
+    uint64_t d, n;
+    guint lo = 0, hi;
+
+    if (!rp.refs_sent || !seq || seq > m) {
+        return false;
+    }
+    /* How many records ago that number was last used. */
+    d = ((rp.refs_sent - 1) % m + 1 + m - seq) % m;
+    if (d >= rp.refs_sent) {
+        return false;
+    }
+    n = rp.refs_sent - d;
+    /* The last row that starts at or before record n. */
+    hi = rp.refs_epochs->len;
+    while (hi - lo > 1) {
+        guint mid = lo + (hi - lo) / 2;
+
+        if (g_array_index(rp.refs_epochs, RefsEpoch, mid).first <= n) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    *epoch = g_array_index(rp.refs_epochs, RefsEpoch, lo).epoch;
+    return true;
+}
+
+/*
+ * The block nas_dedup_rp_sending() was last called for in this thread
+ * (the migration thread, or the return-path thread sending
+ * postcopy-preempt's urgent pages; with preempt both send at once, and
+ * without ram.c's bitmap mutex): valid while @gen is rp.gen.
+ */
+static __thread struct {
+    RAMBlock *block;
+    RpBlock *rb;
+    unsigned gen;
+} sending;
+
+void nas_dedup_rp_sending(RAMBlock *block, ram_addr_t offset,
+                          uint64_t epoch)
+{
+    unsigned long page = offset >> TARGET_PAGE_BITS;
+    RpBlock *rb;
+
+    if (sending.block != block || sending.gen != qatomic_read(&rp.gen)) {
+        QEMU_LOCK_GUARD(&rp.lock);
+        sending.block = block;
+        sending.rb = rp.active ? rp_block(block) : NULL;
+        sending.gen = rp.gen;
+    }
+    rb = sending.rb;
+    if (!rb || page >= rb->npages) {
+        return;             /* no return path, no RESEND */
+    }
+    /*
+     * Against rp_resend(), which marks the page asked, then reads its
+     * sync: either it sees this one, and drops the request as stale, or
+     * we see it asked, and take that back, since the page goes now.
+     */
+    qatomic_set(&rb->sent_epoch[page], (uint16_t)epoch);
+    smp_mb();
+    if (qatomic_read(&rp.asked_pages)) {
+        QEMU_LOCK_GUARD(&rp.lock);
+        if (test_and_clear_bit(page, rb->asked)) {
+            qatomic_set(&rp.asked_pages, rp.asked_pages - 1);
         }
     }
 }
@@ -419,11 +562,12 @@ static int rp_resend(const uint8_t *buf, size_t len, RAMBlock **blockp,
     RAMBlock *block;
     RpBlock *rb;
     unsigned long first, n;
-    uint32_t i;
+    uint64_t epoch;
+    uint32_t i, stale = 0;
     int ret;
 
     if (nas_dedup_resend_decode(buf, len, &r, &err)) {
-        trace_nas_dedup_rp_resend(r.id, r.offset, r.npages);
+        trace_nas_dedup_rp_resend(r.id, r.offset, r.npages, r.refs_seq);
     }
     QEMU_LOCK_GUARD(&rp.lock);
     ret = rp_accept("DEDUP_RESEND", err, errp);
@@ -440,16 +584,7 @@ static int rp_resend(const uint8_t *buf, size_t len, RAMBlock **blockp,
                    " x%u is outside guest RAM", r.id, r.offset, r.npages);
         return -EINVAL;
     }
-    /* Bounded: three bits a page of guest RAM, however many requests. */
-    rb = g_hash_table_lookup(rp.blocks, block);
-    if (!rb) {
-        rb = g_new0(RpBlock, 1);
-        rb->npages = block->max_length >> TARGET_PAGE_BITS;
-        rb->noref = bitmap_new(rb->npages);
-        rb->asked = bitmap_new(rb->npages);
-        rb->scratch = bitmap_new(rb->npages);
-        g_hash_table_insert(rp.blocks, block, rb);
-    }
+    rb = rp_block(block);
     first = r.offset >> TARGET_PAGE_BITS;
     if (first + r.npages > rb->npages) {
         error_setg(errp, "dedup-nas: resend request for %s 0x%" PRIx64
@@ -457,13 +592,41 @@ static int rp_resend(const uint8_t *buf, size_t len, RAMBlock **blockp,
                    r.offset, r.npages);
         return -EINVAL;
     }
+    if (!refs_epoch(r.refs_seq, &epoch)) {
+        error_setg(errp, "dedup-nas: DEDUP_RESEND names REFS record %u, but "
+                   "%" PRIu64 " were sent", r.refs_seq, rp.refs_sent);
+        return -EINVAL;
+    }
     for (i = 0, n = 0; i < r.npages; i++) {
+        bool asked = !test_and_set_bit(first + i, rb->asked);
+
+        if (asked) {
+            qatomic_set(&rp.asked_pages, rp.asked_pages + 1);
+        }
+        /* See nas_dedup_rp_sending(). */
+        smp_mb();
+        if (qatomic_read(&rb->sent_epoch[first + i]) != (uint16_t)epoch) {
+            /*
+             * Offered again since that reference, and so sent after it
+             * (in full: a page is offered once a sync, and a reference
+             * asked again is sent in full in the same one): the request
+             * crossed that copy, which the destination has, or will.
+             * Sending the page once more would fail postcopy's copy.
+             */
+            if (asked) {
+                clear_bit(first + i, rb->asked);
+                qatomic_set(&rp.asked_pages, rp.asked_pages - 1);
+            }
+            stale++;
+            continue;
+        }
         if (!test_and_set_bit(first + i, rb->noref)) {
             n++;
         }
-        if (!test_and_set_bit(first + i, rb->asked)) {
-            qatomic_set(&rp.asked_pages, rp.asked_pages + 1);
-        }
+    }
+    if (stale) {
+        trace_nas_dedup_rp_resend_stale(r.id, r.offset, r.npages, stale,
+                                        r.refs_seq);
     }
     qatomic_set(&rp.noref_pages, rp.noref_pages + n);
     /* Every page asked, as the destination's resend-requests counts. */

@@ -46,6 +46,7 @@ static struct {
     NasDedupRecord run;
     RAMBlock *run_block;
     ram_addr_t run_offset;
+    uint64_t run_epoch;             /* the dirty-bitmap sync of its pages */
     QEMUFile *f;
     NasDedupPutHeader put_header;
     void *opaque;
@@ -201,6 +202,8 @@ int nas_dedup_save_flush_run(void)
     trace_nas_dedup_save_refs(save.run_block->idstr, save.run_offset,
                               save.run.drive, save.run.disk_offset,
                               save.run.npages);
+    /* Before it can be asked about. */
+    nas_dedup_rp_refs_sent(save.run_epoch);
     len = put_record(save.run_block, save.run_offset, &save.run);
     stat64_add(&nas_dedup_counters.ref_pages, save.run.npages);
     stat64_add(&nas_dedup_counters.ref_bytes, len);
@@ -372,6 +375,17 @@ static bool defer_take(void)
 static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
                     void *opaque, RAMBlock *block, ram_addr_t offset);
 
+/*
+ * A page is offered once a sync of the dirty bitmap (or, asked again,
+ * once more in the sync of its reference): the sync tells a RESEND for
+ * its last reference from one that crossed a later copy.
+ */
+void nas_dedup_save_sending(RAMBlock *block, ram_addr_t offset)
+{
+    nas_dedup_rp_sending(block, offset,
+                         stat64_get(&mig_stats.dirty_sync_count));
+}
+
 int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
                         void *opaque, RAMBlock *block, ram_addr_t offset)
 {
@@ -399,6 +413,7 @@ static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
                     void *opaque, RAMBlock *block, ram_addr_t offset)
 {
     NasDedupRecord *run = &save.run;
+    uint64_t epoch = stat64_get(&mig_stats.dirty_sync_count);
     const NasDedupKey *key;
     NasDedupIndex *idx;
     NasDedupHash hash;
@@ -440,6 +455,7 @@ static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
     if (run->npages &&
         (save.run_block != block || save.f != f ||
          run->npages == NAS_DEDUP_REFS_MAX || run->drive != loc.drive ||
+         save.run_epoch != epoch ||
          offset != save.run_offset + run->npages * NAS_DEDUP_CHUNK ||
          loc.offset != run->disk_offset + run->npages * NAS_DEDUP_CHUNK)) {
         int ret = nas_dedup_save_flush_run();
@@ -462,6 +478,7 @@ static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
         run->disk_offset = loc.offset;
         save.run_block = block;
         save.run_offset = offset;
+        save.run_epoch = epoch;
         save.any_refs = true;
     }
     run->hash[run->npages++] = hash;

@@ -279,25 +279,32 @@ void nas_dedup_resend_encode(GByteArray *out, const NasDedupResend *r)
     put_id(out, r->id);
     put_be64(out, r->offset);
     put_be32(out, r->npages);
+    put_be32(out, r->refs_seq);
 }
 
 bool nas_dedup_resend_decode(const uint8_t *buf, size_t len,
                              NasDedupResend *r, Error **errp)
 {
     Cursor c = { buf, len };
-    uint8_t b[12];
+    uint8_t b[16];
 
     if (!read_id(cursor_read, &c, r->id, "RESEND RAMBlock id", errp)) {
         return false;
     }
-    if (!cursor_read(&c, b, 12) || c.left) {
+    if (!cursor_read(&c, b, 16) || c.left) {
         error_setg(errp, "RESEND message of %zu bytes is malformed", len);
         return false;
     }
     r->offset = ldq_be_p(b);
     r->npages = (uint32_t)ldl_be_p(b + 8);
+    r->refs_seq = (uint32_t)ldl_be_p(b + 12);
     if (r->npages < 1 || r->npages > NAS_DEDUP_REFS_MAX) {
         error_setg(errp, "RESEND message: %u pages", r->npages);
+        return false;
+    }
+    if (!r->refs_seq || r->refs_seq == UINT32_MAX) {
+        error_setg(errp, "RESEND message: REFS record number %u",
+                   r->refs_seq);
         return false;
     }
     return true;

@@ -26,7 +26,9 @@
  *          + k x 4 KiB holds the 4 KiB at disk_offset + k x 4 KiB of the
  *          drive, whose keyed hash (two XXH3-64 under SETUP's key) is
  *          hash k.  @disk_offset is a multiple of 512 (since version 3:
- *          a guest page may start at any sector of its disk).
+ *          a guest page may start at any sector of its disk).  The n-th
+ *          REFS record of a migration has the sequence number n
+ *          (nas_dedup_refs_seq_next()), which RESEND names.
  *   SYNC:  be32 seq, u8 final
  *          Asks the destination to resolve every reference it has and to
  *          answer SYNC_ACK(seq) on the return path after any RESEND.
@@ -37,7 +39,9 @@
  *          when every one is placed or asked again.
  *
  * On the return path (destination to source):
- *   RESEND:   u8 id_len, id, be64 offset, be32 npages  (RAMBlock pages)
+ *   RESEND:   u8 id_len, id, be64 offset, be32 npages, be32 refs_seq
+ *             (RAMBlock pages, sent as references by the REFS record
+ *             numbered @refs_seq; since version 5)
  *   SYNC_ACK: be32 seq, be32 pending (pages asked again, not received yet)
  *   PROGRESS: be64 refs_done, be64 fetched_bytes, be64 fetch_busy_us
  *             (pages of references whose read is over, bytes read from
@@ -60,7 +64,7 @@ enum {
     NAS_DEDUP_REC_SETUP = 4,
 };
 
-#define NAS_DEDUP_WIRE_VERSION 4
+#define NAS_DEDUP_WIRE_VERSION 5
 
 /* SYNC's final byte */
 #define NAS_DEDUP_SYNC_LIVE     0
@@ -99,7 +103,17 @@ typedef struct NasDedupResend {
     char id[NAS_DEDUP_ID_MAX + 1];      /* RAMBlock idstr */
     uint64_t offset;
     uint32_t npages;
+    uint32_t refs_seq;                  /* the REFS record they came in */
 } NasDedupResend;
+
+/*
+ * The sequence number of the REFS record after the one numbered @seq (0
+ * before the first): 1, 2, ... UINT32_MAX - 1, then 1 again.
+ */
+static inline uint32_t nas_dedup_refs_seq_next(uint32_t seq)
+{
+    return seq + 1 == UINT32_MAX ? 1 : seq + 1;
+}
 
 /* Reads exactly @len bytes into @buf; returns false on EOF or error. */
 typedef bool (*NasDedupReadFn)(void *opaque, void *buf, size_t len);

@@ -51,14 +51,14 @@ def refs(n, off, hashes):
     return b + b''.join(struct.pack('>QQ', hi, lo) for hi, lo in hashes)
 def sync(seq, final):
     return struct.pack('>BIB', 3, seq, final)
-def setup(ver=4, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
+def setup(ver=5, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
     return struct.pack('>BBHHHH', 4, ver, resend, ack, progress, keylen) + \
            bytes((k * 7 + 1) & 0xff for k in range(384))
 def hs(n):
     return [((~k) & (2**64 - 1), k * 3) for k in range(n)]
-def resend(ident, off, n):
+def resend(ident, off, n, seq=1):
     i = ident.encode()
-    return struct.pack('>B', len(i)) + i + struct.pack('>QI', off, n)
+    return struct.pack('>B', len(i)) + i + struct.pack('>QII', off, n, seq)
 R = lambda b: b'\x00' + b          # record stream
 C = lambda po, ram, disk, b: b'\x01' + struct.pack('>QQQ', po, ram, disk) + b
 P = lambda b: b'\x02' + b          # RESEND payload
@@ -93,6 +93,7 @@ w('bad-sync-final', R(sync(1, 3)))
 w('bad-setup-version', R(setup(ver=1)))
 w('bad-setup-version-2', R(setup(ver=2)))
 w('bad-setup-version-3', R(setup(ver=3)))
+w('bad-setup-version-4', R(setup(ver=4)))
 w('bad-setup-keylen', R(setup(keylen=16)))
 C4 = 4096
 w('check-ok', C(0, 16 * C4, 100 * C4, refs(0, 8 * C4, hs(4))))
@@ -105,6 +106,8 @@ w('resend-256', P(resend('/rom@etc/acpi/tables', 0xfffff000, 256)))
 w('resend-trailing', P(resend('pc.ram', 0x7000, 3) + b'x'))
 w('resend-0', P(resend('pc.ram', 0, 0)))
 w('resend-id-ctrl', P(resend('pc\x01ram', 0, 1)))
+w('resend-seq-max', P(resend('pc.ram', 0x7000, 3, 0xfffffffe)))
+w('resend-seq-0', P(resend('pc.ram', 0x7000, 3, 0)))
 w('sync-ack', A(struct.pack('>II', 42, 17)))
 w('sync-ack-short', A(struct.pack('>II', 42, 17)[:7]))
 w('progress', G(struct.pack('>QQQ', 157201, 643 << 20, 1700000)))

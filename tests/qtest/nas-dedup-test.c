@@ -24,9 +24,12 @@
  *  /nas-dedup/multifd/{none,zstd}  with multifd (4 channels): the race
  *                          case and randomized migrations, RAM identical
  *  /nas-dedup/postcopy/{plain,preempt}  with postcopy-ram (and preempt),
- *                          asked for at once: it starts once the first
- *                          pass's references are resolved (the race case
+ *                          asked for at once: references still unread at
+ *                          the switch are filled after it (the race case
  *                          before it), RAM identical
+ *  /nas-dedup/postcopy/stale-resend  a DEDUP_RESEND that crosses a newer
+ *                          copy of its pages is dropped by the source
+ *                          (sending them again would fail postcopy)
  *  /nas-dedup/multifd/stall  a destination that stops reading its multifd
  *                          sockets during switchover: the migration fails
  *                          within the bound, the source runs
@@ -1380,15 +1383,20 @@ typedef enum ProxyMode {
      * until it has passed)
      */
     PROXY_MUTATE,
+    /*
+     * Forward, but from the first DEDUP_RESEND on, hold every return-path
+     * message, in order, until @release is set
+     */
+    PROXY_HOLD_RP,
 } ProxyMode;
 
 typedef struct Mutation Mutation;
 
 /*
- * The start of the SETUP record: type 4, version 4, RESEND as 8,
+ * The start of the SETUP record: type 4, version 5, RESEND as 8,
  * SYNC_ACK as 9, PROGRESS as 10, a 384-byte key.
  */
-static const uint8_t setup_sig[10] = { 4, 4, 0, 8, 0, 9, 0, 10, 1, 128 };
+static const uint8_t setup_sig[10] = { 4, 5, 0, 8, 0, 9, 0, 10, 1, 128 };
 
 typedef struct Proxy {
     ProxyMode mode;
@@ -1410,6 +1418,9 @@ typedef struct Proxy {
     size_t nheld;
     unsigned acks_held;
     unsigned acks_passed;
+    GByteArray *held_rp;        /* PROXY_HOLD_RP */
+    unsigned resends_held;      /* qatomic_*() access */
+    bool release;               /* qatomic_*() access */
     /* Return-path message being parsed (destination to source). */
     uint8_t msg[4 + 65536];
     size_t msg_len;
@@ -1496,6 +1507,24 @@ static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len)
                                   MIG_RP_MSG_DEDUP_SYNC_ACK);
             }
         }
+        if (px->mode == PROXY_HOLD_RP) {
+            if (!qatomic_read(&px->release) &&
+                (px->held_rp->len ||
+                 lduw_be_p(px->msg) == MIG_RP_MSG_DEDUP_RESEND)) {
+                g_byte_array_append(px->held_rp, px->msg, px->msg_len);
+                if (lduw_be_p(px->msg) == MIG_RP_MSG_DEDUP_RESEND) {
+                    qatomic_inc(&px->resends_held);
+                }
+                px->msg_len = 0;
+                continue;
+            }
+            if (px->held_rp->len) {
+                if (!write_all(s, px->held_rp->data, px->held_rp->len)) {
+                    return false;
+                }
+                g_byte_array_set_size(px->held_rp, 0);
+            }
+        }
         if (px->mode == PROXY_HOLD_ACKS &&
             lduw_be_p(px->msg) == MIG_RP_MSG_DEDUP_SYNC_ACK) {
             px->acks_held++;
@@ -1547,8 +1576,17 @@ static gpointer proxy_thread(gpointer opaque)
                                                     0 : POLLIN } };
         ssize_t n;
 
-        if (poll(p, d >= 0 ? 3 : 2, -1) < 0 || p[1].revents) {
+        /* (PROXY_HOLD_RP: look at @release every 10 ms.) */
+        if (poll(p, d >= 0 ? 3 : 2, px->mode == PROXY_HOLD_RP ? 10 : -1) < 0 ||
+            p[1].revents) {
             break;
+        }
+        if (px->mode == PROXY_HOLD_RP && px->held_rp->len &&
+            qatomic_read(&px->release)) {
+            if (!write_all(s, px->held_rp->data, px->held_rp->len)) {
+                break;
+            }
+            g_byte_array_set_size(px->held_rp, 0);
         }
         if (p[0].revents) {
             n = read(s, buf, 64 * KiB);
@@ -1626,6 +1664,7 @@ static Proxy *proxy_start(ProxyMode mode, const uint8_t *inject,
     px->mode = mode;
     px->inject = inject;
     px->inject_len = inject_len;
+    px->held_rp = g_byte_array_new();
     px->path = g_build_filename(tmpdir, "proxysocket", NULL);
     px->dst_path = g_strdup(mig_uri + strlen("unix:"));
     px->lfd = listen_unix(px->path, 1, px->quit);
@@ -1644,9 +1683,151 @@ static void proxy_stop(Proxy *px)
     if (px->held_stream) {
         g_byte_array_unref(px->held_stream);
     }
+    g_byte_array_unref(px->held_rp);
     g_free(px->path);
     g_free(px->dst_path);
     g_free(px);
+}
+
+/*** A RESEND that crosses a newer copy ***/
+
+static uint64_t dst_stat(QTestState *qts, const char *key)
+{
+    QDict *rsp = migrate_query(qts);
+    QDict *dn = qdict_get_qdict(rsp, "dedup-nas-incoming");
+    uint64_t v;
+
+    g_assert(dn);
+    v = stat_u64(dn, key);
+    qobject_unref(rsp);
+    return v;
+}
+
+static uint64_t dirty_syncs(QTestState *qts)
+{
+    QDict *rsp = migrate_query(qts);
+    uint64_t n = 0;
+
+    if (qdict_haskey(rsp, "ram")) {
+        n = stat_u64(qdict_get_qdict(rsp, "ram"), "dirty-sync-count");
+    }
+    qobject_unref(rsp);
+    return n;
+}
+
+/*
+ * A DEDUP_RESEND that crosses a newer copy of its pages: the destination
+ * asks for the pages whose blocks were overwritten behind the source's
+ * back; before the request arrives, the source's guest rewrites them and
+ * pre-copy sends them in full (a proxy holds the return path from the
+ * first RESEND until the destination listens in postcopy).  The source
+ * must take the request for stale: sending those pages once more in
+ * postcopy would fail the destination's copy (EEXIST) and pause postcopy.
+ */
+static void test_postcopy_stale_resend(void)
+{
+    g_autofree uint8_t *keep = g_malloc(PC_RAND_BYTES);
+    g_autofree char *log = g_build_filename(tmpdir, "stale-src.log", NULL);
+    g_autofree char *dlog = g_build_filename(tmpdir, "stale-dst.log", NULL);
+    g_autofree char *trace = g_strdup_printf(
+        "-trace nas_dedup_rp_resend_stale 2>%s", log);
+    g_autofree char *dst_extra = g_strdup_printf("-incoming defer 2>%s",
+                                                 dlog);
+    g_autofree char *uri = NULL;
+    g_autofree char *out = NULL;
+    g_autofree char *dout = NULL;
+    g_autoptr(GTimer) timer = g_timer_new();
+    uint64_t syncs, k;
+    unsigned held;
+    bool postcopy = false;
+    DedupStats st;
+    QDict *ev;
+    Proxy *px;
+    Guest g;
+
+    if (!ufd_version_check(NULL)) {
+        g_test_skip("userfaultfd is not available");
+        return;
+    }
+    mig_globals = "-global migration.x-postcopy-ram=on";
+    memset(&g, 0, sizeof(g));
+    make_image();
+    source_boot_args(&g.src, true, trace);
+    g.rand_bytes = PC_RAND_BYTES;
+    g.rand_addr = guest_buf(&g.src, PC_RAND_BYTES);
+    write_random(g.src.qts, g.rand_addr, PC_RAND_BYTES, 0x5eed);
+    g.dma_bytes = RACE_DMA_BYTES;
+    g.dma_addr = guest_buf(&g.src, RACE_DMA_BYTES);
+    dma_read_disk(&g.src, g.dma_addr, 0, RACE_DMA_BYTES);
+    g.dst = dest_boot(true, dst_extra);
+    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
+    overwrite_blocks(RACE_BEFORE_FIRST, RACE_COUNT, RACE_STRIDE, 1);
+    read_guest(g.src.qts, g.rand_addr, keep, PC_RAND_BYTES);
+
+    /* Pre-copy cannot end (see test_postcopy()). */
+    migrate_set_parameter_int(g.src.qts, "downtime-limit", 1);
+    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 4 * MiB);
+    migrate_set_capability(g.src.qts, "events", true);
+    px = proxy_start(PROXY_HOLD_RP, NULL, 0);
+    uri = proxy_uri(px);
+    migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
+
+    /* The references went, and the destination asks for some again. */
+    while (!qatomic_read(&px->resends_held) ||
+           dst_stat(g.dst, "mismatches") < RACE_COUNT / 2) {
+        qtest_bufwrite(g.src.qts, g.rand_addr, keep, PC_RAND_BYTES);
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+    }
+    /* The guest rewrites those pages; pre-copy sends them in full. */
+    for (k = 0; k < RACE_COUNT; k++) {
+        write_random(g.src.qts, g.dma_addr +
+                     (RACE_BEFORE_FIRST + k * RACE_STRIDE) * CHUNK, CHUNK,
+                     0x57a1e + k);
+    }
+    syncs = dirty_syncs(g.src.qts);
+    while (dirty_syncs(g.src.qts) < syncs + 2) {
+        qtest_bufwrite(g.src.qts, g.rand_addr, keep, PC_RAND_BYTES);
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+    }
+    held = qatomic_read(&px->resends_held);
+    qtest_qmp_assert_success(g.src.qts,
+                             "{ 'execute': 'migrate-start-postcopy' }");
+    /* The discard went, the destination listens: let the requests go. */
+    wait_for_migration_status(g.dst, "postcopy-active",
+                              (const char * []) { "failed", "completed",
+                                                  NULL });
+    qatomic_set(&px->release, true);
+    wait_for_migration_complete(g.src.qts);
+    wait_for_migration_complete(g.dst);
+    g_test_message("%u RESEND held before the rewrite, %u in all", held,
+                   qatomic_read(&px->resends_held));
+    while ((ev = qtest_qmp_event_ref(g.src.qts, "MIGRATION"))) {
+        postcopy |= !strcmp(qdict_get_str(qdict_get_qdict(ev, "data"),
+                                          "status"), "postcopy-active");
+        qobject_unref(ev);
+    }
+    g_assert(postcopy);
+    read_stats(g.src.qts, g.dst, true, &st);
+    assert_ram_equal(g.src.qts, g.dst);
+    g_assert_cmpuint(st.mismatches, >=, RACE_COUNT / 2);
+    g_assert(g_file_get_contents(log, &out, NULL, NULL));
+    g_assert(g_file_get_contents(dlog, &dout, NULL, NULL));
+    g_test_message("source: %s", out);
+    g_test_message("destination: %s", dout);
+    /* The race happened, and the source saw the requests were stale. */
+    g_assert(strstr(out, "nas_dedup_rp_resend_stale"));
+    /*
+     * (Before the source dropped them: "uffd_copy_page() failed ...
+     * errno=17" here, and postcopy paused.)
+     */
+    g_assert(!strstr(dout, "uffd_copy_page"));
+    g_assert(!strstr(dout, "paused"));
+
+    mig_globals = "";
+    proxy_stop(px);
+    guest_teardown(&g);
+    unlink(log);
+    unlink(dlog);
 }
 
 /*** Malformed and unresolvable streams, made by mutating a real one ***/
@@ -2113,18 +2294,6 @@ static void test_unresolvable(const void *opaque)
  */
 #define SLOW_READ_BPS   (256 * KiB)
 
-static uint64_t dst_stat(QTestState *qts, const char *key)
-{
-    QDict *rsp = migrate_query(qts);
-    QDict *dn = qdict_get_qdict(rsp, "dedup-nas-incoming");
-    uint64_t v;
-
-    g_assert(dn);
-    v = stat_u64(dn, key);
-    qobject_unref(rsp);
-    return v;
-}
-
 static void test_fetch_after_failure(const void *opaque)
 {
     bool read_error = opaque != NULL;
@@ -2264,16 +2433,21 @@ static const RpCase rp_cases[] = {
       { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0 }, 12,
       "unexpected DEDUP_SYNC_ACK" },
     { "resend-dedup-off", false,
-      { 0, MIG_RP_MSG_DEDUP_RESEND, 0, 14, 1, 'x',
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 }, 18,
+      { 0, MIG_RP_MSG_DEDUP_RESEND, 0, 18, 1, 'x',
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1 }, 22,
       "unexpected DEDUP_RESEND" },
     { "sync-ack-never-sent", true,
       { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 8, 0, 0, 0, 5, 0, 0, 0, 0 }, 12,
       "DEDUP_SYNC_ACK for SYNC 5" },
     { "resend-outside-ram", true,
-      { 0, MIG_RP_MSG_DEDUP_RESEND, 0, 14, 1, 'x',
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 }, 18,
+      { 0, MIG_RP_MSG_DEDUP_RESEND, 0, 18, 1, 'x',
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1 }, 22,
       "outside guest RAM" },
+    /* pc.ram 0x1000, as REFS record 0xfffffffe, which never went */
+    { "resend-refs-never-sent", true,
+      { 0, MIG_RP_MSG_DEDUP_RESEND, 0, 23, 6, 'p', 'c', '.', 'r', 'a', 'm',
+        0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xfe }, 27,
+      "REFS record 4294967294, but" },
     { "sync-ack-short", true,
       { 0, MIG_RP_MSG_DEDUP_SYNC_ACK, 0, 4, 0, 0, 0, 1 }, 8,
       "DEDUP_SYNC_ACK" },
@@ -3626,6 +3800,8 @@ int main(int argc, char **argv)
     g_test_add_func("/nas-dedup/malformed-exit", test_malformed_exit);
     g_test_add_data_func("/nas-dedup/postcopy/plain",
                          &(PostcopyCase) { .race = true }, test_postcopy);
+    g_test_add_func("/nas-dedup/postcopy/stale-resend",
+                    test_postcopy_stale_resend);
     g_test_add_data_func("/nas-dedup/postcopy/preempt",
                          &(PostcopyCase) { .preempt = true, .race = true },
                          test_postcopy);

@@ -225,7 +225,8 @@ static void test_malformed(void)
     REJECT("protocol version 1", 4, 1, 0, 9, 0, 10, 0, 11, 1, 128);
     REJECT("protocol version 2", 4, 2, 0, 9, 0, 10, 0, 11, 1, 128);
     REJECT("protocol version 3", 4, 3, 0, 9, 0, 10, 0, 11, 1, 128);
-    REJECT("key of 16 bytes", 4, 4, 0, 9, 0, 10, 0, 11, 0, 16);
+    REJECT("protocol version 4", 4, 4, 0, 9, 0, 10, 0, 11, 1, 128);
+    REJECT("key of 16 bytes", 4, 5, 0, 9, 0, 10, 0, 11, 0, 16);
 }
 
 static void test_refs_check(void)
@@ -263,7 +264,8 @@ static void test_refs_check(void)
 static void test_return_path(void)
 {
     g_autoptr(GByteArray) a = g_byte_array_new();
-    NasDedupResend in = { .offset = 0x7000, .npages = 3 }, out;
+    NasDedupResend in = { .offset = 0x7000, .npages = 3,
+                          .refs_seq = 0xfffffffe }, out;
     NasDedupProgress pr;
     uint32_t seq, n;
     Error *err = NULL;
@@ -275,6 +277,7 @@ static void test_return_path(void)
     g_assert_cmpstr(out.id, ==, "pc.ram");
     g_assert_cmpuint(out.offset, ==, 0x7000);
     g_assert_cmpuint(out.npages, ==, 3);
+    g_assert_cmpuint(out.refs_seq, ==, 0xfffffffe);
     for (cut = 0; cut < a->len; cut++) {
         g_assert_false(nas_dedup_resend_decode(a->data, cut, &out, &err));
         g_assert_nonnull(err);
@@ -293,6 +296,24 @@ static void test_return_path(void)
     g_assert_false(nas_dedup_resend_decode(a->data, a->len, &out, &err));
     error_free(err);
     err = NULL;
+    /* REFS record numbers 0 and UINT32_MAX are never used */
+    in.npages = 1;
+    in.refs_seq = 0;
+    g_byte_array_set_size(a, 0);
+    nas_dedup_resend_encode(a, &in);
+    g_assert_false(nas_dedup_resend_decode(a->data, a->len, &out, &err));
+    g_assert_nonnull(strstr(error_get_pretty(err), "REFS record number 0"));
+    error_free(err);
+    err = NULL;
+    in.refs_seq = UINT32_MAX;
+    g_byte_array_set_size(a, 0);
+    nas_dedup_resend_encode(a, &in);
+    g_assert_false(nas_dedup_resend_decode(a->data, a->len, &out, &err));
+    error_free(err);
+    err = NULL;
+    g_assert_cmpuint(nas_dedup_refs_seq_next(0), ==, 1);
+    g_assert_cmpuint(nas_dedup_refs_seq_next(41), ==, 42);
+    g_assert_cmpuint(nas_dedup_refs_seq_next(UINT32_MAX - 1), ==, 1);
 
     g_byte_array_set_size(a, 0);
     nas_dedup_sync_ack_encode(a, 42, 17);
