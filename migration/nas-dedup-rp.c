@@ -400,6 +400,7 @@ void nas_dedup_rp_sending(RAMBlock *block, ram_addr_t offset,
      * we see it asked, and take that back, since the page goes now.
      */
     qatomic_set(&rb->sent_epoch[page], (uint16_t)epoch);
+    /* The sync before asked_pages; pairs with the one in rp_resend(). */
     smp_mb();
     if (qatomic_read(&rp.asked_pages)) {
         QEMU_LOCK_GUARD(&rp.lock);
