@@ -84,6 +84,8 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
  * form: a reference to it sent before is superseded.
  */
 void nas_dedup_save_sending(RAMBlock *block, ram_addr_t offset);
+/* ram.c synced its dirty bitmap (under its bitmap mutex). */
+void nas_dedup_save_bitmap_synced(void);
 /*
  * Send the pending run of references, if any; dirty again the pages the
  * destination asked for.
@@ -218,7 +220,7 @@ void nas_dedup_rp_sync_sent(uint32_t seq);
  * Migration thread: a REFS record is about to be sent (the next number),
  * of pages offered in dirty-bitmap sync @epoch.
  */
-void nas_dedup_rp_refs_sent(uint64_t epoch);
+void nas_dedup_rp_refs_sent(uint32_t epoch);
 /*
  * The page at @offset of @block is offered for sending in sync @epoch (in
  * whatever form), by the thread that sends it.  A RESEND for a
@@ -226,7 +228,7 @@ void nas_dedup_rp_refs_sent(uint64_t epoch);
  * is no longer owed if it was asked.
  */
 void nas_dedup_rp_sending(RAMBlock *block, ram_addr_t offset,
-                          uint64_t epoch);
+                          uint32_t epoch);
 /*
  * The last SYNC answered and (@pending) how many pages asked again the
  * destination had not received when it answered.  @pending goes with the

@@ -48,7 +48,7 @@ typedef struct RpBlock {
 /* REFS records numbered @first and on were offered in sync @epoch. */
 typedef struct RefsEpoch {
     uint64_t first;
-    uint64_t epoch;
+    uint32_t epoch;
 } RefsEpoch;
 
 static struct {
@@ -312,7 +312,7 @@ void nas_dedup_rp_stop(void)
     }
 }
 
-void nas_dedup_rp_refs_sent(uint64_t epoch)
+void nas_dedup_rp_refs_sent(uint32_t epoch)
 {
     RefsEpoch *last;
 
@@ -336,7 +336,7 @@ void nas_dedup_rp_refs_sent(uint64_t epoch)
  * nas_dedup_refs_seq_next()) was offered, if it was sent: the latest
  * record sent with that number.
  */
-static bool refs_epoch(uint32_t seq, uint64_t *epoch)
+static bool refs_epoch(uint32_t seq, uint32_t *epoch)
 {
     const uint64_t m = UINT32_MAX - 1;      /* numbers 1 .. m */
     uint64_t d, n;
@@ -379,7 +379,7 @@ static __thread struct {
 } sending;
 
 void nas_dedup_rp_sending(RAMBlock *block, ram_addr_t offset,
-                          uint64_t epoch)
+                          uint32_t epoch)
 {
     unsigned long page = offset >> TARGET_PAGE_BITS;
     RpBlock *rb;
@@ -446,10 +446,37 @@ bool nas_dedup_rp_take_noref(RAMBlock *block, ram_addr_t offset)
 }
 
 /*
- * A block's pages are moved to its scratch bitmap under rp.lock, then
- * dirtied under the bitmap mutex.  No memory is allocated on the way,
- * however many requests came.
+ * Under ram.c's bitmap mutex, then rp.lock: the pages of @block asked
+ * (@all: all those still owed), in its scratch bitmap, which only the
+ * migration thread uses.  Chosen under the bitmap mutex, so that no page
+ * is sent in between (postcopy-preempt's urgent pages are sent under it
+ * by the return-path thread), and goes twice.  No memory is allocated on
+ * the way, however many requests came.
  */
+static const unsigned long *redirty_pick(RAMBlock *block,
+                                         unsigned long *npages, void *opaque)
+{
+    bool all = *(bool *)opaque;
+    bool any = false;
+    unsigned long i;
+    RpBlock *rb;
+
+    QEMU_LOCK_GUARD(&rp.lock);
+    rb = rp.active ? g_hash_table_lookup(rp.blocks, block) : NULL;
+    if (!rb) {
+        return NULL;
+    }
+    for (i = 0; i < BITS_TO_LONGS(rb->npages); i++) {
+        /* Only those still to be sent in full. */
+        rb->scratch[i] = (all ? ~0UL : rb->asked[i]) & rb->noref[i];
+        any |= rb->scratch[i] != 0;
+        qatomic_set(&rp.asked_pages, rp.asked_pages - ctpopl(rb->asked[i]));
+        rb->asked[i] = 0;
+    }
+    *npages = rb->npages;
+    return any ? rb->scratch : NULL;    /* none: all sent meanwhile */
+}
+
 int64_t nas_dedup_rp_redirty(bool all, Error **errp)
 {
     g_autofree gpointer *keys = NULL;
@@ -468,36 +495,8 @@ int64_t nas_dedup_rp_redirty(bool all, Error **errp)
         keys = g_hash_table_get_keys_as_array(rp.blocks, &nkeys);
     }
     for (k = 0; k < nkeys; k++) {
-        RpBlock *rb;
-        unsigned long i;
-        bool any = false;
-        int64_t ret;
+        int64_t ret = ram_dedup_redirty(keys[k], redirty_pick, &all, errp);
 
-        WITH_QEMU_LOCK_GUARD(&rp.lock) {
-            rb = rp.active ? g_hash_table_lookup(rp.blocks, keys[k]) : NULL;
-            if (!rb) {
-                break;
-            }
-            for (i = 0; i < BITS_TO_LONGS(rb->npages); i++) {
-                /* Only those still to be sent in full. */
-                rb->scratch[i] = (all ? ~0UL : rb->asked[i]) & rb->noref[i];
-                any |= rb->scratch[i] != 0;
-                qatomic_set(&rp.asked_pages,
-                            rp.asked_pages - ctpopl(rb->asked[i]));
-                rb->asked[i] = 0;
-            }
-        }
-        if (!rb) {
-            break;
-        }
-        if (!any) {
-            continue;               /* all sent in full meanwhile */
-        }
-        /*
-         * The bitmap mutex comes before rp.lock; the scratch bitmap is
-         * the migration thread's own.
-         */
-        ret = ram_dedup_redirty(keys[k], rb->scratch, rb->npages, errp);
         if (ret < 0) {
             return ret;
         }
@@ -563,8 +562,7 @@ static int rp_resend(const uint8_t *buf, size_t len, RAMBlock **blockp,
     RAMBlock *block;
     RpBlock *rb;
     unsigned long first, n;
-    uint64_t epoch;
-    uint32_t i, stale = 0;
+    uint32_t epoch, i, stale = 0;
     int ret;
 
     if (nas_dedup_resend_decode(buf, len, &r, &err)) {

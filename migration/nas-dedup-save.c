@@ -46,7 +46,7 @@ static struct {
     NasDedupRecord run;
     RAMBlock *run_block;
     ram_addr_t run_offset;
-    uint64_t run_epoch;             /* the dirty-bitmap sync of its pages */
+    uint32_t run_epoch;             /* the dirty-bitmap sync of its pages */
     QEMUFile *f;
     NasDedupPutHeader put_header;
     void *opaque;
@@ -62,6 +62,13 @@ static struct {
      */
     bool closed;
     bool final_sent;                /* SYNC(final=1) went out */
+    /*
+     * Syncs of the dirty bitmap so far, changed under ram.c's bitmap
+     * mutex (nas_dedup_save_bitmap_synced()), under which pages are
+     * offered (but by postcopy-preempt, when there are no more syncs):
+     * qatomic_*() access.
+     */
+    uint32_t epoch;
     uint64_t passes;                /* over RAM, completed */
     /*
      * Postcopy asked for (nas-dedup-postcopy.c): the first pass sends
@@ -375,15 +382,20 @@ static bool defer_take(void)
 static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
                     void *opaque, RAMBlock *block, ram_addr_t offset);
 
+void nas_dedup_save_bitmap_synced(void)
+{
+    qatomic_set(&save.epoch, save.epoch + 1);
+}
+
 /*
- * A page is offered once a sync of the dirty bitmap (or, asked again,
- * once more in the sync of its reference): the sync tells a RESEND for
- * its last reference from one that crossed a later copy.
+ * A page with a reference open (sent, maybe asked again) is offered
+ * again only after a sync of the dirty bitmap (or, asked again, to answer
+ * that): the sync tells a RESEND for its last reference from one that
+ * crossed a later copy.
  */
 void nas_dedup_save_sending(RAMBlock *block, ram_addr_t offset)
 {
-    nas_dedup_rp_sending(block, offset,
-                         stat64_get(&mig_stats.dirty_sync_count));
+    nas_dedup_rp_sending(block, offset, qatomic_read(&save.epoch));
 }
 
 int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
@@ -413,7 +425,7 @@ static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
                     void *opaque, RAMBlock *block, ram_addr_t offset)
 {
     NasDedupRecord *run = &save.run;
-    uint64_t epoch = stat64_get(&mig_stats.dirty_sync_count);
+    uint32_t epoch = qatomic_read(&save.epoch);  /* as the hook read it */
     const NasDedupKey *key;
     NasDedupIndex *idx;
     NasDedupHash hash;
@@ -536,6 +548,14 @@ uint64_t nas_dedup_save_deferred(void)
     return save.deferred_pages;
 }
 
+/* The pages left out of @block (all of them go again). */
+static const unsigned long *undefer_pick(RAMBlock *block,
+                                         unsigned long *npages, void *opaque)
+{
+    *npages = block->max_length >> TARGET_PAGE_BITS;
+    return opaque;
+}
+
 int64_t nas_dedup_save_undefer(Error **errp)
 {
     GHashTableIter iter;
@@ -549,9 +569,7 @@ int64_t nas_dedup_save_undefer(Error **errp)
     g_hash_table_iter_init(&iter, save.deferred);
     while (g_hash_table_iter_next(&iter, &key, &value)) {
         RAMBlock *block = key;
-        int64_t ret = ram_dedup_redirty(block, value,
-                                        block->max_length >> TARGET_PAGE_BITS,
-                                        errp);
+        int64_t ret = ram_dedup_redirty(block, undefer_pick, value, errp);
 
         if (ret < 0) {
             return ret;
