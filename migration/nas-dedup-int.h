@@ -205,6 +205,13 @@ int nas_dedup_rp_final(MigrationState *s, bool lazy, Error **errp);
  * in full, once).
  */
 bool nas_dedup_rp_take_noref(RAMBlock *block, ram_addr_t offset);
+/*
+ * Under ram.c's bitmap mutex, for a page postcopy's destination requests
+ * that is not dirty: true if the destination asked for it again (its
+ * DEDUP_RESEND precedes the request) and it is not dirty again yet, and
+ * then it is no longer asked; the caller dirties it and sends it now.
+ */
+bool nas_dedup_rp_take_asked(RAMBlock *block, unsigned long page);
 /* Pages asked again and not offered to nas_dedup_save_page() since. */
 uint64_t nas_dedup_rp_noref_pages(void);
 /*

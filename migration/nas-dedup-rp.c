@@ -369,8 +369,9 @@ static bool refs_epoch(uint32_t seq, uint32_t *epoch)
 /*
  * The block nas_dedup_rp_sending() was last called for in this thread
  * (the migration thread, or the return-path thread sending
- * postcopy-preempt's urgent pages; with preempt both send at once, and
- * without ram.c's bitmap mutex): valid while @gen is rp.gen.
+ * postcopy-preempt's urgent pages; with preempt both may send at once,
+ * the migration thread without ram.c's bitmap mutex): valid while @gen
+ * is rp.gen.
  */
 static __thread struct {
     RAMBlock *block;
@@ -421,6 +422,23 @@ int nas_dedup_rp_final(MigrationState *s, bool lazy, Error **errp)
     rp.final_sent = true;
     rp.lazy = lazy;
     return 0;
+}
+
+bool nas_dedup_rp_take_asked(RAMBlock *block, unsigned long page)
+{
+    RpBlock *rb;
+
+    if (!qatomic_read(&rp.asked_pages)) {
+        return false;
+    }
+    QEMU_LOCK_GUARD(&rp.lock);
+    rb = rp.active ? g_hash_table_lookup(rp.blocks, block) : NULL;
+    if (!rb || page >= rb->npages || !test_bit(page, rb->noref) ||
+        !test_and_clear_bit(page, rb->asked)) {
+        return false;
+    }
+    qatomic_set(&rp.asked_pages, rp.asked_pages - 1);
+    return true;
 }
 
 uint64_t nas_dedup_rp_noref_pages(void)
@@ -606,11 +624,12 @@ static int rp_resend(const uint8_t *buf, size_t len, RAMBlock **blockp,
         smp_mb();
         if (qatomic_read(&rb->sent_epoch[first + i]) != (uint16_t)epoch) {
             /*
-             * Offered again since that reference, and so sent after it
-             * (in full: a page is offered once a sync, and a reference
-             * asked again is sent in full in the same one): the request
-             * crossed that copy, which the destination has, or will.
-             * Sending the page once more would fail postcopy's copy.
+             * Offered again since that reference, in a later sync (the
+             * guest dirtied it; a page with a reference open goes again
+             * in the same sync only to answer this request, which comes
+             * once), and so sent after it: the request crossed that
+             * copy, which the destination has, or will.  Sending the
+             * page once more would fail postcopy's copy.
              */
             if (asked) {
                 clear_bit(first + i, rb->asked);
@@ -650,10 +669,11 @@ int nas_dedup_rp_resend(MigrationState *s, const uint8_t *buf, size_t len,
     bool urgent = false;
 
     /*
-     * (In postcopy the pages are dirtied by the migration thread at its
-     * next flush, not here: dirtying them from this thread, under the
-     * bitmap mutex, hung postcopy without preempt in /nas-dedup/postcopy/
-     * plain; not understood yet.)
+     * The pages are dirtied by the migration thread (not here: this
+     * thread may not take the bitmap mutex, see rp.lock), at its next
+     * flush, or at once when postcopy's page request for one, which the
+     * destination sends after this message, is served
+     * (nas_dedup_rp_take_asked()).
      */
     RCU_READ_LOCK_GUARD();
     return rp_resend(buf, len, &block, &first, &npages, &urgent, errp);
