@@ -46,6 +46,17 @@
 #                           migrate (postcopy-ram must be on, e.g. from
 #                           NASDEDUP_QEMU_ARGS); reports postcopy_ms,
 #                           when the source said postcopy-active     [0]
+#                           With it, the destination traces postcopy's
+#                           page requests: fault_n and fault_lat_{med,
+#                           p99,max}_us, from a vCPU's (or QEMU's) fault
+#                           on a page not there to its placing
+#   NASDEDUP_TOUCH_MB       if > 0: the guest reads the first N MiB of
+#                           its cached files over and over from READY on,
+#                           timing each round ("touch" in its /init):
+#                           touch_base_cs (median round on the source
+#                           before the migration), touch_fill_cs_med /
+#                           _max (rounds that ended on the destination
+#                           and began before the migration completed) [0]
 #   NASDEDUP_VERIFY_DISK    also run verify-disk on the destination [1]
 #   NASDEDUP_QEMU_ARGS      extra arguments for both QEMUs          []
 #                           dedup-nas must be on from the start to see
@@ -107,6 +118,7 @@ PARAMS=${NASDEDUP_MIGRATE_PARAMS:-}
 DST_PARAMS=${NASDEDUP_MIGRATE_DST_PARAMS:-}
 VERIFY_DISK=${NASDEDUP_VERIFY_DISK:-1}
 POSTCOPY=${NASDEDUP_POSTCOPY:-0}
+TOUCH_MB=${NASDEDUP_TOUCH_MB:-0}
 PORT=${NASDEDUP_PORT:-4444}
 BOOT_TIMEOUT=${NASDEDUP_BOOT_TIMEOUT:-300}
 MIGRATE_TIMEOUT=${NASDEDUP_MIGRATE_TIMEOUT:-600}
@@ -173,6 +185,9 @@ APPEND="console=ttyS0 panic=-1 quiet nasdedup.read_mb=$READ_MB nasdedup.write_mb
 # stdio, no default NIC (whose option ROM q35 would need).
 read -r -a EXTRA <<<"${NASDEDUP_QEMU_ARGS:-}"
 read -r -a DST_EXTRA <<<"${NASDEDUP_DST_QEMU_ARGS:-}"
+# Postcopy's page requests, timestamped, for the fault latencies.
+[ "$POSTCOPY" != 1 ] ||
+    DST_EXTRA+=(-msg timestamp=on -trace postcopy_page_req_add -trace postcopy_page_req_del)
 # shellcheck disable=SC2054 # commas are QEMU option syntax
 QARGS=("${FW[@]}" -M q35 -accel tcg -m "$MEM" -smp 1 -display none -nodefaults -no-reboot
     -kernel "$NASDEDUP_GUEST_DIR/vmlinuz" -initrd "$NASDEDUP_GUEST_DIR/initrd.gz"
@@ -264,6 +279,16 @@ t_ready=$(now_ms)
 ready_line=$(grep -a 'NASDEDUP-READY' "$RUN/src-console.log" | head -1 | tr -d '\r')
 say "boot: /init after $((t_init - t_launch))ms, ready after $((t_ready - t_launch))ms: $ready_line"
 grep -a 'nasdedup: read ' "$RUN/src-console.log" | tr -d '\r' | sed 's/^/    /' >&2 || true
+# guest_uptime NAME: the guest's /proc/uptime, asked on NAME's console.
+guest_uptime() {
+    "$NASDEDUP_PYTHON" "$QMP_PY" serial "$RUN/$1-serial.sock" --send ping \
+        --expect 'NASDEDUP-PONG' --timeout 30 | grep -a 'NASDEDUP-PONG' | tail -1 |
+        tr -d '\r' | sed 's/.*uptime=//'
+}
+if [ "$TOUCH_MB" -gt 0 ]; then
+    "$NASDEDUP_PYTHON" "$QMP_PY" serial "$RUN/src-serial.sock" --send "touch $TOUCH_MB" \
+        --expect 'NASDEDUP-TOUCH' --timeout 60 >/dev/null || die "no touch round from the guest"
+fi
 sleep "$SETTLE_S"
 
 # --- iobench: the guest's disk workload with tracking off and on -----------------
@@ -324,6 +349,7 @@ say "estimate: ${EST:-none}"
 say "migrating to tcp:127.0.0.1:$PORT"
 dst_rss_kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$DST_PID/status" 2>/dev/null || echo 0)
 src_cpu0=$(cpu_ticks "$SRC_PID") dst_cpu0=$(cpu_ticks "$DST_PID") dst_cpu1=''
+[ "$TOUCH_MB" = 0 ] || up_mig=$(guest_uptime src)
 t_mig=$(now_ms)
 qmp "$RUN/src-qmp.sock" migrate "{\"uri\":\"tcp:127.0.0.1:$PORT\"}" >/dev/null
 postcopy_opt=()
@@ -335,6 +361,8 @@ if ! "$NASDEDUP_PYTHON" "$QMP_PY" wait-migration "$RUN/src-qmp.sock" --timeout "
 fi
 t_migdone=$(now_ms)
 src_cpu1=$(cpu_ticks "$SRC_PID")
+up_done=''
+[ "$TOUCH_MB" = 0 ] || [ -n "${NASDEDUP_SNAPSHOT_DIR:-}" ] || up_done=$(guest_uptime dst)
 if [ -n "${NASDEDUP_SNAPSHOT_DIR:-}" ]; then
     # Both VMs are stopped now: the source's RAM and the disk are as they
     # were at switchover.
@@ -391,6 +419,50 @@ for side, key, info in (("src", "dedup-nas", m),
 print()
 EOF
 )
+# What the destination's guest saw: postcopy's fault latencies (from its
+# trace) and the guest's own timing of its touch rounds.
+GUEST=$("$NASDEDUP_PYTHON" - "$RUN/dst-qemu.log" "$RUN/src-console.log" "$RUN/dst-console.log" \
+    "$POSTCOPY" "$TOUCH_MB" "${up_mig:-0}" "${up_done:-0}" <<'EOF'
+import re, sys, statistics
+qlog, scon, dcon, postcopy, touch_mb, up_mig, up_done = sys.argv[1:]
+out = []
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(len(v) * p / 100))]
+if postcopy == "1":
+    added, lat = {}, []
+    pat = re.compile(r"@(\d+\.\d+):postcopy_page_req_(add|del) \S+ page req (0x[0-9a-f]+)")
+    for line in open(qlog, errors="replace"):
+        m = pat.search(line)
+        if not m:
+            continue
+        t, kind, addr = float(m.group(1)), m.group(2), m.group(3)
+        if kind == "add":
+            added[addr] = t
+        elif addr in added:
+            lat.append((t - added.pop(addr)) * 1e6)
+    out.append("fault_n=%d" % len(lat))
+    if lat:
+        out.append("fault_lat_med_us=%d fault_lat_p99_us=%d fault_lat_max_us=%d" % (
+                   statistics.median(lat), pct(lat, 99), max(lat)))
+if int(touch_mb) > 0:
+    pat = re.compile(r"NASDEDUP-TOUCH up=([0-9.]+) cs=(\d+)")
+    def rounds(path, until, started):
+        # (ended, or with started: began, by the guest's uptime until)
+        return [int(m.group(2)) for m in (pat.search(l) for l in open(path, errors="replace"))
+                if m and float(m.group(1)) - (int(m.group(2)) / 100 if started else 0)
+                <= float(until)]
+    base = rounds(scon, up_mig, False)
+    fill = rounds(dcon, up_done, True) if float(up_done) > 0 else []
+    out.append("touch_mb=%s touch_base_n=%d touch_fill_n=%d" % (touch_mb, len(base), len(fill)))
+    if base:
+        out.append("touch_base_cs=%d" % statistics.median(base))
+    if fill:
+        out.append("touch_fill_cs_med=%d touch_fill_cs_max=%d" % (statistics.median(fill), max(fill)))
+print(" ".join(out), end="")
+EOF
+)
+STATS+=${GUEST:+ $GUEST}
 say "migration: $STATS $CPU (wall $((t_migdone - t_mig)) ms; full JSON: $RUN/query-migrate.json)"
 
 # --- verification on the destination -------------------------------------------
