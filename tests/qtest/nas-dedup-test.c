@@ -890,6 +890,56 @@ static void postcopy_race(Guest *g, uint64_t *write_lo, uint64_t *write_hi)
 }
 
 /*
+ * The source of the postcopy tests: random pages to keep rewriting, and
+ * the page cache of RACE_DMA_BYTES read from disk by DMA.
+ */
+static void postcopy_source(Guest *g, const char *trace)
+{
+    memset(g, 0, sizeof(*g));
+    make_image();
+    source_boot_args(&g->src, true, trace);
+    g->rand_bytes = PC_RAND_BYTES;
+    g->rand_addr = guest_buf(&g->src, PC_RAND_BYTES);
+    write_random(g->src.qts, g->rand_addr, PC_RAND_BYTES, 0x5eed);
+    g->dma_bytes = RACE_DMA_BYTES;
+    g->dma_addr = guest_buf(&g->src, RACE_DMA_BYTES);
+    dma_read_disk(&g->src, g->dma_addr, 0, RACE_DMA_BYTES);
+}
+
+/*
+ * The destination (@g->dst) waits; blocks the source read are overwritten
+ * behind its back; @keep gets the random pages, which the tests write back
+ * over and over.  4 KiB may go while the guest is stopped, and the pages
+ * rewritten between two syncs of the dirty bitmap take a second to send:
+ * pre-copy cannot end.  Postcopy may be over before a query sees it: its
+ * event tells (saw_postcopy()).
+ */
+static void postcopy_prepare(Guest *g, uint8_t *keep)
+{
+    migrate_incoming_qmp(g->dst, mig_uri, NULL,
+                         "{ 'exit-on-error': false }");
+    overwrite_blocks(RACE_BEFORE_FIRST, RACE_COUNT, RACE_STRIDE, 1);
+    read_guest(g->src.qts, g->rand_addr, keep, PC_RAND_BYTES);
+    migrate_set_parameter_int(g->src.qts, "downtime-limit", 1);
+    migrate_set_parameter_int(g->src.qts, "max-bandwidth", 4 * MiB);
+    migrate_set_capability(g->src.qts, "events", true);
+}
+
+/* Whether the MIGRATION events @who queued say postcopy-active. */
+static bool saw_postcopy(QTestState *who)
+{
+    bool postcopy = false;
+    QDict *ev;
+
+    while ((ev = qtest_qmp_event_ref(who, "MIGRATION"))) {
+        postcopy |= !strcmp(qdict_get_str(qdict_get_qdict(ev, "data"),
+                                          "status"), "postcopy-active");
+        qobject_unref(ev);
+    }
+    return postcopy;
+}
+
+/*
  * dedup-nas with postcopy-ram.  Postcopy is asked for at once; it waits
  * for the first pass, which sends the blocks the device read as
  * references (some overwritten behind the source's back before, which
@@ -933,9 +983,7 @@ static void test_postcopy(const void *opaque)
     g_autoptr(GTimer) timer = g_timer_new();
     uint64_t write_lo = 0, write_hi = 0;
     unsigned writes = 0;
-    bool postcopy = false;
     DedupStats st;
-    QDict *ev;
     Guest g;
 
     if (!ufd_version_check(NULL)) {
@@ -947,31 +995,10 @@ static void test_postcopy(const void *opaque)
         pc->preempt ? "-global migration.x-postcopy-preempt=on" : "",
         pc->resolve_first ? "-global migration.x-dedup-nas-postcopy-lazy=off"
                           : "");
-    memset(&g, 0, sizeof(g));
-    make_image();
-    source_boot_args(&g.src, true, trace);
-    g.rand_bytes = PC_RAND_BYTES;
-    g.rand_addr = guest_buf(&g.src, PC_RAND_BYTES);
-    write_random(g.src.qts, g.rand_addr, PC_RAND_BYTES, 0x5eed);
-    g.dma_bytes = RACE_DMA_BYTES;
-    g.dma_addr = guest_buf(&g.src, RACE_DMA_BYTES);
-    dma_read_disk(&g.src, g.dma_addr, 0, RACE_DMA_BYTES);
+    postcopy_source(&g, trace);
     dst_args = machine_args_drive(true, false, drive, throttle);
     g.dst = qtest_init(dst_args);
-    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
-
-    overwrite_blocks(RACE_BEFORE_FIRST, RACE_COUNT, RACE_STRIDE, 1);
-    read_guest(g.src.qts, g.rand_addr, keep, PC_RAND_BYTES);
-
-    /*
-     * 4 KiB may go while the guest is stopped, and the pages rewritten
-     * between two syncs of the dirty bitmap take a second to send:
-     * pre-copy cannot end.
-     */
-    migrate_set_parameter_int(g.src.qts, "downtime-limit", 1);
-    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 4 * MiB);
-    /* Postcopy may be over before a query sees it: its event tells. */
-    migrate_set_capability(g.src.qts, "events", true);
+    postcopy_prepare(&g, keep);
     migrate_qmp(g.src.qts, g.dst, mig_uri, NULL, "{}");
     qtest_qmp_assert_success(g.src.qts,
                              "{ 'execute': 'migrate-start-postcopy' }");
@@ -1022,12 +1049,7 @@ static void test_postcopy(const void *opaque)
     wait_for_migration_complete(g.src.qts);
     wait_for_migration_complete(g.dst);
     /* The events of the migration came before the last answer. */
-    while ((ev = qtest_qmp_event_ref(g.src.qts, "MIGRATION"))) {
-        postcopy |= !strcmp(qdict_get_str(qdict_get_qdict(ev, "data"),
-                                          "status"), "postcopy-active");
-        qobject_unref(ev);
-    }
-    g_assert(postcopy);
+    g_assert(saw_postcopy(g.src.qts));
     read_stats(g.src.qts, g.dst, true, &st);
     g_test_message("postcopy-fill-pages %" PRIu64 " postcopy-fill-faults %"
                    PRIu64, st.fill_pages, st.fill_faults);
@@ -1739,9 +1761,7 @@ static void test_postcopy_stale_resend(void)
     g_autoptr(GTimer) timer = g_timer_new();
     uint64_t syncs, k;
     unsigned held;
-    bool postcopy = false;
     DedupStats st;
-    QDict *ev;
     Proxy *px;
     Guest g;
 
@@ -1750,24 +1770,9 @@ static void test_postcopy_stale_resend(void)
         return;
     }
     mig_globals = "-global migration.x-postcopy-ram=on";
-    memset(&g, 0, sizeof(g));
-    make_image();
-    source_boot_args(&g.src, true, trace);
-    g.rand_bytes = PC_RAND_BYTES;
-    g.rand_addr = guest_buf(&g.src, PC_RAND_BYTES);
-    write_random(g.src.qts, g.rand_addr, PC_RAND_BYTES, 0x5eed);
-    g.dma_bytes = RACE_DMA_BYTES;
-    g.dma_addr = guest_buf(&g.src, RACE_DMA_BYTES);
-    dma_read_disk(&g.src, g.dma_addr, 0, RACE_DMA_BYTES);
+    postcopy_source(&g, trace);
     g.dst = dest_boot(true, dst_extra);
-    migrate_incoming_qmp(g.dst, mig_uri, NULL, "{ 'exit-on-error': false }");
-    overwrite_blocks(RACE_BEFORE_FIRST, RACE_COUNT, RACE_STRIDE, 1);
-    read_guest(g.src.qts, g.rand_addr, keep, PC_RAND_BYTES);
-
-    /* Pre-copy cannot end (see test_postcopy()). */
-    migrate_set_parameter_int(g.src.qts, "downtime-limit", 1);
-    migrate_set_parameter_int(g.src.qts, "max-bandwidth", 4 * MiB);
-    migrate_set_capability(g.src.qts, "events", true);
+    postcopy_prepare(&g, keep);
     px = proxy_start(PROXY_HOLD_RP, NULL, 0);
     uri = proxy_uri(px);
     migrate_qmp(g.src.qts, NULL, uri, NULL, "{}");
@@ -1805,12 +1810,7 @@ static void test_postcopy_stale_resend(void)
     wait_for_migration_complete(g.dst);
     g_test_message("%u RESEND held before the rewrite, %u in all", held,
                    qatomic_read(&px->resends_held));
-    while ((ev = qtest_qmp_event_ref(g.src.qts, "MIGRATION"))) {
-        postcopy |= !strcmp(qdict_get_str(qdict_get_qdict(ev, "data"),
-                                          "status"), "postcopy-active");
-        qobject_unref(ev);
-    }
-    g_assert(postcopy);
+    g_assert(saw_postcopy(g.src.qts));
     read_stats(g.src.qts, g.dst, true, &st);
     assert_ram_equal(g.src.qts, g.dst);
     g_assert_cmpuint(st.mismatches, >=, RACE_COUNT / 2);
