@@ -1504,6 +1504,17 @@ static bool proxy_stream(Proxy *px, int d, const uint8_t *buf, size_t len)
     return write_all(d, all, n - px->nheld);
 }
 
+/* PROXY_HOLD_RP: forward to @s the messages held, if any. */
+static bool proxy_release_rp(Proxy *px, int s)
+{
+    if (px->held_rp->len &&
+        !write_all(s, px->held_rp->data, px->held_rp->len)) {
+        return false;
+    }
+    g_byte_array_set_size(px->held_rp, 0);
+    return true;
+}
+
 /* Forward whole return-path messages, except those the mode holds. */
 static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len)
 {
@@ -1540,11 +1551,8 @@ static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len)
                 px->msg_len = 0;
                 continue;
             }
-            if (px->held_rp->len) {
-                if (!write_all(s, px->held_rp->data, px->held_rp->len)) {
-                    return false;
-                }
-                g_byte_array_set_size(px->held_rp, 0);
+            if (!proxy_release_rp(px, s)) {
+                return false;
             }
         }
         if (px->mode == PROXY_HOLD_ACKS &&
@@ -1603,12 +1611,9 @@ static gpointer proxy_thread(gpointer opaque)
             p[1].revents) {
             break;
         }
-        if (px->mode == PROXY_HOLD_RP && px->held_rp->len &&
-            qatomic_read(&px->release)) {
-            if (!write_all(s, px->held_rp->data, px->held_rp->len)) {
-                break;
-            }
-            g_byte_array_set_size(px->held_rp, 0);
+        if (px->mode == PROXY_HOLD_RP && qatomic_read(&px->release) &&
+            !proxy_release_rp(px, s)) {
+            break;
         }
         if (p[0].revents) {
             n = read(s, buf, 64 * KiB);
@@ -1725,18 +1730,6 @@ static uint64_t dst_stat(QTestState *qts, const char *key)
     return v;
 }
 
-static uint64_t dirty_syncs(QTestState *qts)
-{
-    QDict *rsp = migrate_query(qts);
-    uint64_t n = 0;
-
-    if (qdict_haskey(rsp, "ram")) {
-        n = stat_u64(qdict_get_qdict(rsp, "ram"), "dirty-sync-count");
-    }
-    qobject_unref(rsp);
-    return n;
-}
-
 /*
  * A DEDUP_RESEND that crosses a newer copy of its pages: the destination
  * asks for the pages whose blocks were overwritten behind the source's
@@ -1793,8 +1786,8 @@ static void test_postcopy_stale_resend(void)
                      (RACE_BEFORE_FIRST + k * RACE_STRIDE) * CHUNK, CHUNK,
                      0x57a1e + k);
     }
-    syncs = dirty_syncs(g.src.qts);
-    while (dirty_syncs(g.src.qts) < syncs + 2) {
+    syncs = get_migration_pass(g.src.qts);
+    while (get_migration_pass(g.src.qts) < syncs + 2) {
         qtest_bufwrite(g.src.qts, g.rand_addr, keep, PC_RAND_BYTES);
         g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
     }
