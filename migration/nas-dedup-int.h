@@ -44,6 +44,7 @@ typedef struct NasDedupCounters {
     Stat64 resend_requests;
     Stat64 fill_pages;          /* placed after postcopy started */
     Stat64 fill_faults;         /* faulted on before, asked from source */
+    Stat64 fill_fault_reads;    /* faulted on before, read first */
     Stat64 fetch_time_us;       /* with at least one read in flight */
     /* Reads in flight since (us); 0: none.  qatomic_*_i64() access. */
     int64_t fetch_busy_since;
@@ -332,19 +333,27 @@ bool nas_dedup_load_check(Error **errp);
 /*
  * The destination is about to listen for postcopy pages: false (and @errp
  * set) if any page sent as a reference is not resolved, or the final SYNC
- * has not come.
+ * has not come.  With the fill after LISTEN, a thread that faults on a
+ * page still to fill waits up to @fault_read_ms for its read from the
+ * storage (x-dedup-nas-fault-read-ms; 0: the source is asked at once).
  */
-bool nas_dedup_load_postcopy_listen(Error **errp);
+bool nas_dedup_load_postcopy_listen(uint32_t fault_read_ms, Error **errp);
 /*
  * Postcopy with the fill after LISTEN (the lazy final SYNC), destination:
  * the source discards @len bytes at @start of RAMBlock @ramid before
- * LISTEN, and will send them (incoming coroutine); a vCPU faulted on
- * @offset of @block (fault thread); postcopy pauses (listen thread);
- * postcopy is over.
+ * LISTEN, and will send them (incoming coroutine); postcopy pauses
+ * (listen thread); postcopy is over.
  */
 void nas_dedup_load_postcopy_discard(const char *ramid, uint64_t start,
                                      uint64_t len);
-void nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset);
+/*
+ * Thread @tid (0: unknown) faulted on @offset of @block (fault thread).
+ * True if dedup-nas reads the page from the storage first: postcopy must
+ * not ask the source for it now (dedup-nas does, if the read does not
+ * place it in time).
+ */
+bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
+                                   uint32_t tid);
 void nas_dedup_load_postcopy_pause(void);
 void nas_dedup_load_postcopy_end(void);
 

@@ -49,6 +49,7 @@
 #include "qemu/cutils.h"
 #include "qemu/error-report.h"
 #include "qemu/madvise.h"
+#include "qemu/main-loop.h"
 #include "qapi/error.h"
 #include "io/channel.h"
 #include "exec/target_page.h"
@@ -90,10 +91,39 @@ typedef struct Fetch {
     uint32_t ticket;
 } Fetch;
 
+/*
+ * Postcopy's fill: a page a thread faulted on, read from the storage
+ * ahead of the fill (docs/devel/nas-dedup.rst, "postcopy").  Until
+ * @deadline (monotonic, us), it is not asked from the source.
+ */
+typedef struct Urgent {
+    RAMBlock *block;
+    ram_addr_t offset;
+    uint32_t ticket;
+    int64_t since;              /* when it faulted, us */
+    int64_t deadline;
+} Urgent;
+
+/* The urgent read of one page: a copy, as the Urgent may go first. */
+typedef struct UrgentRead {
+    LoadState *st;              /* only under load_lock, if still @load */
+    uint64_t gen;
+    NasDedupKey key;
+    RAMBlock *block;
+    ram_addr_t offset;
+    uint32_t ticket;
+    uint16_t drive;
+    uint64_t disk_offset;
+    NasDedupHash hash;
+    int64_t since;
+} UrgentRead;
+
 /* One incoming migration. */
 struct LoadState {
     NasDedupFetcher *fetcher;
     GHashTable *tickets;        /* RAMBlock * -> Tickets */
+    /* Under load_lock: REFS ticket -> its Fetch, until its result. */
+    GHashTable *fetch_of;
     RAMBlock *last_block;       /* cache for tickets_of() */
     Tickets *last_tickets;
     bool have_setup;
@@ -131,6 +161,20 @@ struct LoadState {
     bool listening;
     bool paused;
     bool lazy_acked;
+    /*
+     * Faults read from the storage first (after LISTEN, lazy): under
+     * load_lock, host address -> Urgent; @urgent_thread asks the source
+     * for those past their deadline, and for all of them once postcopy
+     * paused.  @main_tid: the main thread, whose faults go to the source
+     * at once (the reads need the main loop).
+     */
+    GHashTable *urgent;
+    QemuCond urgent_cond;
+    QemuThread urgent_thread;
+    bool urgent_running;
+    bool urgent_quit;
+    uint32_t main_tid;
+    uint32_t fault_read_ms;     /* a fault's deadline; 0: none read first */
 };
 
 static LoadState *load;
@@ -149,6 +193,8 @@ static QemuCond load_cond;
  * and sending it, so that none goes after the SYNC_ACK that ends them.
  */
 static QemuMutex lazy_send_lock;
+
+static void *urgent_thread(void *opaque);
 
 static void tickets_free(gpointer p)
 {
@@ -169,6 +215,9 @@ static void load_state_free(LoadState *st)
     /* Cancels the fetches still queued or in flight. */
     nas_dedup_fetcher_free(st->fetcher);
     g_hash_table_destroy(st->tickets);
+    g_hash_table_destroy(st->fetch_of);
+    g_hash_table_destroy(st->urgent);
+    qemu_cond_destroy(&st->urgent_cond);
     g_array_free(st->resends, true);
     g_free(st);
 }
@@ -187,6 +236,9 @@ int nas_dedup_load_setup(Error **errp)
     st->fetcher = nas_dedup_fetcher_new(NAS_DEDUP_REFS_MAX * NAS_DEDUP_CHUNK,
                                         migrate_dedup_nas_fetch_connections());
     st->tickets = g_hash_table_new_full(NULL, NULL, NULL, tickets_free);
+    st->fetch_of = g_hash_table_new(NULL, NULL);
+    st->urgent = g_hash_table_new_full(NULL, NULL, NULL, g_free);
+    qemu_cond_init(&st->urgent_cond);
     st->resends = g_array_new(false, false, sizeof(Resend));
     nas_dedup_load_cleanup();
     WITH_QEMU_LOCK_GUARD(&load_lock) {
@@ -211,10 +263,15 @@ void nas_dedup_load_cleanup(void)
     WITH_QEMU_LOCK_GUARD(&load_lock) {
         qatomic_set(&load, NULL);
         load_gen++;
+        st->urgent_quit = true;
+        qemu_cond_signal(&st->urgent_cond);
         /* Bounded: a worker populating waits for nothing of ours. */
         while (st->workers) {
             qemu_cond_wait(&load_cond, &load_lock);
         }
+    }
+    if (st->urgent_running) {
+        qemu_thread_join(&st->urgent_thread);
     }
     load_state_free(st);
 }
@@ -432,6 +489,26 @@ void nas_dedup_load_page_arrived(RAMBlock *block, ram_addr_t offset)
     nas_dedup_load_pages_arrived(block, &offset, 1);
 }
 
+/*
+ * Under load_lock: the page at @offset of @block was asked from the
+ * source.  If a thread faulted on it and waits for its read, that thread
+ * is woken (urgent_thread()) so that it faults again, and postcopy's
+ * page request follows the RESEND.
+ */
+static void urgent_asked(LoadState *st, RAMBlock *block, ram_addr_t offset)
+{
+    Urgent *u;
+
+    if (!g_hash_table_size(st->urgent)) {
+        return;
+    }
+    u = g_hash_table_lookup(st->urgent, block->host + offset);
+    if (u) {
+        u->deadline = 0;
+        qemu_cond_signal(&st->urgent_cond);
+    }
+}
+
 /* Ask the source for the pages of @fe's run whose ticket is still @fe's. */
 static void resend_run(LoadState *st, Fetch *fe, uint32_t *t, uint32_t first,
                        uint32_t k0, uint32_t n)
@@ -448,6 +525,7 @@ static void resend_run(LoadState *st, Fetch *fe, uint32_t *t, uint32_t first,
         assert(t[first + k] == fe->ticket);
         t[first + k] = TICKET_AWAITING;
         st->awaiting++;
+        urgent_asked(st, fe->block, fe->offset + k * NAS_DEDUP_CHUNK);
     }
     g_array_append_val(st->resends, r);
     qatomic_set(&st->resends_queued, true);
@@ -490,7 +568,8 @@ static void populate(RAMBlock *block, ram_addr_t offset, const bool *match,
  * must be asked from the source.
  */
 static bool fill_page(LoadState *st, RAMBlock *block, uint32_t *t,
-                      unsigned long page, void *host, uint8_t *data)
+                      unsigned long page, void *host, uint8_t *data,
+                      const char *by)
 {
     int ret;
 
@@ -523,6 +602,18 @@ static bool fill_page(LoadState *st, RAMBlock *block, uint32_t *t,
         return false;
     }
     ticket_clear(st, t, page);
+    if (g_hash_table_size(st->urgent)) {
+        Urgent *u = g_hash_table_lookup(st->urgent, host);
+
+        if (u) {
+            /* A fault served by the storage: its read, or the fill's. */
+            trace_nas_dedup_load_fill_urgent_done(
+                block->idstr, u->offset, by,
+                g_get_monotonic_time() - u->since);
+            stat64_add(&nas_dedup_counters.fill_fault_reads, 1);
+            g_hash_table_remove(st->urgent, host);
+        }
+    }
     stat64_add(&nas_dedup_counters.verified_pages, 1);
     stat64_add(&nas_dedup_counters.fill_pages, 1);
     return true;
@@ -644,6 +735,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         stat64_add(&nas_dedup_counters.fetched_bytes,
                    (uint64_t)rec->npages * NAS_DEDUP_CHUNK);
     }
+    g_hash_table_remove(st->fetch_of, GUINT_TO_POINTER(fe->ticket));
     /* Created for this run by load_refs(); never shrinks. */
     t = tickets_of(st, fe->block, first + rec->npages, false)->t;
     for (k = 0; k <= rec->npages; k++) {
@@ -662,7 +754,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
 
                 if (st->lazy) {
                     ok = fill_page(st, fe->block, t, first + k, host,
-                                   buf + k * NAS_DEDUP_CHUNK);
+                                   buf + k * NAS_DEDUP_CHUNK, "fill");
                 } else {
                     memcpy(host, buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
                     ramblock_recv_bitmap_set(fe->block, host);
@@ -779,6 +871,7 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
             t[first + k] = ticket;
             load->pending++;
         }
+        g_hash_table_insert(load->fetch_of, GUINT_TO_POINTER(ticket), fe);
         if (!load->fetches++) {
             load->busy_since = g_get_monotonic_time();
             qatomic_set_i64(&nas_dedup_counters.fetch_busy_since,
@@ -937,7 +1030,7 @@ int nas_dedup_load_record(QEMUFile *f, RAMBlock *block, ram_addr_t offset,
     return ret;
 }
 
-bool nas_dedup_load_postcopy_listen(Error **errp)
+bool nas_dedup_load_postcopy_listen(uint32_t fault_read_ms, Error **errp)
 {
     LoadState *st = load;
     uint64_t pending = 0, awaiting = 0;
@@ -994,11 +1087,21 @@ bool nas_dedup_load_postcopy_listen(Error **errp)
             }
         }
         st->listening = true;
+        st->main_tid = qemu_get_thread_id();
+        st->fault_read_ms = fault_read_ms;
         pending = st->pending;
         awaiting = st->awaiting;
         fetches = st->fetches;
     }
     trace_nas_dedup_load_fill_listen(pending, awaiting, fetches);
+    if (fault_read_ms && pending) {
+        /* Before faults may find it running (load_lock orders them). */
+        qemu_thread_create(&st->urgent_thread, "nasdedup-fault",
+                           urgent_thread, st, QEMU_THREAD_JOINABLE);
+        WITH_QEMU_LOCK_GUARD(&load_lock) {
+            st->urgent_running = true;
+        }
+    }
     /* With no read left, the answer goes now. */
     fill_report(st);
     nas_dedup_fetcher_release(st->fetcher);
@@ -1034,39 +1137,273 @@ void nas_dedup_load_postcopy_discard(const char *ramid, uint64_t start,
     }
 }
 
-void nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset)
+/*
+ * Under load_lock: ask the source for @page of @block again (its ticket,
+ * @t[page], is still that of a read), with a RESEND that fill_report()
+ * sends once the lock is dropped.
+ */
+static void ask_source(LoadState *st, RAMBlock *block, uint32_t *t,
+                       unsigned long page)
 {
+    Resend r = {
+        .block = block, .offset = (ram_addr_t)page << TARGET_PAGE_BITS,
+        .npages = 1, .refs_seq = t[page],
+    };
+
+    assert(t[page] && t[page] != TICKET_AWAITING);
+    t[page] = TICKET_AWAITING;
+    st->awaiting++;
+    g_array_append_val(st->resends, r);
+    qatomic_set(&st->resends_queued, true);
+}
+
+/*
+ * The urgent read of a page a thread faulted on is over (worker thread):
+ * place the page if it verifies and is still to fill; otherwise ask the
+ * source, at once.
+ */
+static void urgent_done(void *opaque, uint8_t *buf, int ret)
+{
+    UrgentRead *ur = opaque;
+    LoadState *st = ur->st;
+    unsigned long page = ur->offset >> TARGET_PAGE_BITS;
+    void *host = ur->block->host + ur->offset;
+    bool match = false;
+    uint32_t *t;
+
+    if (ret == -ECANCELED) {
+        g_free(ur);
+        return;
+    }
+    if (ret >= 0) {
+        NasDedupHash h;
+
+        nas_dedup_hash_chunk(&ur->key, buf, &h);
+        match = nas_dedup_hash_equal(&h, &ur->hash);
+    }
+    QEMU_LOCK_GUARD(&load_lock);
+    if (load != st || load_gen != ur->gen) {
+        g_free(ur);
+        return;
+    }
+    t = tickets_of(st, ur->block, page + 1, false)->t;
+    if (t[page] != ur->ticket || st->paused) {
+        /*
+         * Placed by the fill, or asked from the source (its deadline ran
+         * out, the fill's read did not verify, postcopy paused): this
+         * result must change nothing.
+         */
+        trace_nas_dedup_load_fill_urgent_done(
+            ur->block->idstr, ur->offset, "late",
+            g_get_monotonic_time() - ur->since);
+        g_free(ur);
+        return;
+    }
+    if (ret >= 0) {
+        stat64_add(&nas_dedup_counters.fetched_blocks, 1);
+        stat64_add(&nas_dedup_counters.fetched_bytes, NAS_DEDUP_CHUNK);
+    }
+    if (match && fill_page(st, ur->block, t, page, host, buf, "read")) {
+        g_free(ur);
+        return;
+    }
+    if (ret >= 0 && !match) {
+        stat64_add(&nas_dedup_counters.mismatches, 1);
+        trace_nas_dedup_load_mismatch(ur->block->idstr, ur->offset);
+    } else if (ret < 0 && ret != -ENOENT) {
+        stat64_add(&nas_dedup_counters.read_errors, 1);
+    }
+    if (t[page] == ur->ticket) {
+        ask_source(st, ur->block, t, page);
+        urgent_asked(st, ur->block, ur->offset);
+    }
+    g_free(ur);
+}
+
+/*
+ * Start an urgent read, in the main loop (the fetcher's).  The load
+ * cleanup runs under the BQL too: @st, if still @load, stays.
+ */
+static void urgent_bh(void *opaque)
+{
+    UrgentRead *ur = opaque;
+    bool live;
+
+    assert(bql_locked());
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        live = load == ur->st && load_gen == ur->gen && !ur->st->paused;
+    }
+    if (!live) {
+        g_free(ur);
+        return;
+    }
+    nas_dedup_fetcher_read_urgent(ur->st->fetcher, ur->drive,
+                                  ur->disk_offset, NAS_DEDUP_CHUNK,
+                                  urgent_done, ur);
+}
+
+/*
+ * The thread that gives up on the reads of pages that threads faulted
+ * on: past their deadline (a stalled storage; a main loop that does not
+ * run, e.g. because a vCPU that holds the BQL faulted), asked from the
+ * source meanwhile (their fill's read, or their own, did not verify), or
+ * all of them once postcopy paused.  It sends the RESEND, then wakes the
+ * threads, which fault again: the fault thread, finding the page asked,
+ * sends postcopy's page request (only the fault thread may: it alone
+ * tracks the RAMBlock of the last request, mis->last_rb).  Waits on
+ * nothing but load_lock.
+ */
+static void *urgent_thread(void *opaque)
+{
+    MigrationIncomingState *mis = migration_incoming_get_current();
+    LoadState *st = opaque;
+
+    qemu_mutex_lock(&load_lock);
+    while (!st->urgent_quit) {
+        g_autoptr(GArray) wake = NULL;
+        int64_t now = g_get_monotonic_time(), next = INT64_MAX;
+        GHashTableIter iter;
+        gpointer value;
+        guint i;
+
+        g_hash_table_iter_init(&iter, st->urgent);
+        while (g_hash_table_iter_next(&iter, NULL, &value)) {
+            Urgent u = *(Urgent *)value;
+            unsigned long page = u.offset >> TARGET_PAGE_BITS;
+            uint32_t *t = tickets_of(st, u.block, page + 1, false)->t;
+            const char *why = "asked";
+
+            if (t[page] == u.ticket && !st->paused && u.deadline > now) {
+                next = MIN(next, u.deadline);
+                continue;
+            }
+            g_hash_table_iter_remove(&iter);    /* frees *value */
+            if (!t[page]) {
+                continue;       /* placed */
+            }
+            if (st->paused) {
+                /* Their page requests are sent again after recovery. */
+                why = "paused";
+            } else if (t[page] == u.ticket) {
+                ask_source(st, u.block, t, page);
+                stat64_add(&nas_dedup_counters.fill_faults, 1);
+                /* (The main thread faulted on it too: cut short.) */
+                why = u.deadline ? "timeout" : "main";
+            }
+            trace_nas_dedup_load_fill_urgent_done(u.block->idstr, u.offset,
+                                                  why, now - u.since);
+            if (!wake) {
+                wake = g_array_new(false, false, sizeof(Urgent));
+            }
+            g_array_append_val(wake, u);
+        }
+        if (wake) {
+            st->workers++;
+            qemu_mutex_unlock(&load_lock);
+            fill_report(st);    /* the RESEND first */
+            for (i = 0; i < wake->len; i++) {
+                Urgent *u = &g_array_index(wake, Urgent, i);
+
+                /* UFFDIO_WAKE on our userfaultfd, not a shared one. */
+                postcopy_wake_shared(&(struct PostCopyFD) {
+                                         .fd = mis->userfault_fd },
+                                     (uintptr_t)u->block->host + u->offset,
+                                     u->block);
+            }
+            qemu_mutex_lock(&load_lock);
+            if (--st->workers == 0) {
+                qemu_cond_broadcast(&load_cond);
+            }
+            continue;
+        }
+        if (next == INT64_MAX) {
+            qemu_cond_wait(&st->urgent_cond, &load_lock);
+        } else {
+            /* At most a second at a time: no overflow of the int. */
+            qemu_cond_timedwait(&st->urgent_cond, &load_lock,
+                                MIN((next - now + 999) / 1000, 1000));
+        }
+    }
+    qemu_mutex_unlock(&load_lock);
+    return NULL;
+}
+
+bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
+                                   uint32_t tid)
+{
+    UrgentRead *ur = NULL;
     LoadState *st;
-    bool asked = false;
+    bool asked = false, urgent = false;
 
     qemu_mutex_lock(&load_lock);
     st = load;
     if (st && st->listening && !st->paused && st->pending) {
         unsigned long page = offset >> TARGET_PAGE_BITS;
         Tickets *t = tickets_of(st, block, page + 1, false);
+        void *host = block->host + offset;
+        /* Unknown (0) may be the main thread too. */
+        bool main_thread = !tid || tid == st->main_tid;
+        Urgent *u = NULL;
+        Fetch *fe = NULL;
 
         if (t && t->t[page] && t->t[page] != TICKET_AWAITING) {
+            u = g_hash_table_lookup(st->urgent, host);
+            fe = g_hash_table_lookup(st->fetch_of,
+                                     GUINT_TO_POINTER(t->t[page]));
+        }
+        if (u) {
+            /* Its read is under way; the main thread must not wait. */
+            if (main_thread) {
+                u->deadline = 0;
+                qemu_cond_signal(&st->urgent_cond);
+            }
+            urgent = true;
+        } else if (fe && st->urgent_running && !main_thread) {
             /*
-             * Not waited for: its read may be far down the queue, and the
-             * main thread may be the one that faulted (loading device
-             * state), with the reads needing the main loop.  The run's
-             * fetch leaves the page alone now.
+             * Read it from the storage, ahead of the fill; the source
+             * only if that does not place it in time.
              */
-            Resend r = {
-                .block = block, .offset = offset, .npages = 1,
-                .refs_seq = t->t[page],
-            };
+            unsigned k = page - (fe->offset >> TARGET_PAGE_BITS);
 
-            t->t[page] = TICKET_AWAITING;
-            st->awaiting++;
-            g_array_append_val(st->resends, r);
-            qatomic_set(&st->resends_queued, true);
+            u = g_new0(Urgent, 1);
+            u->block = block;
+            u->offset = offset;
+            u->ticket = t->t[page];
+            u->since = g_get_monotonic_time();
+            u->deadline = u->since + (int64_t)st->fault_read_ms * 1000;
+            g_hash_table_insert(st->urgent, host, u);
+            qemu_cond_signal(&st->urgent_cond);
+            ur = g_new0(UrgentRead, 1);
+            ur->st = st;
+            ur->gen = load_gen;
+            ur->key = st->key;
+            ur->block = block;
+            ur->offset = offset;
+            ur->ticket = u->ticket;
+            ur->drive = fe->rec->drive;
+            ur->disk_offset = fe->rec->disk_offset +
+                              (uint64_t)k * NAS_DEDUP_CHUNK;
+            ur->hash = fe->rec->hash[k];
+            ur->since = u->since;
+            urgent = true;
+        } else if (t && t->t[page] && t->t[page] != TICKET_AWAITING) {
+            /*
+             * From the source at once: the main thread faulted (loading
+             * device state, or a device's emulation), and the reads need
+             * the main loop; or reads first are off.  The run's fetch
+             * leaves the page alone now.
+             */
+            ask_source(st, block, t->t, page);
             stat64_add(&nas_dedup_counters.fill_faults, 1);
             st->workers++;
             asked = true;
         }
     }
     qemu_mutex_unlock(&load_lock);
+    if (ur) {
+        trace_nas_dedup_load_fill_urgent(block->idstr, offset, tid);
+        aio_bh_schedule_oneshot(qemu_get_aio_context(), urgent_bh, ur);
+    }
     if (asked) {
         trace_nas_dedup_load_fill_fault(block->idstr, offset);
         fill_report(st);
@@ -1076,6 +1413,7 @@ void nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset)
             }
         }
     }
+    return urgent;
 }
 
 void nas_dedup_load_postcopy_pause(void)
@@ -1083,6 +1421,8 @@ void nas_dedup_load_postcopy_pause(void)
     QEMU_LOCK_GUARD(&load_lock);
     if (load) {
         load->paused = true;
+        /* Its faults read first are asked now, and again after recovery. */
+        qemu_cond_signal(&load->urgent_cond);
     }
 }
 

@@ -372,7 +372,8 @@ static int listen_notify(NotifierWithReturn *n, void *data, Error **errp)
     if (pnd->reason != POSTCOPY_NOTIFY_INBOUND_LISTEN) {
         return 0;
     }
-    return nas_dedup_load_postcopy_listen(errp) ? 0 : -1;
+    return nas_dedup_load_postcopy_listen(
+        migrate_get_current()->dedup_nas_fault_read_ms, errp) ? 0 : -1;
 }
 
 static NotifierWithReturn listen_notifier = { .notify = listen_notify };

@@ -267,6 +267,7 @@ void nas_dedup_stats_reset(bool incoming)
         stat64_set(&c->resend_requests, 0);
         stat64_set(&c->fill_pages, 0);
         stat64_set(&c->fill_faults, 0);
+        stat64_set(&c->fill_fault_reads, 0);
         stat64_set(&c->fetch_time_us, 0);
         qatomic_set_i64(&c->fetch_busy_since, 0);
         qatomic_set(&c->incoming_used, false);
@@ -300,6 +301,7 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
         st->resend_requests = stat64_get(&c->resend_requests);
         st->postcopy_fill_pages = stat64_get(&c->fill_pages);
         st->postcopy_fill_faults = stat64_get(&c->fill_faults);
+        st->postcopy_fill_fault_reads = stat64_get(&c->fill_fault_reads);
         since = qatomic_read_i64(&c->fetch_busy_since);
         st->fetch_time = (stat64_get(&c->fetch_time_us) +
                           (since ? g_get_monotonic_time() - since : 0)) / 1000;
@@ -370,8 +372,10 @@ void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info)
                        d->resend_requests);
         if (d->postcopy_fill_pages || d->postcopy_fill_faults) {
             monitor_printf(mon, "dedup-nas postcopy fill: %" PRIu64
-                           " pages placed, %" PRIu64 " faults asked from "
-                           "the source\n", d->postcopy_fill_pages,
+                           " pages placed, faults: %" PRIu64 " read from "
+                           "the storage, %" PRIu64 " asked from the "
+                           "source\n", d->postcopy_fill_pages,
+                           d->postcopy_fill_fault_reads,
                            d->postcopy_fill_faults);
         }
     }

@@ -118,8 +118,9 @@ LIMIT_TRIES = 2                 # the best of
 # sizes; xbzrle is left out of the largest (time: it is never the
 # fastest upstream mode at 1 GbE on this machine, see docs/benchmark-links.md).
 SCALING_SIZES = ("1G", "2G", "4G", "8G")
-# The guest's touch rounds in the postcopy matrix: 64 MiB of page cache.
-TOUCH_MB = 64
+# The guest's touch rounds in the postcopy matrix: 64 MiB of page cache,
+# then 512 (most of it: faults on pages still to fill).
+TOUCH_MBS = (64, 512)
 SCALING_NO_XBZRLE = ("4G", "8G")
 
 
@@ -147,7 +148,8 @@ def matrix(name):
         # The targets on the idle guest; then what a busy guest sees (its
         # vCPU takes a core of the two under TCG, which slows the rest).
         runs.append((scenario("1G", 60), ["pre-copy", "postcopy", "dedup-nas", "dedup-nas+postcopy"]))
-        runs.append((scenario("1G", 60, touch=TOUCH_MB), ["postcopy", "dedup-nas+postcopy"]))
+        for touch in TOUCH_MBS:
+            runs.append((scenario("1G", 60, touch=touch), ["postcopy", "dedup-nas+postcopy"]))
     elif name == "links":
         # One guest on every link model, every mode, with and without
         # destination RAM preallocation; then the scaling series.
@@ -513,7 +515,9 @@ FIELDS = ["mem", "cache", "read_mb", "work", "fmt", "link", "prealloc", "series"
           "src_cpu_s", "dst_cpu_s", "dst_rss_mib", "dst_dedup_fetch_connections",
           "storage_limit_1_bps", "storage_limit_n_bps", "storage_limit_n", "postcopy_ms",
           "postcopy_requests", "dst_dedup_postcopy_fill_pages", "dst_dedup_postcopy_fill_faults",
-          "fault_n", "fault_lat_med_us", "fault_lat_p99_us", "fault_lat_max_us", "touch",
+          "fault_n", "fault_lat_med_us", "fault_lat_p99_us", "fault_lat_max_us",
+          "dst_dedup_postcopy_fill_fault_reads", "fault_read_n", "fault_read_lat_med_us",
+          "fault_read_lat_p99_us", "fault_read_lat_max_us", "fault_read_timeout_n", "touch",
           "touch_base_n", "touch_base_cs", "touch_fill_n", "touch_fill_cs_med",
           "touch_fill_cs_max",
           "data_mb", "run_s", "log"]
@@ -783,22 +787,29 @@ def guest_table(rows):
     """What the guest on the destination sees while postcopy fills: the
     latency of postcopy's page requests (fault to page placed, from the
     destination's trace) and the guest's own timing of its touch rounds
-    (reading TOUCH_MB MiB of its page cache), on the source before the
+    (reading the first MiB of its page cache given in the scenario), on the source before the
     migration and on the destination until the migration completed."""
     out = ["| scenario | mode | page requests | fault latency median | p99 | max "
+           "| faults read from storage | their latency median | p99 | waits run out "
            "| touch round before | during the fill: median | max | slowdown (median, max) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r["mode"] not in POSTCOPY_MODES or r["verdict"] != "OK":
             continue
         base, med, mx = (num(r, k, -1) for k in ("touch_base_cs", "touch_fill_cs_med",
                                                   "touch_fill_cs_max"))
         lat = num(r, "fault_n", -1) > 0
-        out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s |" % (
+        rlat = num(r, "fault_read_n", -1) > 0
+        dn = r["mode"].startswith("dedup-nas")
+        out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             scen_label(r), r["mode"], num(r, "fault_n"),
             "%.2f ms" % (num(r, "fault_lat_med_us") / 1e3) if lat else "–",
             "%.2f ms" % (num(r, "fault_lat_p99_us") / 1e3) if lat else "–",
             "%.2f ms" % (num(r, "fault_lat_max_us") / 1e3) if lat else "–",
+            "%d" % num(r, "fault_read_n") if dn else "–",
+            "%.2f ms" % (num(r, "fault_read_lat_med_us") / 1e3) if rlat else "–",
+            "%.2f ms" % (num(r, "fault_read_lat_p99_us") / 1e3) if rlat else "–",
+            "%d" % num(r, "fault_read_timeout_n") if dn else "–",
             "%d ms (%d rounds)" % (base * 10, num(r, "touch_base_n")) if base >= 0 else "–",
             "%d ms (%d rounds)" % (med * 10, num(r, "touch_fill_n")) if med >= 0 else "–",
             "%d ms" % (mx * 10) if mx >= 0 else "–",
@@ -1119,10 +1130,14 @@ def main():
         md += ["### What the guest sees while postcopy fills", "",
                "Page requests: postcopy's own (a vCPU, or QEMU, touched a page not there yet), "
                "from the request to the page placed, in the destination's trace "
-               "(`postcopy_page_req_add` / `_del`). Touch rounds: the guest reads the first "
-               "%d MiB of the files in its page cache, timed by its own clock; \"before\" is on "
-               "the source before the migration, \"during the fill\" the rounds that ended on the "
-               "destination and began before the migration completed." % TOUCH_MB, "", gt, ""]
+               "(`postcopy_page_req_add` / `_del`). Faults read from storage: dedup-nas's faults on "
+               "pages still to fill that its storage read (or the fill's) placed, from the fault to "
+               "the page placed (`nas_dedup_load_fill_urgent_done`); waits run out: those asked from "
+               "the source after `x-dedup-nas-fault-read-ms`. Touch rounds: the guest reads the first "
+               "MiB of the files in its page cache that the scenario gives (touch), timed by its own "
+               "clock; \"before\" is on the source before the migration, \"during the fill\" the "
+               "rounds that ended on the destination and began before the migration completed.",
+               "", gt, ""]
     sc = scaling_table(rows)
     if sc:
         md += ["## Scaling", "", sc, ""]

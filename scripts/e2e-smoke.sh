@@ -49,7 +49,11 @@
 #                           With it, the destination traces postcopy's
 #                           page requests: fault_n and fault_lat_{med,
 #                           p99,max}_us, from a vCPU's (or QEMU's) fault
-#                           on a page not there to its placing
+#                           on a page not there to its placing; and
+#                           dedup-nas's faults on pages still to fill read
+#                           from the storage first: fault_read_n,
+#                           fault_read_lat_{med,p99,max}_us, and
+#                           fault_read_timeout_n (asked from the source)
 #   NASDEDUP_TOUCH_MB       if > 0: the guest reads the first N MiB of
 #                           its cached files over and over from READY on,
 #                           timing each round ("touch" in its /init):
@@ -187,7 +191,8 @@ read -r -a EXTRA <<<"${NASDEDUP_QEMU_ARGS:-}"
 read -r -a DST_EXTRA <<<"${NASDEDUP_DST_QEMU_ARGS:-}"
 # Postcopy's page requests, timestamped, for the fault latencies.
 [ "$POSTCOPY" != 1 ] ||
-    DST_EXTRA+=(-msg timestamp=on -trace postcopy_page_req_add -trace postcopy_page_req_del)
+    DST_EXTRA+=(-msg timestamp=on -trace postcopy_page_req_add -trace postcopy_page_req_del
+                -trace nas_dedup_load_fill_urgent_done)
 # shellcheck disable=SC2054 # commas are QEMU option syntax
 QARGS=("${FW[@]}" -M q35 -accel tcg -m "$MEM" -smp 1 -display none -nodefaults -no-reboot
     -kernel "$NASDEDUP_GUEST_DIR/vmlinuz" -initrd "$NASDEDUP_GUEST_DIR/initrd.gz"
@@ -445,6 +450,19 @@ if postcopy == "1":
     if lat:
         out.append("fault_lat_med_us=%d fault_lat_p99_us=%d fault_lat_max_us=%d" % (
                    statistics.median(lat), pct(lat, 99), max(lat)))
+    # dedup-nas: faults on pages still to fill, read from the storage first
+    # (fault to page placed), or asked from the source after the wait.
+    urg = {}
+    pat = re.compile(r"nas_dedup_load_fill_urgent_done \S+ 0x[0-9a-f]+ (\w+) after (\d+) us")
+    for line in open(qlog, errors="replace"):
+        m = pat.search(line)
+        if m:
+            urg.setdefault(m.group(1), []).append(int(m.group(2)))
+    rd = urg.get("read", [])
+    out.append("fault_read_n=%d fault_read_timeout_n=%d" % (len(rd), len(urg.get("timeout", []))))
+    if rd:
+        out.append("fault_read_lat_med_us=%d fault_read_lat_p99_us=%d fault_read_lat_max_us=%d" % (
+                   statistics.median(rd), pct(rd, 99), max(rd)))
 if int(touch_mb) > 0:
     pat = re.compile(r"NASDEDUP-TOUCH up=([0-9.]+) cs=(\d+)")
     def rounds(path, until, started):

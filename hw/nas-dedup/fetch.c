@@ -23,7 +23,9 @@
  * Up to NAS_DEDUP_FETCH_INFLIGHT reads run at once, each in a coroutine of
  * its own with a buffer it keeps for the next read; more requests wait in
  * a queue, and the submitter (the incoming coroutine) waits when the queue
- * is full.  The reads run in the main loop; what the loader does with a
+ * is full.  An urgent read (a page a thread faulted on, in postcopy)
+ * starts at once, in a coroutine of its own, whatever is in flight; below
+ * us it may still wait behind those (a throttle group, the connection).  The reads run in the main loop; what the loader does with a
  * result (hash checks, copies into guest RAM, which fault it in) runs in
  * a worker of the main loop's thread pool while the read's coroutine
  * waits, so that the main loop goes on with the stream and the other
@@ -473,6 +475,46 @@ void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
     while (g_queue_get_length(&f->queue) >= NAS_DEDUP_FETCH_QUEUE_MAX) {
         qemu_co_queue_wait(&f->waitq, NULL);
     }
+}
+
+/*
+ * An urgent read's coroutine: that read only, ahead of the queue, into a
+ * buffer of its size.
+ */
+static void coroutine_fn fetch_urgent_co(void *opaque)
+{
+    FetchReq *req = opaque;
+    NasDedupFetcher *f = req->fetcher;
+    uint8_t *buf = qemu_try_memalign(qemu_real_host_page_size(), req->len);
+
+    fetch_one(f, req, buf);
+    qemu_vfree(buf);
+    if (--f->inflight == 0 && f->dead) {
+        fetcher_destroy(f);
+        return;
+    }
+    qemu_co_queue_restart_all(&f->waitq);
+}
+
+void nas_dedup_fetcher_read_urgent(NasDedupFetcher *f, uint16_t drive,
+                                   uint64_t offset, size_t len,
+                                   NasDedupFetchDone *done, void *opaque)
+{
+    FetchReq *req = g_new0(FetchReq, 1);
+
+    assert(len <= f->max_len && !f->dead);
+    assert(qemu_get_current_aio_context() == qemu_get_aio_context());
+    req->fetcher = f;
+    req->drive = g_hash_table_lookup(f->drives, GUINT_TO_POINTER(drive));
+    assert(req->drive);
+    req->offset = offset;
+    req->len = len;
+    req->done = done;
+    req->opaque = opaque;
+    trace_nas_dedup_fetch_urgent(offset, len, f->inflight);
+    /* Not counted against NAS_DEDUP_FETCH_INFLIGHT: it waits for none. */
+    f->inflight++;
+    qemu_coroutine_enter(qemu_coroutine_create(fetch_urgent_co, req));
 }
 
 void coroutine_fn nas_dedup_fetcher_hold(NasDedupFetcher *f)

@@ -82,6 +82,14 @@ void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
                                          uint64_t offset, size_t len,
                                          NasDedupFetchDone *done,
                                          void *opaque);
+/*
+ * The same, for one read that something waits for (a postcopy fault): it
+ * starts at once, ahead of the reads queued, whatever is in flight.  Main
+ * loop thread, outside coroutines too.
+ */
+void nas_dedup_fetcher_read_urgent(NasDedupFetcher *f, uint16_t drive,
+                                   uint64_t offset, size_t len,
+                                   NasDedupFetchDone *done, void *opaque);
 /* Wait until every read asked so far is over. */
 void coroutine_fn nas_dedup_fetcher_drain(NasDedupFetcher *f);
 /*

@@ -27,6 +27,12 @@
  *                          asked for at once: references still unread at
  *                          the switch are filled after it (the race case
  *                          before it), RAM identical
+ *  /nas-dedup/postcopy/fault-read[-late]  a thread other than the main
+ *                          one (dump-guest-memory's) reads all of RAM in
+ *                          the fill: its faults on pages still to fill are
+ *                          read from the disk first, or, if that takes
+ *                          longer than x-dedup-nas-fault-read-ms, come
+ *                          from the source; RAM identical
  *  /nas-dedup/postcopy/stale-resend  a DEDUP_RESEND that crosses a newer
  *                          copy of its pages is dropped by the source
  *                          (sending them again would fail postcopy)
@@ -471,6 +477,7 @@ typedef struct DedupStats {
     uint64_t fetch_connections;
     uint64_t fill_pages;
     uint64_t fill_faults;
+    uint64_t fill_fault_reads;
 } DedupStats;
 
 static void read_stats(QTestState *from, QTestState *to, bool dedup,
@@ -513,6 +520,7 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
         st->fetch_connections = stat_u64(dn, "fetch-connections");
         st->fill_pages = stat_u64(dn, "postcopy-fill-pages");
         st->fill_faults = stat_u64(dn, "postcopy-fill-faults");
+        st->fill_fault_reads = stat_u64(dn, "postcopy-fill-fault-reads");
     }
     qobject_unref(rsp);
 
@@ -804,6 +812,10 @@ static void test_race(void)
 #define PC_READ_BPS     (4 * MiB)
 /* ... and slower still where the test acts during the fill (~8 s). */
 #define PC_FILL_BPS     (2 * MiB)
+/* ... and slower still where a read of the fill must wait (~16 s). */
+#define PC_SLOW_BPS     (1 * MiB)
+/* Pages at the end of the region that dump-guest-memory reads early. */
+#define PC_DUMP_PAGES   16
 /* Pages of the last disk blocks the test reads on the destination early. */
 #define PC_FAULT_PAGES  16
 /* Blocks the destination writes during the fill, just before those. */
@@ -814,6 +826,12 @@ typedef struct PostcopyCase {
     bool resolve_first;     /* x-dedup-nas-postcopy-lazy=off */
     bool race;              /* faults, and destination writes, in the fill */
     bool recover;           /* postcopy paused and recovered in the fill */
+    /*
+     * Another thread than the main one (dump-guest-memory's) reads all of
+     * RAM in the fill, its faults read from the disk first for up to
+     * this many ms (x-dedup-nas-fault-read-ms); 0: no such thread.
+     */
+    unsigned dump_read_ms;
 } PostcopyCase;
 
 /* Pages of a "nas_dedup_load_mismatch" trace in @log within [@lo, @hi). */
@@ -887,6 +905,46 @@ static void postcopy_race(Guest *g, uint64_t *write_lo, uint64_t *write_hi)
     g_assert_cmpuint(image[first * CHUNK - 1], ==, 0x5a);
     *write_lo = g->dma_addr + wfirst * CHUNK;
     *write_hi = g->dma_addr + first * CHUNK;
+}
+
+/*
+ * While the destination fills: dump-guest-memory's thread (not the main
+ * one) reads the last PC_DUMP_PAGES pages of the region there, whose
+ * run's read the fill has not even started (it reads the region in
+ * order, 8 runs of 1 MiB at a time, through a throttle).  With
+ * x-dedup-nas-fault-read-ms long enough, each page is read from the disk
+ * first, by its own read, which starts at once; with 1 ms, its read
+ * (queued in the throttle) cannot place it in time, the page comes from
+ * the source, and the read, landing later, must change nothing.
+ */
+static void postcopy_dump(Guest *g)
+{
+    g_autofree char *path = g_build_filename(tmpdir, "postcopy.dump", NULL);
+    g_autofree char *uri = g_strdup_printf("file:%s", path);
+    g_autoptr(GTimer) timer = g_timer_new();
+
+    qtest_qmp_assert_success(g->dst, "{ 'execute': 'dump-guest-memory', "
+                             "  'arguments': { 'paging': false, "
+                             "                 'protocol': %s, "
+                             "                 'begin': %" PRIu64 ", "
+                             "                 'length': %u, "
+                             "                 'detach': true } }", uri,
+                             g->dma_addr + RACE_DMA_BYTES -
+                             PC_DUMP_PAGES * CHUNK, PC_DUMP_PAGES * CHUNK);
+    for (;;) {
+        QDict *rsp = qtest_qmp_assert_success_ref(
+            g->dst, "{ 'execute': 'query-dump' }");
+        g_autofree char *status = g_strdup(qdict_get_str(rsp, "status"));
+
+        qobject_unref(rsp);
+        g_assert_cmpstr(status, !=, "failed");
+        if (!strcmp(status, "completed")) {
+            break;
+        }
+        g_assert_cmpfloat(g_timer_elapsed(timer, NULL), <, WAIT_SECONDS);
+        g_usleep(20 * 1000);
+    }
+    unlink(path);
 }
 
 /*
@@ -974,12 +1032,14 @@ static void test_postcopy(const void *opaque)
     g_autofree char *throttle = g_strdup_printf(
         "-object throttle-group,id=tg0,x-bps-read=%u -incoming defer "
         "-trace nas_dedup_load_mismatch -trace 'nas_dedup_load_fill_*' "
-        "2>%s", (unsigned)(pc->race || pc->recover ? PC_FILL_BPS
-                                                    : PC_READ_BPS), dlog);
+        "2>%s", (unsigned)(pc->dump_read_ms ? PC_SLOW_BPS :
+                           pc->race || pc->recover ? PC_FILL_BPS :
+                           PC_READ_BPS), dlog);
     g_autofree char *recover_uri = g_strdup_printf("%s-recover", mig_uri);
     g_autofree char *dst_args = NULL;
     g_autofree char *status = NULL;
     g_autofree char *out = NULL;
+    g_autofree char *dout = NULL;
     g_autoptr(GTimer) timer = g_timer_new();
     uint64_t write_lo = 0, write_hi = 0;
     unsigned writes = 0;
@@ -991,10 +1051,12 @@ static void test_postcopy(const void *opaque)
         return;
     }
     mig_globals = g_strdup_printf(
-        "-global migration.x-postcopy-ram=on %s %s",
+        "-global migration.x-postcopy-ram=on %s %s "
+        "-global migration.x-dedup-nas-fault-read-ms=%u",
         pc->preempt ? "-global migration.x-postcopy-preempt=on" : "",
         pc->resolve_first ? "-global migration.x-dedup-nas-postcopy-lazy=off"
-                          : "");
+                          : "",
+        pc->dump_read_ms ? pc->dump_read_ms : 100);
     postcopy_source(&g, trace);
     dst_args = machine_args_drive(true, false, drive, throttle);
     g.dst = qtest_init(dst_args);
@@ -1020,7 +1082,7 @@ static void test_postcopy(const void *opaque)
     g_test_message("%s after %u rewrites of %u KiB", status, writes,
                    (unsigned)(PC_RAND_BYTES / KiB));
 
-    if (pc->race || pc->recover) {
+    if (pc->race || pc->recover || pc->dump_read_ms) {
         /* The fill takes seconds: the destination listens by now. */
         wait_for_migration_status(g.dst, "postcopy-active",
                                   (const char * []) { "failed", "completed",
@@ -1028,6 +1090,9 @@ static void test_postcopy(const void *opaque)
     }
     if (pc->race) {
         postcopy_race(&g, &write_lo, &write_hi);
+    }
+    if (pc->dump_read_ms) {
+        postcopy_dump(&g);
     }
     if (pc->recover) {
         /* As a network failure in the middle of the fill would. */
@@ -1052,7 +1117,8 @@ static void test_postcopy(const void *opaque)
     g_assert(saw_postcopy(g.src.qts));
     read_stats(g.src.qts, g.dst, true, &st);
     g_test_message("postcopy-fill-pages %" PRIu64 " postcopy-fill-faults %"
-                   PRIu64, st.fill_pages, st.fill_faults);
+                   PRIu64 " postcopy-fill-fault-reads %" PRIu64,
+                   st.fill_pages, st.fill_faults, st.fill_fault_reads);
     assert_ram_equal(g.src.qts, g.dst);
     /* The destination holds what the device read, not the new blocks. */
     assert_ram_holds_disk(g.dst, g.dma_addr, 0, RACE_DMA_BLOCKS, NULL);
@@ -1100,11 +1166,9 @@ static void test_postcopy(const void *opaque)
         /* Some pages were still unresolved at the switch, and filled. */
         g_assert_cmpuint(st.fill_pages, >, 0);
     }
+    g_assert(g_file_get_contents(dlog, &dout, NULL, NULL));
     if (!pc->resolve_first) {
-        g_autofree char *dout = NULL;
-
         /* At the end, every page with a reference was placed. */
-        g_assert(g_file_get_contents(dlog, &dout, NULL, NULL));
         g_assert(strstr(dout, "nas_dedup_load_fill_listen"));
         g_assert(strstr(dout, " never placed 0"));
         g_assert(!strstr(dout, "were never placed"));
@@ -1117,9 +1181,35 @@ static void test_postcopy(const void *opaque)
         g_assert_cmpuint(st.fill_faults, >=, 1);
         g_assert_cmpuint(st.fill_faults, <=, PC_FAULT_PAGES);
         g_assert_cmpuint(dst_mismatches, >, 0);
+        /* The main thread's faults never wait for a read (the main loop). */
+        g_assert_cmpuint(st.fill_fault_reads, ==, 0);
+        g_assert(!strstr(dout, "nas_dedup_load_fill_urgent "));
         g_assert_cmpuint(st.mismatches, <=, RACE_COUNT + PC_DST_WRITES);
     } else if (!pc->recover) {
         g_assert_cmpuint(st.mismatches, <=, RACE_COUNT);
+    }
+    if (pc->dump_read_ms > 1) {
+        /*
+         * Its faults waited for the disk, never for the source (no fault
+         * of the main thread in this case), and reads of their own
+         * placed pages.
+         */
+        g_assert_cmpuint(st.fill_fault_reads, >=, 1);
+        g_assert_cmpuint(st.fill_fault_reads, <=, PC_DUMP_PAGES);
+        g_assert_cmpuint(st.fill_faults, ==, 0);
+        g_assert(strstr(dout, "nas_dedup_load_fill_urgent "));
+        g_assert(strstr(dout, " read after "));
+        g_assert(!strstr(dout, " timeout after "));
+    } else if (pc->dump_read_ms) {
+        /*
+         * The reads came too late: the pages came from the source, and
+         * the reads, when they landed, placed nothing.
+         */
+        g_assert_cmpuint(st.fill_faults, >=, 1);
+        g_assert_cmpuint(st.fill_fault_reads, ==, 0);
+        g_assert(strstr(dout, " timeout after "));
+        g_assert(strstr(dout, " late after "));
+        g_assert(!strstr(dout, " read after "));
     }
     g_free((char *)mig_globals);
     mig_globals = "";
@@ -3807,6 +3897,12 @@ int main(int argc, char **argv)
                          test_postcopy);
     g_test_add_data_func("/nas-dedup/postcopy/recover",
                          &(PostcopyCase) { .recover = true }, test_postcopy);
+    g_test_add_data_func("/nas-dedup/postcopy/fault-read",
+                         &(PostcopyCase) { .dump_read_ms = 60000 },
+                         test_postcopy);
+    g_test_add_data_func("/nas-dedup/postcopy/fault-read-late",
+                         &(PostcopyCase) { .dump_read_ms = 1 },
+                         test_postcopy);
     g_test_add_data_func("/nas-dedup/multifd/none", "none", test_multifd);
     g_test_add_func("/nas-dedup/multifd/stall", test_multifd_stall);
 #ifdef CONFIG_ZSTD
