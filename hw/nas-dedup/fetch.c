@@ -25,9 +25,10 @@
  * a queue, and the submitter (the incoming coroutine) waits when the queue
  * is full.  An urgent read (a page a thread faulted on, in postcopy)
  * starts at once, in a coroutine of its own, whatever is in flight; below
- * us it may still wait behind those (a throttle group, the connection).  The reads run in the main loop; what the loader does with a
- * result (hash checks, copies into guest RAM, which fault it in) runs in
- * a worker of the main loop's thread pool while the read's coroutine
+ * us it may still wait behind those (a throttle group, the connection).
+ * The reads run in the main loop; what the loader does with a result
+ * (hash checks, copies into guest RAM, which fault it in) runs in a
+ * worker of the main loop's thread pool while the read's coroutine
  * waits, so that the main loop goes on with the stream and the other
  * reads meanwhile.
  */
@@ -425,6 +426,16 @@ static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
     g_free(req);
 }
 
+/* A fetch coroutine ends. */
+static void coroutine_fn fetch_co_end(NasDedupFetcher *f)
+{
+    if (--f->inflight == 0 && f->dead) {
+        fetcher_destroy(f);
+        return;
+    }
+    qemu_co_queue_restart_all(&f->waitq);
+}
+
 /*
  * A fetch coroutine: reads the request it was started for, then those
  * queued meanwhile, with one buffer.
@@ -444,17 +455,12 @@ static void coroutine_fn fetch_co(void *opaque)
     if (buf) {
         g_ptr_array_add(f->bufs, buf);
     }
-    if (--f->inflight == 0 && f->dead) {
-        fetcher_destroy(f);
-        return;
-    }
-    qemu_co_queue_restart_all(&f->waitq);
+    fetch_co_end(f);
 }
 
-void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
-                                         uint64_t offset, size_t len,
-                                         NasDedupFetchDone *done,
-                                         void *opaque)
+static FetchReq *fetch_req_new(NasDedupFetcher *f, uint16_t drive,
+                               uint64_t offset, size_t len,
+                               NasDedupFetchDone *done, void *opaque)
 {
     FetchReq *req = g_new0(FetchReq, 1);
 
@@ -466,6 +472,16 @@ void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
     req->len = len;
     req->done = done;
     req->opaque = opaque;
+    return req;
+}
+
+void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
+                                         uint64_t offset, size_t len,
+                                         NasDedupFetchDone *done,
+                                         void *opaque)
+{
+    FetchReq *req = fetch_req_new(f, drive, offset, len, done, opaque);
+
     if (f->inflight < NAS_DEDUP_FETCH_INFLIGHT) {
         f->inflight++;
         qemu_coroutine_enter(qemu_coroutine_create(fetch_co, req));
@@ -489,28 +505,16 @@ static void coroutine_fn fetch_urgent_co(void *opaque)
 
     fetch_one(f, req, buf);
     qemu_vfree(buf);
-    if (--f->inflight == 0 && f->dead) {
-        fetcher_destroy(f);
-        return;
-    }
-    qemu_co_queue_restart_all(&f->waitq);
+    fetch_co_end(f);
 }
 
 void nas_dedup_fetcher_read_urgent(NasDedupFetcher *f, uint16_t drive,
                                    uint64_t offset, size_t len,
                                    NasDedupFetchDone *done, void *opaque)
 {
-    FetchReq *req = g_new0(FetchReq, 1);
+    FetchReq *req = fetch_req_new(f, drive, offset, len, done, opaque);
 
-    assert(len <= f->max_len && !f->dead);
     assert(qemu_get_current_aio_context() == qemu_get_aio_context());
-    req->fetcher = f;
-    req->drive = g_hash_table_lookup(f->drives, GUINT_TO_POINTER(drive));
-    assert(req->drive);
-    req->offset = offset;
-    req->len = len;
-    req->done = done;
-    req->opaque = opaque;
     trace_nas_dedup_fetch_urgent(offset, len, f->inflight);
     /* Not counted against NAS_DEDUP_FETCH_INFLIGHT: it waits for none. */
     f->inflight++;
