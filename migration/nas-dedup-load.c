@@ -104,18 +104,15 @@ typedef struct Urgent {
     int64_t deadline;
 } Urgent;
 
-/* The urgent read of one page: a copy, as the Urgent may go first. */
+/* The urgent read of one page, with a copy of its Urgent (which may go). */
 typedef struct UrgentRead {
     LoadState *st;              /* only under load_lock, if still @load */
     uint64_t gen;
     NasDedupKey key;
-    RAMBlock *block;
-    ram_addr_t offset;
-    uint32_t ticket;
+    Urgent u;
     uint16_t drive;
     uint64_t disk_offset;
     NasDedupHash hash;
-    int64_t since;
 } UrgentRead;
 
 /* One incoming migration. */
@@ -1166,8 +1163,9 @@ static void urgent_done(void *opaque, uint8_t *buf, int ret)
 {
     UrgentRead *ur = opaque;
     LoadState *st = ur->st;
-    unsigned long page = ur->offset >> TARGET_PAGE_BITS;
-    void *host = ur->block->host + ur->offset;
+    RAMBlock *block = ur->u.block;
+    unsigned long page = ur->u.offset >> TARGET_PAGE_BITS;
+    void *host = block->host + ur->u.offset;
     bool match = false;
     uint32_t *t;
 
@@ -1186,16 +1184,16 @@ static void urgent_done(void *opaque, uint8_t *buf, int ret)
         g_free(ur);
         return;
     }
-    t = tickets_of(st, ur->block, page + 1, false)->t;
-    if (t[page] != ur->ticket || st->paused) {
+    t = tickets_of(st, block, page + 1, false)->t;
+    if (t[page] != ur->u.ticket || st->paused) {
         /*
          * Placed by the fill, or asked from the source (its deadline ran
          * out, the fill's read did not verify, postcopy paused): this
          * result must change nothing.
          */
         trace_nas_dedup_load_fill_urgent_done(
-            ur->block->idstr, ur->offset, "late",
-            g_get_monotonic_time() - ur->since);
+            block->idstr, ur->u.offset, "late",
+            g_get_monotonic_time() - ur->u.since);
         g_free(ur);
         return;
     }
@@ -1203,20 +1201,19 @@ static void urgent_done(void *opaque, uint8_t *buf, int ret)
         stat64_add(&nas_dedup_counters.fetched_blocks, 1);
         stat64_add(&nas_dedup_counters.fetched_bytes, NAS_DEDUP_CHUNK);
     }
-    if (match && fill_page(st, ur->block, t, page, host, buf, "read")) {
+    if (match && fill_page(st, block, t, page, host, buf, "read")) {
         g_free(ur);
         return;
     }
     if (ret >= 0 && !match) {
         stat64_add(&nas_dedup_counters.mismatches, 1);
-        trace_nas_dedup_load_mismatch(ur->block->idstr, ur->offset);
+        trace_nas_dedup_load_mismatch(block->idstr, ur->u.offset);
     } else if (ret < 0 && ret != -ENOENT) {
         stat64_add(&nas_dedup_counters.read_errors, 1);
     }
-    if (t[page] == ur->ticket) {
-        ask_source(st, ur->block, t, page);
-        urgent_asked(st, ur->block, ur->offset);
-    }
+    /* Not placed (fill_page() keeps the ticket when it fails): ours still. */
+    ask_source(st, block, t, page);
+    urgent_asked(st, block, ur->u.offset);
     g_free(ur);
 }
 
@@ -1340,16 +1337,16 @@ bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
     if (st && st->listening && !st->paused && st->pending) {
         unsigned long page = offset >> TARGET_PAGE_BITS;
         Tickets *t = tickets_of(st, block, page + 1, false);
+        uint32_t ticket = t ? t->t[page] : 0;
         void *host = block->host + offset;
         /* Unknown (0) may be the main thread too. */
         bool main_thread = !tid || tid == st->main_tid;
         Urgent *u = NULL;
         Fetch *fe = NULL;
 
-        if (t && t->t[page] && t->t[page] != TICKET_AWAITING) {
+        if (ticket && ticket != TICKET_AWAITING) {
             u = g_hash_table_lookup(st->urgent, host);
-            fe = g_hash_table_lookup(st->fetch_of,
-                                     GUINT_TO_POINTER(t->t[page]));
+            fe = g_hash_table_lookup(st->fetch_of, GUINT_TO_POINTER(ticket));
         }
         if (u) {
             /* Its read is under way; the main thread must not wait. */
@@ -1368,7 +1365,7 @@ bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
             u = g_new0(Urgent, 1);
             u->block = block;
             u->offset = offset;
-            u->ticket = t->t[page];
+            u->ticket = ticket;
             u->since = g_get_monotonic_time();
             u->deadline = u->since + (int64_t)st->fault_read_ms * 1000;
             g_hash_table_insert(st->urgent, host, u);
@@ -1377,16 +1374,13 @@ bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
             ur->st = st;
             ur->gen = load_gen;
             ur->key = st->key;
-            ur->block = block;
-            ur->offset = offset;
-            ur->ticket = u->ticket;
+            ur->u = *u;
             ur->drive = fe->rec->drive;
             ur->disk_offset = fe->rec->disk_offset +
                               (uint64_t)k * NAS_DEDUP_CHUNK;
             ur->hash = fe->rec->hash[k];
-            ur->since = u->since;
             urgent = true;
-        } else if (t && t->t[page] && t->t[page] != TICKET_AWAITING) {
+        } else if (ticket && ticket != TICKET_AWAITING) {
             /*
              * From the source at once: the main thread faulted (loading
              * device state, or a device's emulation), and the reads need

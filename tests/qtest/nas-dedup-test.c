@@ -28,11 +28,11 @@
  *                          the switch are filled after it (the race case
  *                          before it), RAM identical
  *  /nas-dedup/postcopy/fault-read[-late]  a thread other than the main
- *                          one (dump-guest-memory's) reads all of RAM in
- *                          the fill: its faults on pages still to fill are
- *                          read from the disk first, or, if that takes
- *                          longer than x-dedup-nas-fault-read-ms, come
- *                          from the source; RAM identical
+ *                          one (dump-guest-memory's) reads pages still to
+ *                          fill: they are read from the disk first, or,
+ *                          if that takes longer than
+ *                          x-dedup-nas-fault-read-ms, come from the
+ *                          source; RAM identical
  *  /nas-dedup/postcopy/stale-resend  a DEDUP_RESEND that crosses a newer
  *                          copy of its pages is dropped by the source
  *                          (sending them again would fail postcopy)
@@ -827,9 +827,10 @@ typedef struct PostcopyCase {
     bool race;              /* faults, and destination writes, in the fill */
     bool recover;           /* postcopy paused and recovered in the fill */
     /*
-     * Another thread than the main one (dump-guest-memory's) reads all of
-     * RAM in the fill, its faults read from the disk first for up to
-     * this many ms (x-dedup-nas-fault-read-ms); 0: no such thread.
+     * Another thread than the main one (dump-guest-memory's) reads pages
+     * still to fill (postcopy_dump()), its faults read from the disk
+     * first for up to this many ms (x-dedup-nas-fault-read-ms); 0: no
+     * such thread, and the default deadline.
      */
     unsigned dump_read_ms;
 } PostcopyCase;
@@ -1036,6 +1037,9 @@ static void test_postcopy(const void *opaque)
                            pc->race || pc->recover ? PC_FILL_BPS :
                            PC_READ_BPS), dlog);
     g_autofree char *recover_uri = g_strdup_printf("%s-recover", mig_uri);
+    g_autofree char *fault_read = pc->dump_read_ms ? g_strdup_printf(
+        "-global migration.x-dedup-nas-fault-read-ms=%u", pc->dump_read_ms) :
+        NULL;
     g_autofree char *dst_args = NULL;
     g_autofree char *status = NULL;
     g_autofree char *out = NULL;
@@ -1051,12 +1055,11 @@ static void test_postcopy(const void *opaque)
         return;
     }
     mig_globals = g_strdup_printf(
-        "-global migration.x-postcopy-ram=on %s %s "
-        "-global migration.x-dedup-nas-fault-read-ms=%u",
+        "-global migration.x-postcopy-ram=on %s %s %s",
         pc->preempt ? "-global migration.x-postcopy-preempt=on" : "",
         pc->resolve_first ? "-global migration.x-dedup-nas-postcopy-lazy=off"
                           : "",
-        pc->dump_read_ms ? pc->dump_read_ms : 100);
+        fault_read ? fault_read : "");
     postcopy_source(&g, trace);
     dst_args = machine_args_drive(true, false, drive, throttle);
     g.dst = qtest_init(dst_args);
