@@ -1539,6 +1539,7 @@ typedef struct Proxy {
     /* Return-path message being parsed (destination to source). */
     uint8_t msg[4 + 65536];
     size_t msg_len;
+    int s, d;               /* to the source, to the destination (or -1) */
 } Proxy;
 
 static bool write_all(int fd, const void *buf, size_t len)
@@ -1561,6 +1562,49 @@ static bool write_all(int fd, const void *buf, size_t len)
     return true;
 }
 
+static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len);
+
+/*
+ * Write to the destination, and meanwhile read its return path: the
+ * destination may wait to write a return-path message before it reads
+ * more of the stream (the channel is full, its incoming coroutine
+ * yields), and a proxy that waited for it without reading would wait for
+ * good.
+ */
+static bool write_dst(Proxy *px, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    uint8_t rp[4096];
+
+    while (len) {
+        struct pollfd pf[2] = {
+            { .fd = px->d, .events = POLLOUT |
+                                     (px->mode == PROXY_NO_RP ? 0 : POLLIN) },
+            { .fd = px->quit[0], .events = POLLIN } };
+        ssize_t n = send(px->d, p, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+
+        if (n > 0) {
+            p += n;
+            len -= n;
+            continue;
+        }
+        if (n == 0 || (errno != EINTR && errno != EAGAIN &&
+                       errno != EWOULDBLOCK)) {
+            return false;
+        }
+        if (poll(pf, 2, -1) < 0 ? errno != EINTR : pf[1].revents != 0) {
+            return false;
+        }
+        if (pf[0].revents & POLLIN) {
+            n = read(px->d, rp, sizeof(rp));
+            if (n <= 0 || !proxy_rp(px, px->s, rp, n)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 static bool proxy_mutate(Proxy *px, int d, const uint8_t *buf, size_t len);
 
 /*
@@ -1577,7 +1621,7 @@ static bool proxy_stream(Proxy *px, int d, const uint8_t *buf, size_t len)
         return proxy_mutate(px, d, buf, len);
     }
     if (px->mode != PROXY_SWAP_MSGS || px->swapped) {
-        return write_all(d, buf, len);
+        return write_dst(px, buf, len);
     }
     n = px->nheld + len;
     all = g_malloc(n);
@@ -1589,12 +1633,12 @@ static bool proxy_stream(Proxy *px, int d, const uint8_t *buf, size_t len)
             all[i + 5] = MIG_RP_MSG_DEDUP_RESEND;
             px->swapped = true;
             px->nheld = 0;
-            return write_all(d, all, n);
+            return write_dst(px, all, n);
         }
     }
     px->nheld = MIN(n, sizeof(px->held));
     memcpy(px->held, all + n - px->nheld, px->nheld);
-    return write_all(d, all, n - px->nheld);
+    return write_dst(px, all, n - px->nheld);
 }
 
 /* PROXY_HOLD_RP: forward to @s the messages held, if any. */
@@ -1692,6 +1736,8 @@ static gpointer proxy_thread(gpointer opaque)
             g_assert_cmpint(shutdown(d, SHUT_RD), ==, 0);
         }
     }
+    px->s = s;
+    px->d = d;
     for (;;) {
         struct pollfd p[3] = { { .fd = s, .events = POLLIN },
                                { .fd = px->quit[0], .events = POLLIN },
@@ -2225,7 +2271,7 @@ static bool proxy_mutate(Proxy *px, int d, const uint8_t *buf, size_t len)
     px->mutated_npages = it.npages;
     px->mutated = true;
     g_byte_array_set_size(px->held_stream, 0);
-    return write_all(d, out->data, out->len) && go_on;
+    return write_dst(px, out->data, out->len) && go_on;
 }
 
 /* The source, whose migration failed, runs on as if nothing happened. */
