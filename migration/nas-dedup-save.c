@@ -84,6 +84,7 @@ static struct {
     uint64_t defer_hits;
     uint64_t defer_taken;
     bool defer_span;                /* the current span goes as references */
+    uint64_t defer_full;            /* pages it sent in full */
     bool resolved;                  /* closed, and nothing is awaited */
     uint32_t seq;
     unsigned rounds;
@@ -342,10 +343,11 @@ static int defer_page(RAMBlock *block, ram_addr_t offset)
 }
 
 /*
- * The link/NAS split of the pass that leaves pages for postcopy: after
- * the switch, the link carries what is not a reference and the storage
- * the references, both at once, so the share of hits that go as
- * references is the one with which both end together:
+ * The link/NAS split of the pass that leaves pages for postcopy: from
+ * the pass on (defer_link_spare(), then postcopy), the link carries what
+ * is not a reference and the storage the references, both at once, so
+ * the share of hits that go as references is the one with which both end
+ * together:
  *
  *     (U + (1 - s) E) / L = s E / F   ->   s = F (U + E) / (E (L + F))
  *
@@ -377,6 +379,27 @@ static bool defer_take(void)
         save.defer_taken++;
     }
     return save.defer_span;
+}
+
+/*
+ * Whether the pass that leaves pages for postcopy has the link to spare
+ * for a page that is not a reference: the pass is as long as hashing
+ * every page takes, and references alone leave the link idle meanwhile,
+ * although the pages left out will go on it after the switch.  So such a
+ * page goes in full instead, as long as the pass stays under 3/4 of the
+ * rate limit's window (max-bandwidth's share of XFER_LIMIT_RATIO): room
+ * for the references, and the pass never waits for the rate limit.  (A
+ * budget over the whole pass would not do: its bursts would trip the
+ * limit, the pass would wait, and a longer pass is a larger budget.)
+ */
+static bool defer_link_spare(void)
+{
+    uint64_t max = migration_rate_get();
+
+    return max != RATE_LIMIT_DISABLED &&
+           migration_transferred_bytes() -
+           stat64_get(&mig_stats.rate_limit_start) + TARGET_PAGE_SIZE <=
+           max / 4 * 3;
 }
 
 static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
@@ -415,7 +438,11 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     if (save.defer && !migration_in_postcopy()) {
         save.defer_offered++;
         ret = save_ref(f, put_header, opaque, block, offset);
-        return ret ? ret : defer_page(block, offset);
+        if (ret || !defer_link_spare()) {
+            return ret ? ret : defer_page(block, offset);
+        }
+        save.defer_full++;
+        return 0;
     }
     return save_ref(f, put_header, opaque, block, offset);
 }
@@ -540,6 +567,7 @@ void nas_dedup_save_defer(void)
         !save.defer) {
         save.defer = true;
         save.defer_offered = save.defer_hits = save.defer_taken = 0;
+        save.defer_full = 0;
     }
 }
 
@@ -577,7 +605,8 @@ int64_t nas_dedup_save_undefer(Error **errp)
         pages += ret;
     }
     trace_nas_dedup_save_undefer(save.deferred_pages, pages,
-                                 save.defer_hits, save.defer_taken);
+                                 save.defer_hits, save.defer_taken,
+                                 save.defer_full);
     g_hash_table_remove_all(save.deferred);
     save.deferred_pages = 0;
     return pages;

@@ -1145,6 +1145,9 @@ static void test_postcopy(const void *opaque)
         /* The first pass left the random pages for postcopy. */
         g_assert(strstr(out, "nas_dedup_save_undefer"));
         g_assert(!strstr(out, " 0 pages left for postcopy"));
+        /* ... and sent others in full on the link the references left. */
+        g_assert(strstr(out, " sent in full on the spare link"));
+        g_assert(!strstr(out, "; 0 sent in full on the spare link"));
     }
     if (pc->recover) {
         /*
