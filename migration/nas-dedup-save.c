@@ -352,7 +352,8 @@ static int defer_page(RAMBlock *block, ram_addr_t offset)
  *     (U + (1 - s) E) / L = s E / F   ->   s = F (U + E) / (E (L + F))
  *
  * with E / (U + E) the share of the non-zero pages offered that hit, L
- * the link's limit (max-postcopy-bandwidth, or max-bandwidth) and F the
+ * the link's limit (max-postcopy-bandwidth, or max-bandwidth; during the
+ * pass the link gets 3/4 of max-bandwidth: an approximation) and F the
  * destination's read rate as last reported (all references until it
  * reported).  The split of nas-dedup-split.c does not fit: it paces
  * references to the link's pace while the pages go, and this pass sends
@@ -388,9 +389,13 @@ static bool defer_take(void)
  * although the pages left out will go on it after the switch.  So such a
  * page goes in full instead, as long as the pass stays under 3/4 of the
  * rate limit's window (max-bandwidth's share of XFER_LIMIT_RATIO): room
- * for the references, and the pass never waits for the rate limit.  (A
- * budget over the whole pass would not do: its bursts would trip the
+ * for the references, so that the pass seldom waits for the rate limit.
+ * (A budget over the whole pass would not do: its bursts would trip the
  * limit, the pass would wait, and a longer pass is a larger budget.)
+ * Approximate: the bytes counted are those flushed (not those still in
+ * the QEMUFile's buffer or in multifd's channels); with no limit
+ * (max-bandwidth 0) nothing goes so; with a limit above what the link
+ * carries, the pass may wait on the socket and switch later.
  */
 static bool defer_link_spare(void)
 {
