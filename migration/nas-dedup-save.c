@@ -443,11 +443,14 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     if (save.defer && !migration_in_postcopy()) {
         save.defer_offered++;
         ret = save_ref(f, put_header, opaque, block, offset);
-        if (ret || !defer_link_spare()) {
-            return ret ? ret : defer_page(block, offset);
+        if (ret) {
+            return ret;
+        }
+        if (!defer_link_spare()) {
+            return defer_page(block, offset);
         }
         save.defer_full++;
-        return 0;
+        return 0;           /* in full, now */
     }
     return save_ref(f, put_header, opaque, block, offset);
 }

@@ -1572,6 +1572,29 @@ static bool write_all(int fd, const void *buf, size_t len)
 static bool proxy_rp(Proxy *px, int s, const uint8_t *buf, size_t len);
 static bool proxy_release_rp(Proxy *px, int s);
 
+/* PROXY_HOLD_RP: once @release is set, forward what was held. */
+static bool proxy_check_release(Proxy *px)
+{
+    return px->mode != PROXY_HOLD_RP || !qatomic_read(&px->release) ||
+           proxy_release_rp(px, px->s);
+}
+
+/*
+ * Read what the return path has, if anything (its two readers, the loop
+ * and write_dst(), may both have been told it had something), and handle
+ * it.  False if it closed or failed.
+ */
+static bool proxy_read_rp(Proxy *px)
+{
+    uint8_t buf[4096];
+    ssize_t n = recv(px->d, buf, sizeof(buf), MSG_DONTWAIT);
+
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return true;
+    }
+    return n > 0 && proxy_rp(px, px->s, buf, n);
+}
+
 /*
  * Write to the destination, and meanwhile read its return path: the
  * destination may wait to write a return-path message before it reads
@@ -1582,7 +1605,6 @@ static bool proxy_release_rp(Proxy *px, int s);
 static bool write_dst(Proxy *px, const void *buf, size_t len)
 {
     const uint8_t *p = buf;
-    uint8_t rp[4096];
 
     while (len) {
         struct pollfd pf[2] = {
@@ -1605,34 +1627,28 @@ static bool write_dst(Proxy *px, const void *buf, size_t len)
             errno != EINTR : pf[1].revents != 0) {
             return false;
         }
-        if (px->mode == PROXY_HOLD_RP && qatomic_read(&px->release) &&
-            !proxy_release_rp(px, px->s)) {
+        if (!proxy_check_release(px) ||
+            ((pf[0].revents & POLLIN) && !proxy_read_rp(px))) {
             return false;
-        }
-        if (pf[0].revents & POLLIN) {
-            n = read(px->d, rp, sizeof(rp));
-            if (n <= 0 || !proxy_rp(px, px->s, rp, n)) {
-                return false;
-            }
         }
     }
     return true;
 }
 
-static bool proxy_mutate(Proxy *px, int d, const uint8_t *buf, size_t len);
+static bool proxy_mutate(Proxy *px, const uint8_t *buf, size_t len);
 
 /*
  * Stream to the destination: in PROXY_SWAP_MSGS mode, until the SETUP
  * record is found, hold back the last bytes of each read in case the
  * record straddles two (the source waits for no answer before it).
  */
-static bool proxy_stream(Proxy *px, int d, const uint8_t *buf, size_t len)
+static bool proxy_stream(Proxy *px, const uint8_t *buf, size_t len)
 {
     g_autofree uint8_t *all = NULL;
     size_t n, i;
 
     if (px->mode == PROXY_MUTATE && !px->mutated) {
-        return proxy_mutate(px, d, buf, len);
+        return proxy_mutate(px, buf, len);
     }
     if (px->mode != PROXY_SWAP_MSGS || px->swapped) {
         return write_dst(px, buf, len);
@@ -1764,13 +1780,12 @@ static gpointer proxy_thread(gpointer opaque)
             p[1].revents) {
             break;
         }
-        if (px->mode == PROXY_HOLD_RP && qatomic_read(&px->release) &&
-            !proxy_release_rp(px, s)) {
+        if (!proxy_check_release(px)) {
             break;
         }
         if (p[0].revents) {
             n = read(s, buf, 64 * KiB);
-            if (n <= 0 || (d >= 0 && !proxy_stream(px, d, buf, n))) {
+            if (n <= 0 || (d >= 0 && !proxy_stream(px, buf, n))) {
                 break;
             }
             from_src += n;
@@ -1784,15 +1799,8 @@ static gpointer proxy_thread(gpointer opaque)
                 injected = true;
             }
         }
-        if (d >= 0 && p[2].revents) {
-            /* (write_dst() may have read it all meanwhile.) */
-            n = recv(d, buf, 64 * KiB, MSG_DONTWAIT);
-            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-                continue;
-            }
-            if (n <= 0 || !proxy_rp(px, s, buf, n)) {
-                break;
-            }
+        if (d >= 0 && p[2].revents && !proxy_read_rp(px)) {
+            break;
         }
     }
 out:
@@ -2272,7 +2280,7 @@ static bool mutate(const Mutation *m, GByteArray *in, const RefsItem *it,
 }
 
 /* PROXY_MUTATE: hold the stream until the first REFS record is in. */
-static bool proxy_mutate(Proxy *px, int d, const uint8_t *buf, size_t len)
+static bool proxy_mutate(Proxy *px, const uint8_t *buf, size_t len)
 {
     g_autoptr(GByteArray) out = g_byte_array_new();
     RefsItem it;
