@@ -149,6 +149,15 @@ void nas_dedup_save_defer(void);
 int64_t nas_dedup_save_undefer(Error **errp);
 uint64_t nas_dedup_save_deferred(void);
 /*
+ * Migration thread, in postcopy after that pass, without ram.c's bitmap
+ * mutex: dirty up to @max of the pages it sent as references, from the
+ * last one back, so that they go in full while the destination fills
+ * from the first one on.  Returns how many it took (0: none left); and
+ * how many it took in all.
+ */
+int64_t nas_dedup_save_meet(uint64_t max, Error **errp);
+uint64_t nas_dedup_save_met_pages(void);
+/*
  * The guest just stopped for switchover (top of ram_save_complete()): arm
  * the bound on how long dedup-nas may keep it stopped.
  */
@@ -354,6 +363,14 @@ void nas_dedup_load_postcopy_discard(const char *ramid, uint64_t start,
  */
 bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
                                    uint32_t tid);
+/*
+ * Postcopy's listen thread (either channel) is about to place the page at
+ * @host of @block, which came from the source.  True if it is there
+ * already (filled from the storage: the source sends pages the fill has
+ * not reached, see nas_dedup_save_meet()), and must not be placed again;
+ * otherwise a reference it still had is void, and the fill leaves it.
+ */
+bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host);
 void nas_dedup_load_postcopy_pause(void);
 void nas_dedup_load_postcopy_end(void);
 

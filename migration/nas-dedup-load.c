@@ -159,6 +159,13 @@ struct LoadState {
     bool paused;
     bool lazy_acked;
     /*
+     * Under load_lock, from LISTEN on: pages with a ticket that came from
+     * the source first (nas_dedup_load_postcopy_placed()), and reads the
+     * fill skipped because none of their pages was still to fill.
+     */
+    uint64_t met_pages;
+    uint64_t skipped_reads;
+    /*
      * Faults read from the storage first (after LISTEN, lazy): under
      * load_lock, host address -> Urgent; @urgent_thread asks the source
      * for those past their deadline, and for all of them once postcopy
@@ -675,6 +682,32 @@ static void fill_report(LoadState *st)
 }
 
 /*
+ * Whether a page of @opaque's run is still to read (main loop, as its
+ * read starts): in postcopy's fill, the source may have sent them all
+ * meanwhile (nas_dedup_save_meet()); before, newer data may have come.
+ */
+static bool fetch_wanted(void *opaque)
+{
+    Fetch *fe = opaque;
+    LoadState *st = fe->st;
+    unsigned long first = fe->offset >> TARGET_PAGE_BITS;
+    uint32_t *t, k;
+
+    QEMU_LOCK_GUARD(&load_lock);
+    if (load != st || load_gen != fe->gen) {
+        return true;            /* fetch_done() finds out */
+    }
+    t = tickets_of(st, fe->block, first + fe->rec->npages, false)->t;
+    for (k = 0; k < fe->rec->npages; k++) {
+        if (t[first + k] == fe->ticket) {
+            return true;
+        }
+    }
+    st->skipped_reads++;
+    return false;
+}
+
+/*
  * The fetch engine read the blocks of @opaque's run into @buf, or could
  * not (@ret < 0): verify and install them, ask the source for the others.
  * In a worker thread (see the top of the file).
@@ -741,8 +774,8 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
         if (k < rec->npages) {
             if (t[first + k] != fe->ticket) {
                 ok = true;      /* superseded by newer data: nothing to do */
-            } else if (ret == -ENOENT) {
-                /* not ours to read: asked again */
+            } else if (ret == -ENOENT || ret == -EALREADY) {
+                /* not ours to read: asked again (skipped: none is left) */
             } else if (ret < 0) {
                 stat64_add(&nas_dedup_counters.read_errors, 1);
             } else if (match[k]) {
@@ -877,7 +910,7 @@ static int coroutine_fn load_refs(NasDedupRecord *rec, RAMBlock *block,
     }
     nas_dedup_fetcher_read(load->fetcher, rec->drive, rec->disk_offset,
                            (size_t)rec->npages * NAS_DEDUP_CHUNK,
-                           fetch_done, fe);
+                           fetch_wanted, fetch_done, fe);
     return 0;
 }
 
@@ -1410,6 +1443,49 @@ bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
     return urgent;
 }
 
+bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host)
+{
+    LoadState *st = qatomic_read(&load);
+    unsigned long page;
+    Tickets *t;
+
+    if (!st || !qatomic_read(&st->refs_seen)) {
+        return false;
+    }
+    page = ((uint8_t *)host - block->host) >> TARGET_PAGE_BITS;
+    QEMU_LOCK_GUARD(&load_lock);
+    if (load != st) {
+        return false;
+    }
+    t = tickets_of(st, block, page + 1, false);
+    if (t && t->t[page]) {
+        /*
+         * The source's copy is as good as the reference (the guest was
+         * stopped there before postcopy; the pages it wrote since the
+         * reference went were discarded here, which cleared their
+         * tickets): the fill (or a fault's read) leaves the page alone
+         * from now on, as the ticket is gone.
+         */
+        if (t->t[page] != TICKET_AWAITING) {
+            st->met_pages++;
+        }
+        ticket_clear(st, t->t, page);
+        if (g_hash_table_size(st->urgent) &&
+            g_hash_table_lookup(st->urgent, host)) {
+            /* Its thread wakes when the page is placed: forget the wait. */
+            qemu_cond_signal(&st->urgent_cond);
+        }
+        return false;
+    }
+    /*
+     * Without a ticket, the page is either not one of ours, or placed by
+     * the fill, which sets its bit of receivedmap under load_lock: then
+     * UFFDIO_COPY would fail with EEXIST, and the page stays as it is
+     * (the guest may have written to it since).
+     */
+    return ramblock_recv_bitmap_test(block, host);
+}
+
 void nas_dedup_load_postcopy_pause(void)
 {
     QEMU_LOCK_GUARD(&load_lock);
@@ -1446,7 +1522,8 @@ void nas_dedup_load_postcopy_end(void)
             }
         }
     }
-    trace_nas_dedup_load_fill_end(st->pending, missing);
+    trace_nas_dedup_load_fill_end(st->pending, missing, st->met_pages,
+                                  st->skipped_reads);
     if (missing) {
         error_report("dedup-nas: %" PRIu64 " pages sent as references were "
                      "never placed", missing);

@@ -64,6 +64,13 @@
  * guest zeroed since goes as a zero page, which does not count).
  */
 #define NAS_DEDUP_POSTCOPY_RESEND_ITERATIONS 64
+/*
+ * Pages still to fill that the source dirties at a time, from the far end
+ * of the fill, when fewer than that are left to send: as many as go
+ * after the destination answered (they are still sent, and skipped by
+ * it), so a few ms of a 1 GbE link.
+ */
+#define NAS_DEDUP_POSTCOPY_MEET_PAGES 256
 /* How long one check waits for an answer, not to spin. */
 #define NAS_DEDUP_POSTCOPY_WAIT_MS 20
 
@@ -340,6 +347,21 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s,
         return false;
     }
     if (!acked) {
+        /*
+         * The link has room: send the pages still to fill from the far
+         * end of the fill, until the destination answers (meet).
+         */
+        if (s->dedup_nas_postcopy_meet &&
+            pending_bytes < NAS_DEDUP_POSTCOPY_MEET_PAGES * TARGET_PAGE_SIZE) {
+            ret = nas_dedup_save_meet(NAS_DEDUP_POSTCOPY_MEET_PAGES, &err);
+            if (ret < 0) {
+                nas_dedup_rp_fail(s, err);
+                return false;
+            }
+            if (ret > 0) {
+                return false;
+            }
+        }
         if (!pending_bytes) {
             /* Nothing to send: wait for a RESEND or the answer. */
             nas_dedup_rp_wait(NAS_DEDUP_POSTCOPY_WAIT_MS);
@@ -347,7 +369,8 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s,
         return false;
     }
     gate.filled = true;
-    trace_nas_dedup_postcopy_filled(gate.seq, gate.resumed);
+    trace_nas_dedup_postcopy_filled(gate.seq, gate.resumed,
+                                    nas_dedup_save_met_pages());
     return true;
 }
 

@@ -79,12 +79,18 @@ static struct {
     bool defer;
     GHashTable *deferred;
     uint64_t deferred_pages;
-    /* That pass's own split (defer_take()): pages offered, hits, taken. */
-    uint64_t defer_offered;
-    uint64_t defer_hits;
-    uint64_t defer_taken;
-    bool defer_span;                /* the current span goes as references */
-    uint64_t defer_full;            /* pages it sent in full */
+    /* That pass's references, and the pages it sent in full. */
+    uint64_t defer_refs;
+    uint64_t defer_full;            /* on the spare link */
+    /*
+     * The pages that pass sent as references, a LazyRefs for each block
+     * in the order the pass went: after the switch, those the destination
+     * may still be filling go in full, from the far end
+     * (nas_dedup_save_meet()), block @meet_next - 1 next.
+     */
+    GPtrArray *lazy_refs;
+    guint meet_next;
+    uint64_t met_pages;             /* dirtied for that so far */
     bool resolved;                  /* closed, and nothing is awaited */
     uint32_t seq;
     unsigned rounds;
@@ -92,6 +98,24 @@ static struct {
     int64_t stop_until_ms;          /* guest stopped: the downtime limit */
     NasDedupSplit split;            /* which eligible pages go as refs */
 } save;
+
+/* The pages of @block the pass that leaves pages for postcopy referenced. */
+typedef struct LazyRefs {
+    RAMBlock *block;
+    unsigned long *refs;
+    unsigned long *scratch;         /* for meet_pick() */
+    unsigned long npages;
+    unsigned long cursor;           /* none left at or above it */
+} LazyRefs;
+
+static void lazy_refs_free(gpointer p)
+{
+    LazyRefs *lr = p;
+
+    g_free(lr->refs);
+    g_free(lr->scratch);
+    g_free(lr);
+}
 
 static GByteArray *nas_dedup_buf(void)
 {
@@ -197,6 +221,9 @@ void nas_dedup_save_cleanup(void)
     save.defer = false;
     g_clear_pointer(&save.deferred, g_hash_table_destroy);
     save.deferred_pages = 0;
+    g_clear_pointer(&save.lazy_refs, g_ptr_array_unref);
+    save.meet_next = 0;
+    save.met_pages = 0;
 }
 
 /* Send the pending run; the bitmap mutex may be held. */
@@ -343,43 +370,43 @@ static int defer_page(RAMBlock *block, ram_addr_t offset)
 }
 
 /*
- * The link/NAS split of the pass that leaves pages for postcopy: from
- * the pass on (defer_link_spare(), then postcopy), the link carries what
- * is not a reference and the storage the references, both at once, so
- * the share of hits that go as references is the one with which both end
- * together:
- *
- *     (U + (1 - s) E) / L = s E / F   ->   s = F (U + E) / (E (L + F))
- *
- * with E / (U + E) the share of the non-zero pages offered that hit, L
- * the link's limit (max-postcopy-bandwidth, or max-bandwidth; during the
- * pass the link gets 3/4 of max-bandwidth: an approximation) and F the
- * destination's read rate as last reported (all references until it
- * reported).  The split of nas-dedup-split.c does not fit: it paces
- * references to the link's pace while the pages go, and this pass sends
- * almost nothing but references.  Decided a span of hits at a time, so
- * that the destination reads long runs.
+ * The pass that leaves pages for postcopy sent the page at @offset of
+ * @block as a reference.
  */
-static bool defer_take(void)
+static void lazy_ref(RAMBlock *block, ram_addr_t offset)
 {
-    double f = stat64_get(&nas_dedup_counters.fetch_rate);
-    double l = migrate_max_postcopy_bandwidth() ?: migrate_max_bandwidth();
-    double s = 1;
+    LazyRefs *lr = NULL;
 
-    if (save.defer_hits % NAS_DEDUP_SPLIT_SPAN == 0) {
-        if (f > 0) {
-            s = l > 0 ? f * save.defer_offered / (save.defer_hits + 1) /
-                        (l + f) : 0;
-            s = MIN(MAX(s, NAS_DEDUP_SPLIT_MIN), 1);
+    if (!save.lazy_refs) {
+        save.lazy_refs = g_ptr_array_new_with_free_func(lazy_refs_free);
+    }
+    if (save.lazy_refs->len) {
+        lr = g_ptr_array_index(save.lazy_refs, save.lazy_refs->len - 1);
+    }
+    if (!lr || lr->block != block) {
+        guint i;
+
+        lr = NULL;
+        for (i = 0; i < save.lazy_refs->len; i++) {
+            LazyRefs *o = g_ptr_array_index(save.lazy_refs, i);
+
+            if (o->block == block) {
+                lr = o;
+                break;
+            }
         }
-        save.defer_span = save.defer_taken <=
-                          s * (save.defer_hits + NAS_DEDUP_SPLIT_SPAN / 2);
+        if (!lr) {
+            lr = g_new0(LazyRefs, 1);
+            lr->block = block;
+            lr->npages = block->max_length >> TARGET_PAGE_BITS;
+            lr->refs = bitmap_new(lr->npages);
+            lr->scratch = bitmap_new(lr->npages);
+            g_ptr_array_add(save.lazy_refs, lr);
+            save.meet_next = save.lazy_refs->len;
+        }
     }
-    save.defer_hits++;
-    if (save.defer_span) {
-        save.defer_taken++;
-    }
-    return save.defer_span;
+    set_bit(offset >> TARGET_PAGE_BITS, lr->refs);
+    lr->cursor = MAX(lr->cursor, (offset >> TARGET_PAGE_BITS) + 1);
 }
 
 /*
@@ -441,7 +468,6 @@ int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
     }
     /* (Never in postcopy, whose urgent pages the return path sends.) */
     if (save.defer && !migration_in_postcopy()) {
-        save.defer_offered++;
         ret = save_ref(f, put_header, opaque, block, offset);
         if (ret) {
             return ret;
@@ -484,11 +510,12 @@ static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
                                    NAS_DEDUP_CHUNK);
         return 0;
     }
-    if (save.defer) {
-        if (!defer_take()) {
-            return 0;           /* left for postcopy */
-        }
-    } else {
+    /*
+     * The pass that leaves pages for postcopy sends every hit as a
+     * reference: after the switch, the source sends those the
+     * destination has not read yet from the other end (meet).
+     */
+    if (!save.defer) {
         /* With the guest stopped, the time left counts: every page. */
         if (save.stop_until_ms ||
             !(save.split.eligible % NAS_DEDUP_SPLIT_SAMPLE)) {
@@ -529,6 +556,10 @@ static int save_ref(QEMUFile *f, NasDedupPutHeader put_header,
         save.any_refs = true;
     }
     run->hash[run->npages++] = hash;
+    if (save.defer) {
+        save.defer_refs++;
+        lazy_ref(block, offset);
+    }
     return 1;
 }
 
@@ -574,8 +605,7 @@ void nas_dedup_save_defer(void)
     if (save.drive_sent && !save.passes && !qatomic_read(&save.closed) &&
         !save.defer) {
         save.defer = true;
-        save.defer_offered = save.defer_hits = save.defer_taken = 0;
-        save.defer_full = 0;
+        save.defer_refs = save.defer_full = 0;
     }
 }
 
@@ -613,11 +643,77 @@ int64_t nas_dedup_save_undefer(Error **errp)
         pages += ret;
     }
     trace_nas_dedup_save_undefer(save.deferred_pages, pages,
-                                 save.defer_hits, save.defer_taken,
-                                 save.defer_full);
+                                 save.defer_refs, save.defer_full);
     g_hash_table_remove_all(save.deferred);
     save.deferred_pages = 0;
     return pages;
+}
+
+/*
+ * Under ram.c's bitmap mutex: the next pages of @opaque's block that the
+ * pass referenced, from its cursor down, at most @max of them.
+ */
+typedef struct MeetPick {
+    LazyRefs *lr;
+    uint64_t max;
+    uint64_t picked;
+} MeetPick;
+
+static const unsigned long *meet_pick(RAMBlock *block, unsigned long *npages,
+                                      void *opaque)
+{
+    MeetPick *m = opaque;
+    LazyRefs *lr = m->lr;
+    unsigned long top = lr->cursor;
+
+    bitmap_zero(lr->scratch, top);
+    while (lr->cursor && m->picked < m->max) {
+        unsigned long p = find_last_bit(lr->refs, lr->cursor);
+
+        if (p >= lr->cursor) {
+            lr->cursor = 0;     /* none below */
+            break;
+        }
+        clear_bit(p, lr->refs);
+        set_bit(p, lr->scratch);
+        lr->cursor = p;
+        m->picked++;
+    }
+    *npages = top;
+    return m->picked ? lr->scratch : NULL;
+}
+
+int64_t nas_dedup_save_meet(uint64_t max, Error **errp)
+{
+    while (save.lazy_refs && save.meet_next) {
+        LazyRefs *lr = g_ptr_array_index(save.lazy_refs, save.meet_next - 1);
+        MeetPick m = { .lr = lr, .max = max };
+        unsigned long from = lr->cursor;
+        int64_t ret;
+
+        if (!lr->cursor) {
+            save.meet_next--;
+            continue;
+        }
+        ret = ram_dedup_redirty(lr->block, meet_pick, &m, errp);
+        if (ret < 0) {
+            return ret;
+        }
+        trace_nas_dedup_save_meet(lr->block->idstr,
+                                  (uint64_t)from << TARGET_PAGE_BITS,
+                                  (uint64_t)lr->cursor << TARGET_PAGE_BITS,
+                                  ret);
+        save.met_pages += m.picked;
+        if (m.picked) {
+            return m.picked;
+        }
+    }
+    return 0;
+}
+
+uint64_t nas_dedup_save_met_pages(void)
+{
+    return save.met_pages;
 }
 
 uint64_t nas_dedup_save_passes(void)

@@ -80,6 +80,7 @@ typedef struct FetchReq {
     FetchDrive *drive;
     uint64_t offset;
     size_t len;
+    NasDedupFetchWanted *wanted;
     NasDedupFetchDone *done;
     void *opaque;
 } FetchReq;
@@ -394,6 +395,9 @@ static void coroutine_fn fetch_one(NasDedupFetcher *f, FetchReq *req,
         ret = -ECANCELED;
     } else if (!d->view || req->offset + req->len > d->size) {
         ret = -ENOENT;
+    } else if (req->wanted && !req->wanted(req->opaque)) {
+        ret = -EALREADY;
+        trace_nas_dedup_fetch_skipped(req->offset, req->len);
     } else if (buf) {
         BlockBackend *blk = d->view->blk[d->next++ % d->view->nblk];
 
@@ -460,6 +464,7 @@ static void coroutine_fn fetch_co(void *opaque)
 
 static FetchReq *fetch_req_new(NasDedupFetcher *f, uint16_t drive,
                                uint64_t offset, size_t len,
+                               NasDedupFetchWanted *wanted,
                                NasDedupFetchDone *done, void *opaque)
 {
     FetchReq *req = g_new0(FetchReq, 1);
@@ -470,6 +475,7 @@ static FetchReq *fetch_req_new(NasDedupFetcher *f, uint16_t drive,
     assert(req->drive);
     req->offset = offset;
     req->len = len;
+    req->wanted = wanted;
     req->done = done;
     req->opaque = opaque;
     return req;
@@ -477,10 +483,12 @@ static FetchReq *fetch_req_new(NasDedupFetcher *f, uint16_t drive,
 
 void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
                                          uint64_t offset, size_t len,
+                                         NasDedupFetchWanted *wanted,
                                          NasDedupFetchDone *done,
                                          void *opaque)
 {
-    FetchReq *req = fetch_req_new(f, drive, offset, len, done, opaque);
+    FetchReq *req = fetch_req_new(f, drive, offset, len, wanted, done,
+                                  opaque);
 
     if (f->inflight < NAS_DEDUP_FETCH_INFLIGHT) {
         f->inflight++;
@@ -512,7 +520,8 @@ void nas_dedup_fetcher_read_urgent(NasDedupFetcher *f, uint16_t drive,
                                    uint64_t offset, size_t len,
                                    NasDedupFetchDone *done, void *opaque)
 {
-    FetchReq *req = fetch_req_new(f, drive, offset, len, done, opaque);
+    FetchReq *req = fetch_req_new(f, drive, offset, len, NULL, done,
+                                  opaque);
 
     assert(qemu_get_current_aio_context() == qemu_get_aio_context());
     trace_nas_dedup_fetch_urgent(offset, len, f->inflight);

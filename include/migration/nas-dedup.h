@@ -55,6 +55,12 @@ typedef struct NasDedupFetcher NasDedupFetcher;
  * callback checks that what @opaque belongs to is still alive.
  */
 typedef void NasDedupFetchDone(void *opaque, uint8_t *buf, int ret);
+/*
+ * Asked just before a queued read starts (main loop): whether its data is
+ * still wanted.  If not, the read is skipped and its NasDedupFetchDone
+ * gets -EALREADY.
+ */
+typedef bool NasDedupFetchWanted(void *opaque);
 /* Connections to one drive's NFS export, at most (see fetch.c). */
 #define NAS_DEDUP_FETCH_CONNECTIONS_MAX 16
 /*
@@ -75,11 +81,13 @@ bool nas_dedup_fetcher_has_drive(NasDedupFetcher *f, uint16_t drive);
 /* Connections to storage the reads take turns among, over all drives. */
 unsigned nas_dedup_fetcher_connections(NasDedupFetcher *f);
 /*
- * Read @len bytes at @offset of defined drive @drive, then call @done.
+ * Read @len bytes at @offset of defined drive @drive, then call @done;
+ * if @wanted is not NULL, only if it still says so when the read starts.
  * Waits (yields) while too many reads are queued.  Incoming coroutine.
  */
 void coroutine_fn nas_dedup_fetcher_read(NasDedupFetcher *f, uint16_t drive,
                                          uint64_t offset, size_t len,
+                                         NasDedupFetchWanted *wanted,
                                          NasDedupFetchDone *done,
                                          void *opaque);
 /*

@@ -27,6 +27,11 @@
  *                          asked for at once: references still unread at
  *                          the switch are filled after it (the race case
  *                          before it), RAM identical
+ *  /nas-dedup/postcopy/meet  the same, with the source sending the pages
+ *                          still to fill from the far end (on a link much
+ *                          faster than the reads): the destination places
+ *                          whichever copy comes first, skips reads with
+ *                          nothing left to place; RAM identical
  *  /nas-dedup/postcopy/fault-read[-late]  a thread other than the main
  *                          one (dump-guest-memory's) reads pages still to
  *                          fill: they are read from the disk first, or,
@@ -35,7 +40,6 @@
  *                          source; RAM identical
  *  /nas-dedup/postcopy/stale-resend  a DEDUP_RESEND that crosses a newer
  *                          copy of its pages is dropped by the source
- *                          (sending them again would fail postcopy)
  *  /nas-dedup/multifd/stall  a destination that stops reading its multifd
  *                          sockets during switchover: the migration fails
  *                          within the bound, the source runs
@@ -833,7 +837,30 @@ typedef struct PostcopyCase {
      * such thread, and the default deadline.
      */
     unsigned dump_read_ms;
+    /*
+     * x-dedup-nas-postcopy-meet on (the default): the source sends the
+     * pages still to fill, from the far end; off in the other cases, which
+     * test the fill itself.
+     */
+    bool meet;
 } PostcopyCase;
+
+/*
+ * The counts of a "nas_dedup_load_fill_end" trace in @dout: pages that
+ * came from the source before the fill placed them, reads skipped.
+ */
+static void fill_end_counts(const char *dout, uint64_t *met,
+                            uint64_t *skipped)
+{
+    const char *p = strstr(dout, "nas_dedup_load_fill_end ");
+
+    g_assert(p);
+    p = strstr(p, "never placed ");
+    g_assert(p);
+    g_assert_cmpint(sscanf(p, "never placed %*u; %" SCNu64 " came from the "
+                           "source first, %" SCNu64 " reads skipped",
+                           met, skipped), ==, 2);
+}
 
 /* Pages of a "nas_dedup_load_mismatch" trace in @log within [@lo, @hi). */
 static unsigned count_mismatches(const char *log, uint64_t lo, uint64_t hi)
@@ -1026,7 +1053,7 @@ static void test_postcopy(const void *opaque)
                                              NULL);
     g_autofree char *trace = g_strdup_printf(
         "-trace nas_dedup_postcopy_gate -trace nas_dedup_postcopy_filled "
-        "-trace nas_dedup_save_undefer 2>%s", log);
+        "-trace nas_dedup_save_undefer -trace nas_dedup_save_meet 2>%s", log);
     g_autofree char *drive = g_strdup_printf(
         "driver=throttle,throttle-group=tg0,file.driver=raw,"
         "file.file.driver=file,file.file.filename=%s", image_path);
@@ -1045,7 +1072,7 @@ static void test_postcopy(const void *opaque)
     g_autofree char *out = NULL;
     g_autofree char *dout = NULL;
     g_autoptr(GTimer) timer = g_timer_new();
-    uint64_t write_lo = 0, write_hi = 0;
+    uint64_t write_lo = 0, write_hi = 0, met = 0, skipped = 0;
     unsigned writes = 0;
     DedupStats st;
     Guest g;
@@ -1055,7 +1082,8 @@ static void test_postcopy(const void *opaque)
         return;
     }
     mig_globals = g_strdup_printf(
-        "-global migration.x-postcopy-ram=on %s %s %s",
+        "-global migration.x-postcopy-ram=on %s %s %s %s",
+        pc->meet ? "" : "-global migration.x-dedup-nas-postcopy-meet=off",
         pc->preempt ? "-global migration.x-postcopy-preempt=on" : "",
         pc->resolve_first ? "-global migration.x-dedup-nas-postcopy-lazy=off"
                           : "",
@@ -1133,6 +1161,28 @@ static void test_postcopy(const void *opaque)
     g_assert_cmpuint(st.fill_pages, <=, st.verified_pages);
     g_assert(g_file_get_contents(log, &out, NULL, NULL));
     g_test_message("source: %s", out);
+    g_assert(g_file_get_contents(dlog, &dout, NULL, NULL));
+    if (!pc->resolve_first) {
+        fill_end_counts(dout, &met, &skipped);
+        g_test_message("%" PRIu64 " pages came from the source before the "
+                       "fill, %" PRIu64 " reads skipped", met, skipped);
+    }
+    if (pc->meet) {
+        /*
+         * The link (no max-postcopy-bandwidth) is much faster than the
+         * reads: the source sent most of the pages still to fill, from
+         * the far end, and the destination skipped reads left with
+         * nothing to place.
+         */
+        g_assert(strstr(out, "nas_dedup_save_meet "));
+        g_assert(!strstr(out, "; 0 pages to fill sent in full"));
+        g_assert_cmpuint(met, >, 0);
+        g_assert_cmpuint(skipped, >, 0);
+    } else if (!pc->recover) {
+        /* (After a recovery, the source sends every page not placed.) */
+        g_assert(!strstr(out, "nas_dedup_save_meet "));
+        g_assert_cmpuint(met, ==, 0);
+    }
     if (pc->resolve_first) {
         /* The gate waited for pages asked again, then let postcopy go. */
         g_assert(strstr(out, "-> resending"));
@@ -1164,19 +1214,19 @@ static void test_postcopy(const void *opaque)
         g_assert_cmpuint(st.resend_requests, <=,
                          st.mismatches + st.fill_faults);
     } else {
-        g_assert_cmpuint(st.verified_pages + st.mismatches + st.fill_faults,
-                         ==, st.ref_pages);
+        g_assert_cmpuint(st.verified_pages + st.mismatches + st.fill_faults +
+                         met, ==, st.ref_pages);
         g_assert_cmpuint(st.resend_requests, ==,
                          st.mismatches + st.fill_faults);
         g_assert_cmpuint(st.resent_pages, ==, st.resend_requests);
-        g_assert_cmpuint(st.mismatches, >=,
+        /* Each overwritten block was read and did not verify, or met. */
+        g_assert_cmpuint(st.mismatches + met, >=,
                          RACE_COUNT - (RACE_DMA_BLOCKS - st.ref_pages));
     }
-    if (!pc->resolve_first && !pc->recover) {
+    if (!pc->resolve_first && !pc->recover && !pc->meet) {
         /* Some pages were still unresolved at the switch, and filled. */
         g_assert_cmpuint(st.fill_pages, >, 0);
     }
-    g_assert(g_file_get_contents(dlog, &dout, NULL, NULL));
     if (!pc->resolve_first) {
         /* At the end, every page with a reference was placed. */
         g_assert(strstr(dout, "nas_dedup_load_fill_listen"));
@@ -1901,8 +1951,9 @@ static uint64_t dst_stat(QTestState *qts, const char *key)
  * back; before the request arrives, the source's guest rewrites them and
  * pre-copy sends them in full (a proxy holds the return path from the
  * first RESEND until the destination listens in postcopy).  The source
- * must take the request for stale: sending those pages once more in
- * postcopy would fail the destination's copy (EEXIST) and pause postcopy.
+ * must take the request for stale: those pages must not go once more in
+ * postcopy (the destination would skip them, as they are placed, but
+ * the link would carry them for nothing).
  */
 static void test_postcopy_stale_resend(void)
 {
@@ -1927,7 +1978,8 @@ static void test_postcopy_stale_resend(void)
         g_test_skip("userfaultfd is not available");
         return;
     }
-    mig_globals = "-global migration.x-postcopy-ram=on";
+    mig_globals = "-global migration.x-postcopy-ram=on "
+                  "-global migration.x-dedup-nas-postcopy-meet=off";
     postcopy_source(&g, trace);
     g.dst = dest_boot(true, dst_extra);
     postcopy_prepare(&g, keep);
@@ -3972,6 +4024,8 @@ int main(int argc, char **argv)
                          test_postcopy);
     g_test_add_data_func("/nas-dedup/postcopy/recover",
                          &(PostcopyCase) { .recover = true }, test_postcopy);
+    g_test_add_data_func("/nas-dedup/postcopy/meet",
+                         &(PostcopyCase) { .meet = true }, test_postcopy);
     g_test_add_data_func("/nas-dedup/postcopy/fault-read",
                          &(PostcopyCase) { .dump_read_ms = 60000 },
                          test_postcopy);
