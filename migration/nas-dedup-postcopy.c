@@ -339,6 +339,14 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s,
     acked = gate.resumed ||
             (int32_t)(nas_dedup_rp_acked(&pending) - gate.seq) >= 0;
     ret = nas_dedup_rp_redirty(false, &err);
+    if (!ret && !acked && s->dedup_nas_postcopy_meet &&
+        pending_bytes < NAS_DEDUP_POSTCOPY_MEET_PAGES * TARGET_PAGE_SIZE) {
+        /*
+         * The link has room: send the pages still to fill from the far
+         * end of the fill, until the destination answers (meet).
+         */
+        ret = nas_dedup_save_meet(NAS_DEDUP_POSTCOPY_MEET_PAGES, &err);
+    }
     if (ret < 0) {
         nas_dedup_rp_fail(s, err);
         return false;
@@ -347,21 +355,6 @@ bool nas_dedup_postcopy_can_complete(MigrationState *s,
         return false;
     }
     if (!acked) {
-        /*
-         * The link has room: send the pages still to fill from the far
-         * end of the fill, until the destination answers (meet).
-         */
-        if (s->dedup_nas_postcopy_meet &&
-            pending_bytes < NAS_DEDUP_POSTCOPY_MEET_PAGES * TARGET_PAGE_SIZE) {
-            ret = nas_dedup_save_meet(NAS_DEDUP_POSTCOPY_MEET_PAGES, &err);
-            if (ret < 0) {
-                nas_dedup_rp_fail(s, err);
-                return false;
-            }
-            if (ret > 0) {
-                return false;
-            }
-        }
         if (!pending_bytes) {
             /* Nothing to send: wait for a RESEND or the answer. */
             nas_dedup_rp_wait(NAS_DEDUP_POSTCOPY_WAIT_MS);

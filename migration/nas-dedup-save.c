@@ -376,34 +376,27 @@ static int defer_page(RAMBlock *block, ram_addr_t offset)
 static void lazy_ref(RAMBlock *block, ram_addr_t offset)
 {
     LazyRefs *lr = NULL;
+    guint i;
 
     if (!save.lazy_refs) {
         save.lazy_refs = g_ptr_array_new_with_free_func(lazy_refs_free);
     }
-    if (save.lazy_refs->len) {
-        lr = g_ptr_array_index(save.lazy_refs, save.lazy_refs->len - 1);
+    /* The last block first: the pass goes one block after the other. */
+    for (i = save.lazy_refs->len; i > 0 && !lr; i--) {
+        LazyRefs *o = g_ptr_array_index(save.lazy_refs, i - 1);
+
+        if (o->block == block) {
+            lr = o;
+        }
     }
-    if (!lr || lr->block != block) {
-        guint i;
-
-        lr = NULL;
-        for (i = 0; i < save.lazy_refs->len; i++) {
-            LazyRefs *o = g_ptr_array_index(save.lazy_refs, i);
-
-            if (o->block == block) {
-                lr = o;
-                break;
-            }
-        }
-        if (!lr) {
-            lr = g_new0(LazyRefs, 1);
-            lr->block = block;
-            lr->npages = block->max_length >> TARGET_PAGE_BITS;
-            lr->refs = bitmap_new(lr->npages);
-            lr->scratch = bitmap_new(lr->npages);
-            g_ptr_array_add(save.lazy_refs, lr);
-            save.meet_next = save.lazy_refs->len;
-        }
+    if (!lr) {
+        lr = g_new0(LazyRefs, 1);
+        lr->block = block;
+        lr->npages = block->max_length >> TARGET_PAGE_BITS;
+        lr->refs = bitmap_new(lr->npages);
+        lr->scratch = bitmap_new(lr->npages);
+        g_ptr_array_add(save.lazy_refs, lr);
+        save.meet_next = save.lazy_refs->len;
     }
     set_bit(offset >> TARGET_PAGE_BITS, lr->refs);
     lr->cursor = MAX(lr->cursor, (offset >> TARGET_PAGE_BITS) + 1);
@@ -649,16 +642,16 @@ int64_t nas_dedup_save_undefer(Error **errp)
     return pages;
 }
 
-/*
- * Under ram.c's bitmap mutex: the next pages of @opaque's block that the
- * pass referenced, from its cursor down, at most @max of them.
- */
 typedef struct MeetPick {
     LazyRefs *lr;
     uint64_t max;
     uint64_t picked;
 } MeetPick;
 
+/*
+ * Under ram.c's bitmap mutex: the next pages of @opaque's block that the
+ * pass referenced, from its cursor down, at most @max of them.
+ */
 static const unsigned long *meet_pick(RAMBlock *block, unsigned long *npages,
                                       void *opaque)
 {
