@@ -365,10 +365,11 @@ bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
                                    uint32_t tid);
 /*
  * Postcopy's listen thread (either channel) is about to place the page at
- * @host of @block, which came from the source.  True if it is there
- * already (filled from the storage: the source sends pages the fill has
- * not reached, see nas_dedup_save_meet()), and must not be placed again;
- * otherwise a reference it still had is void, and the fill leaves it.
+ * @host of @block, which came from the source, in postcopy's fill (the
+ * source sends pages the fill has not reached, see nas_dedup_save_meet()).
+ * True if the fill placed it already or is placing it, with the same
+ * bytes: it must not be placed again.  Otherwise a reference it still
+ * had is void, and the fill leaves the page to the caller.
  */
 bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host);
 void nas_dedup_load_postcopy_pause(void);

@@ -45,6 +45,7 @@
  * would block the main loop, and with it the first, for good.
  */
 #include "qemu/osdep.h"
+#include "qemu/bitmap.h"
 #include "qemu/coroutine.h"
 #include "qemu/cutils.h"
 #include "qemu/error-report.h"
@@ -64,9 +65,16 @@
 
 #define TICKET_AWAITING UINT32_MAX  /* asked from the source again */
 
-/* The tickets of the pages of one RAMBlock. */
+/*
+ * The tickets of the pages of one RAMBlock, and (postcopy's fill) the
+ * pages being placed with load_lock dropped: by a read, whose ticket
+ * stays until they are in place (fill_run()), or from the source's copy
+ * by postcopy's listen thread, whose ticket went, and whose bit stays
+ * (nas_dedup_load_postcopy_placed()).  Nothing else places them.
+ */
 typedef struct Tickets {
     uint32_t *t;
+    unsigned long *placing;
     unsigned long npages;
 } Tickets;
 
@@ -159,9 +167,10 @@ struct LoadState {
     bool paused;
     bool lazy_acked;
     /*
-     * Under load_lock, from LISTEN on: pages with a ticket that came from
-     * the source first (nas_dedup_load_postcopy_placed()), and reads the
-     * fill skipped because none of their pages was still to fill.
+     * Under load_lock: pages with a ticket that came from the source
+     * first, in postcopy's fill (nas_dedup_load_postcopy_placed()), and
+     * reads skipped because none of their pages was still to resolve
+     * (mostly in the fill; before, if newer data came for all of them).
      */
     uint64_t met_pages;
     uint64_t skipped_reads;
@@ -205,6 +214,7 @@ static void tickets_free(gpointer p)
     Tickets *t = p;
 
     g_free(t->t);
+    g_free(t->placing);
     g_free(t);
 }
 
@@ -306,6 +316,10 @@ static Tickets *tickets_of(LoadState *st, RAMBlock *block,
         }
         t->t = g_renew(uint32_t, t->t, n);
         memset(t->t + t->npages, 0, (n - t->npages) * sizeof(uint32_t));
+        t->placing = g_renew(unsigned long, t->placing, BITS_TO_LONGS(n));
+        memset(t->placing + BITS_TO_LONGS(t->npages), 0,
+               (BITS_TO_LONGS(n) - BITS_TO_LONGS(t->npages)) *
+               sizeof(unsigned long));
         t->npages = n;
     }
     if (!t || t->npages < end_page) {
@@ -566,32 +580,21 @@ static void populate(RAMBlock *block, ram_addr_t offset, const bool *match,
 }
 
 /*
- * Postcopy's fill, under load_lock: place the verified page @page of
- * @block (at @host, its ticket still the fetch's) from @data with
- * UFFDIO_COPY, which wakes whoever faulted on it.  Returns false if it
- * must be asked from the source.
+ * Postcopy's fill, under load_lock: the verified page @page of @block (at
+ * @host, its ticket still the read's) was placed with UFFDIO_COPY, which
+ * woke whoever faulted on it, by @by (the fill, a fault's read), or
+ * could not be (@ret < 0).  Returns false if it must be asked from the
+ * source.
  */
-static bool fill_page(LoadState *st, RAMBlock *block, uint32_t *t,
-                      unsigned long page, void *host, uint8_t *data,
-                      const char *by)
+static bool fill_placed(LoadState *st, RAMBlock *block, uint32_t *t,
+                        unsigned long page, void *host, int ret,
+                        const char *by)
 {
-    int ret;
-
-    if (st->paused) {
-        /*
-         * The source sends it after postcopy-recover, as it sends every
-         * page not in receivedmap: placing it now could make its copy
-         * fail with EEXIST.
-         */
-        return true;
-    }
-    ret = postcopy_place_page(migration_incoming_get_current(), host, data,
-                              block);
     if (ret == -EEXIST) {
         /*
-         * Nothing else places a page with a ticket (the source sends no
-         * page we read: its newer data cleared the ticket at the discard
-         * before LISTEN, and the pages asked again are no longer ours).
+         * Nothing else places a page with a ticket: the source's copy
+         * clears it first (nas_dedup_load_postcopy_placed()), and a page
+         * being placed (Tickets.placing) is left to its read.
          */
         error_report("dedup-nas: %s 0x%" PRIx64 " was placed by someone "
                      "else", block->idstr,
@@ -624,6 +627,82 @@ static bool fill_page(LoadState *st, RAMBlock *block, uint32_t *t,
 }
 
 /*
+ * Postcopy's fill, under load_lock: place one verified page @data, as
+ * fill_placed().  Once postcopy paused, nothing is placed: the source
+ * sends every page not in receivedmap after postcopy-recover, and its
+ * copy would then fail with EEXIST.
+ */
+static bool fill_page(LoadState *st, RAMBlock *block, uint32_t *t,
+                      unsigned long page, void *host, uint8_t *data,
+                      const char *by)
+{
+    if (st->paused) {
+        return true;
+    }
+    return fill_placed(st, block, t, page, host,
+                       postcopy_place_page(migration_incoming_get_current(),
+                                           host, data, block), by);
+}
+
+/*
+ * Postcopy's fill, under load_lock: place the pages of @fe's run marked
+ * in @placing (and in Tickets.placing) from @buf, with load_lock dropped
+ * meanwhile: the listen thread takes it for every page the source sends,
+ * and UFFDIO_COPY takes microseconds a page.  A page that cannot be
+ * placed is asked from the source.
+ */
+static void fill_run(LoadState *st, Fetch *fe, Tickets *tk,
+                     const bool *placing, uint8_t *buf)
+{
+    MigrationIncomingState *mis = migration_incoming_get_current();
+    uint32_t npages = fe->rec->npages;
+    unsigned long first = fe->offset >> TARGET_PAGE_BITS;
+    g_autofree int *res = g_new0(int, npages);
+    uint32_t k;
+
+    /* The load stays (st->workers) while the lock is dropped. */
+    st->workers++;
+    qemu_mutex_unlock(&load_lock);
+    for (k = 0; k < npages; k++) {
+        if (placing[k]) {
+            res[k] = postcopy_place_page(mis, fe->block->host + fe->offset +
+                                         (uint64_t)k * NAS_DEDUP_CHUNK,
+                                         buf + k * NAS_DEDUP_CHUNK,
+                                         fe->block);
+        }
+    }
+    qemu_mutex_lock(&load_lock);
+    if (--st->workers == 0) {
+        qemu_cond_broadcast(&load_cond);
+    }
+    for (k = 0; k < npages; k++) {
+        void *host = fe->block->host + fe->offset +
+                     (uint64_t)k * NAS_DEDUP_CHUNK;
+
+        if (!placing[k]) {
+            continue;
+        }
+        clear_bit(first + k, tk->placing);
+        /* (Nothing but us clears a ticket of a page being placed.) */
+        if (!fill_placed(st, fe->block, tk->t, first + k, host, res[k],
+                         "fill") && !st->paused) {
+            resend_run(st, fe, tk->t, first, k, 1);
+        }
+    }
+}
+
+/*
+ * Under load_lock: whether postcopy's fill is over: every page with a
+ * ticket is asked from the source.  Reads may still be in flight, when
+ * the source sent the pages they are for (nas_dedup_save_meet()): they
+ * place nothing when they end, and a stalled storage holds up nothing.
+ */
+static bool fill_over(LoadState *st)
+{
+    return !st->fetches || st->pending == st->awaiting;
+}
+
+/*
  * Postcopy's fill, any thread but under no lock of ours: send the RESEND
  * queued, and once no read is left, SYNC_ACK for the lazy SYNC, after
  * every RESEND: the source sends EOS only after it, and after every page
@@ -651,8 +730,8 @@ static void fill_report(LoadState *st)
                 /* After recovery the source sends every page not placed. */
                 g_array_set_size(todo, 0);
             }
-            if (!todo && st->listening && !st->paused && !st->fetches &&
-                !st->lazy_acked) {
+            if (!todo && st->listening && !st->paused && !st->lazy_acked &&
+                fill_over(st)) {
                 st->lazy_acked = true;
                 ack = true;
                 awaiting = st->awaiting;
@@ -719,8 +798,10 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
     NasDedupRecord *rec = fe->rec;
     unsigned long first = fe->offset >> TARGET_PAGE_BITS;
     g_autofree bool *match = NULL;
+    g_autofree bool *placing = NULL;
+    Tickets *tk;
     uint32_t *t;
-    uint32_t k, bad_start = 0, bad = 0;
+    uint32_t k, bad_start = 0, bad = 0, nplace = 0;
 
     if (ret == -ECANCELED) {
         /* The load is over: guest RAM and @st are no longer ours. */
@@ -767,7 +848,11 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
     }
     g_hash_table_remove(st->fetch_of, GUINT_TO_POINTER(fe->ticket));
     /* Created for this run by load_refs(); never shrinks. */
-    t = tickets_of(st, fe->block, first + rec->npages, false)->t;
+    tk = tickets_of(st, fe->block, first + rec->npages, false);
+    t = tk->t;
+    if (st->lazy && ret >= 0) {
+        placing = g_new0(bool, rec->npages);
+    }
     for (k = 0; k <= rec->npages; k++) {
         bool ok = false;
 
@@ -782,9 +867,14 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
                 void *host = fe->block->host + fe->offset +
                              k * NAS_DEDUP_CHUNK;
 
-                if (st->lazy) {
-                    ok = fill_page(st, fe->block, t, first + k, host,
-                                   buf + k * NAS_DEDUP_CHUNK, "fill");
+                if (placing) {
+                    /* Placed by fill_run(), unless postcopy paused. */
+                    if (!st->paused) {
+                        set_bit(first + k, tk->placing);
+                        placing[k] = true;
+                        nplace++;
+                    }
+                    ok = true;
                 } else {
                     memcpy(host, buf + k * NAS_DEDUP_CHUNK, NAS_DEDUP_CHUNK);
                     ramblock_recv_bitmap_set(fe->block, host);
@@ -812,6 +902,9 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
             resend_run(st, fe, t, first, bad_start, bad);
             bad = 0;
         }
+    }
+    if (nplace) {
+        fill_run(st, fe, tk, placing, buf);
     }
     st->refs_done += rec->npages;
     if (--st->fetches == 0) {
@@ -1200,6 +1293,7 @@ static void urgent_done(void *opaque, uint8_t *buf, int ret)
     unsigned long page = ur->u.offset >> TARGET_PAGE_BITS;
     void *host = block->host + ur->u.offset;
     bool match = false;
+    Tickets *tk;
     uint32_t *t;
 
     if (ret == -ECANCELED) {
@@ -1217,12 +1311,14 @@ static void urgent_done(void *opaque, uint8_t *buf, int ret)
         g_free(ur);
         return;
     }
-    t = tickets_of(st, block, page + 1, false)->t;
-    if (t[page] != ur->u.ticket || st->paused) {
+    tk = tickets_of(st, block, page + 1, false);
+    t = tk->t;
+    if (t[page] != ur->u.ticket || st->paused ||
+        test_bit(page, tk->placing)) {
         /*
-         * Placed by the fill, or asked from the source (its deadline ran
-         * out, the fill's read did not verify, postcopy paused): this
-         * result must change nothing.
+         * Placed (or being placed) by the fill, or asked from the source
+         * (its deadline ran out, the fill's read did not verify, postcopy
+         * paused): this result must change nothing.
          */
         trace_nas_dedup_load_fill_urgent_done(
             block->idstr, ur->u.offset, "late",
@@ -1300,9 +1396,14 @@ static void *urgent_thread(void *opaque)
         while (g_hash_table_iter_next(&iter, NULL, &value)) {
             Urgent u = *(Urgent *)value;
             unsigned long page = u.offset >> TARGET_PAGE_BITS;
-            uint32_t *t = tickets_of(st, u.block, page + 1, false)->t;
+            Tickets *tk = tickets_of(st, u.block, page + 1, false);
+            uint32_t *t = tk->t;
             const char *why = "asked";
 
+            if (t[page] == u.ticket && !st->paused &&
+                test_bit(page, tk->placing)) {
+                continue;       /* the fill's copy wakes it, and drops it */
+            }
             if (t[page] == u.ticket && !st->paused && u.deadline > now) {
                 next = MIN(next, u.deadline);
                 continue;
@@ -1381,7 +1482,10 @@ bool nas_dedup_load_postcopy_fault(RAMBlock *block, ram_addr_t offset,
             u = g_hash_table_lookup(st->urgent, host);
             fe = g_hash_table_lookup(st->fetch_of, GUINT_TO_POINTER(ticket));
         }
-        if (u) {
+        if (ticket && test_bit(page, t->placing)) {
+            /* The fill is placing it: its copy wakes the thread. */
+            urgent = true;
+        } else if (u) {
             /* Its read is under way; the main thread must not wait. */
             if (main_thread) {
                 u->deadline = 0;
@@ -1447,43 +1551,74 @@ bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host)
 {
     LoadState *st = qatomic_read(&load);
     unsigned long page;
+    bool skip = false, report = false;
     Tickets *t;
 
-    if (!st || !qatomic_read(&st->refs_seen)) {
+    if (!st || !qatomic_read(&st->lazy)) {
         return false;
     }
     page = ((uint8_t *)host - block->host) >> TARGET_PAGE_BITS;
-    QEMU_LOCK_GUARD(&load_lock);
-    if (load != st) {
+    qemu_mutex_lock(&load_lock);
+    if (load != st || !st->listening) {
+        qemu_mutex_unlock(&load_lock);
         return false;
     }
     t = tickets_of(st, block, page + 1, false);
-    if (t && t->t[page]) {
+    if (t && test_bit(page, t->placing)) {
         /*
-         * The source's copy is as good as the reference (the guest was
-         * stopped there before postcopy; the pages it wrote since the
+         * Being placed, with load_lock dropped: by the fill (its ticket
+         * still on, fill_run()), whose copy wakes whoever faulted on it;
+         * or by the listen thread of the other channel (postcopy-preempt),
+         * which took the ticket of a copy sent before (below).  The same
+         * bytes as this one either way.
+         */
+        skip = true;
+    } else if (t && t->t[page]) {
+        /*
+         * The source's copy is as good as the reference: the guest was
+         * stopped there before postcopy, and the pages it wrote since the
          * reference went were discarded here, which cleared their
-         * tickets): the fill (or a fault's read) leaves the page alone
-         * from now on, as the ticket is gone.
+         * tickets.  So the page is the source's to place, and its read
+         * places nothing: the ticket is gone.
          */
         if (t->t[page] != TICKET_AWAITING) {
             st->met_pages++;
         }
         ticket_clear(st, t->t, page);
+        /*
+         * Asked again and sent by the meet too, its other copy may come
+         * on the other channel before this one is in receivedmap.
+         */
+        set_bit(page, t->placing);
         if (g_hash_table_size(st->urgent) &&
             g_hash_table_lookup(st->urgent, host)) {
             /* Its thread wakes when the page is placed: forget the wait. */
             qemu_cond_signal(&st->urgent_cond);
         }
-        return false;
+        /* The last page to fill, with reads still in flight: answer. */
+        report = st->fetches && !st->lazy_acked && fill_over(st);
+        if (report) {
+            st->workers++;
+        }
+    } else {
+        /*
+         * Without a ticket, the page is either not one of ours, or placed
+         * by the fill, which sets its bit of receivedmap before it clears
+         * the ticket: then UFFDIO_COPY would fail with EEXIST, and the
+         * page stays as it is (the guest may have written to it since).
+         */
+        skip = ramblock_recv_bitmap_test(block, host);
     }
-    /*
-     * Without a ticket, the page is either not one of ours, or placed by
-     * the fill, which sets its bit of receivedmap under load_lock: then
-     * UFFDIO_COPY would fail with EEXIST, and the page stays as it is
-     * (the guest may have written to it since).
-     */
-    return ramblock_recv_bitmap_test(block, host);
+    qemu_mutex_unlock(&load_lock);
+    if (report) {
+        fill_report(st);
+        WITH_QEMU_LOCK_GUARD(&load_lock) {
+            if (--st->workers == 0) {
+                qemu_cond_broadcast(&load_cond);
+            }
+        }
+    }
+    return skip;
 }
 
 void nas_dedup_load_postcopy_pause(void)

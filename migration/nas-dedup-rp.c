@@ -472,7 +472,8 @@ bool nas_dedup_rp_take_noref(RAMBlock *block, ram_addr_t offset)
  * the way, however many requests came.
  */
 static const unsigned long *redirty_pick(RAMBlock *block,
-                                         unsigned long *npages, void *opaque)
+                                         unsigned long *start,
+                                         unsigned long *end, void *opaque)
 {
     bool all = *(bool *)opaque;
     bool any = false;
@@ -491,7 +492,7 @@ static const unsigned long *redirty_pick(RAMBlock *block,
         qatomic_set(&rp.asked_pages, rp.asked_pages - ctpopl(rb->asked[i]));
         rb->asked[i] = 0;
     }
-    *npages = rb->npages;
+    *end = rb->npages;
     return any ? rb->scratch : NULL;    /* none: all sent meanwhile */
 }
 

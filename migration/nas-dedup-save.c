@@ -102,7 +102,7 @@ static struct {
 /* The pages of @block the pass that leaves pages for postcopy referenced. */
 typedef struct LazyRefs {
     RAMBlock *block;
-    unsigned long *refs;
+    unsigned long *refs;            /* cleared as they go in full */
     unsigned long *scratch;         /* for meet_pick() */
     unsigned long npages;
     unsigned long cursor;           /* none left at or above it */
@@ -398,7 +398,7 @@ static void lazy_ref(RAMBlock *block, ram_addr_t offset)
         g_ptr_array_add(save.lazy_refs, lr);
         save.meet_next = save.lazy_refs->len;
     }
-    set_bit(offset >> TARGET_PAGE_BITS, lr->refs);
+    set_bit_atomic(offset >> TARGET_PAGE_BITS, lr->refs);
     lr->cursor = MAX(lr->cursor, (offset >> TARGET_PAGE_BITS) + 1);
 }
 
@@ -444,6 +444,24 @@ void nas_dedup_save_bitmap_synced(void)
 void nas_dedup_save_sending(RAMBlock *block, ram_addr_t offset)
 {
     nas_dedup_rp_sending(block, offset, qatomic_read(&save.epoch));
+    /*
+     * A page of the pass that leaves pages for postcopy goes in full (or
+     * as a reference again, which records it again): the meet need not
+     * send it.  Atomic: with postcopy-preempt, the return-path thread
+     * sends pages too, and neither holds the bitmap mutex meanwhile.
+     */
+    if (save.lazy_refs) {
+        guint i;
+
+        for (i = 0; i < save.lazy_refs->len; i++) {
+            LazyRefs *lr = g_ptr_array_index(save.lazy_refs, i);
+
+            if (lr->block == block) {
+                clear_bit_atomic(offset >> TARGET_PAGE_BITS, lr->refs);
+                break;
+            }
+        }
+    }
 }
 
 int nas_dedup_save_page(QEMUFile *f, NasDedupPutHeader put_header,
@@ -609,9 +627,10 @@ uint64_t nas_dedup_save_deferred(void)
 
 /* The pages left out of @block (all of them go again). */
 static const unsigned long *undefer_pick(RAMBlock *block,
-                                         unsigned long *npages, void *opaque)
+                                         unsigned long *start,
+                                         unsigned long *end, void *opaque)
 {
-    *npages = block->max_length >> TARGET_PAGE_BITS;
+    *end = block->max_length >> TARGET_PAGE_BITS;
     return opaque;
 }
 
@@ -650,30 +669,46 @@ typedef struct MeetPick {
 
 /*
  * Under ram.c's bitmap mutex: the next pages of @opaque's block that the
- * pass referenced, from its cursor down, at most @max of them.
+ * pass referenced, from its cursor down, at most @max of them.  Each
+ * batch looks at the pages it takes and no further: the meet is linear in
+ * the size of guest RAM, however many batches it takes.
  */
-static const unsigned long *meet_pick(RAMBlock *block, unsigned long *npages,
-                                      void *opaque)
+static const unsigned long *meet_pick(RAMBlock *block, unsigned long *start,
+                                      unsigned long *end, void *opaque)
 {
     MeetPick *m = opaque;
     LazyRefs *lr = m->lr;
-    unsigned long top = lr->cursor;
+    unsigned long i, n = 0;
 
-    bitmap_zero(lr->scratch, top);
-    while (lr->cursor && m->picked < m->max) {
+    *end = lr->cursor;
+    while (lr->cursor && n < m->max) {
         unsigned long p = find_last_bit(lr->refs, lr->cursor);
 
         if (p >= lr->cursor) {
             lr->cursor = 0;     /* none below */
             break;
         }
-        clear_bit(p, lr->refs);
-        set_bit(p, lr->scratch);
         lr->cursor = p;
-        m->picked++;
+        n++;
     }
-    *npages = top;
-    return m->picked ? lr->scratch : NULL;
+    *start = lr->cursor;
+    if (!n) {
+        return NULL;
+    }
+    /* Taken from @refs: those sent meanwhile (a page request) are not. */
+    for (i = *start / BITS_PER_LONG; i <= (*end - 1) / BITS_PER_LONG; i++) {
+        unsigned long mask = ~0UL;
+
+        if (i == *start / BITS_PER_LONG) {
+            mask &= BITMAP_FIRST_WORD_MASK(*start);
+        }
+        if (i == (*end - 1) / BITS_PER_LONG) {
+            mask &= BITMAP_LAST_WORD_MASK(*end);
+        }
+        lr->scratch[i] = qatomic_fetch_and(&lr->refs[i], ~mask) & mask;
+        m->picked += ctpopl(lr->scratch[i]);
+    }
+    return lr->scratch;
 }
 
 int64_t nas_dedup_save_meet(uint64_t max, Error **errp)

@@ -36,7 +36,9 @@
  *          (NAS_DEDUP_SYNC_LAZY, since version 4): the last SYNC, right
  *          before postcopy starts; the references still unresolved are
  *          filled once the destination listens, and SYNC_ACK(seq) comes
- *          when every one is placed or asked again.
+ *          when every one is placed or asked again.  Since version 6,
+ *          the source may meanwhile send pages still to fill (the meet),
+ *          and the destination places whichever copy comes first, once.
  *
  * On the return path (destination to source):
  *   RESEND:   u8 id_len, id, be64 offset, be32 npages, be32 refs_seq
@@ -64,7 +66,7 @@ enum {
     NAS_DEDUP_REC_SETUP = 4,
 };
 
-#define NAS_DEDUP_WIRE_VERSION 5
+#define NAS_DEDUP_WIRE_VERSION 6
 
 /* SYNC's final byte */
 #define NAS_DEDUP_SYNC_LIVE     0
