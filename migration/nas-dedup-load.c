@@ -166,6 +166,7 @@ struct LoadState {
     bool listening;
     bool paused;
     bool lazy_acked;
+    bool report_scheduled;      /* fill_report_bh() */
     /*
      * Under load_lock: pages with a ticket that came from the source
      * first, in postcopy's fill (nas_dedup_load_postcopy_placed()), and
@@ -602,12 +603,13 @@ static bool fill_placed(LoadState *st, RAMBlock *block, uint32_t *t,
         ticket_clear(st, t, page);
         return true;
     }
-    if (ret < 0) {
+    if (ret < 0 && !ramblock_recv_bitmap_test(block, host)) {
         error_report("dedup-nas: cannot place %s 0x%" PRIx64 ": %s",
                      block->idstr, (uint64_t)page << TARGET_PAGE_BITS,
                      strerror(-ret));
         return false;
     }
+    /* (In receivedmap, the copy went: only a shared user's wake failed.) */
     ticket_clear(st, t, page);
     if (g_hash_table_size(st->urgent)) {
         Urgent *u = g_hash_table_lookup(st->urgent, host);
@@ -758,6 +760,56 @@ static void fill_report(LoadState *st)
         }
         return;
     }
+}
+
+/*
+ * fill_report() from under load_lock, dropped meanwhile: @st stays
+ * (st->workers).
+ */
+static void fill_report_locked(LoadState *st)
+{
+    st->workers++;
+    qemu_mutex_unlock(&load_lock);
+    fill_report(st);
+    qemu_mutex_lock(&load_lock);
+    if (--st->workers == 0) {
+        qemu_cond_broadcast(&load_cond);
+    }
+}
+
+/*
+ * Under load_lock, after a page with a ticket was resolved by other than
+ * its read: whether that was the last page to fill while reads are still
+ * in flight, so that the answer must go now (once the reads end, their
+ * worker sends it).
+ */
+static bool fill_report_due(LoadState *st)
+{
+    return st->listening && !st->paused && !st->lazy_acked &&
+           st->fetches && fill_over(st);
+}
+
+typedef struct ReportBH {
+    LoadState *st;
+    uint64_t gen;
+} ReportBH;
+
+/*
+ * fill_report() for postcopy's listen threads, in the main loop: they
+ * must not wait for the return path (the source's return-path thread may
+ * be writing to the channel one of them reads) nor for lazy_send_lock.
+ */
+static void fill_report_bh(void *opaque)
+{
+    ReportBH *r = opaque;
+
+    WITH_QEMU_LOCK_GUARD(&load_lock) {
+        if (load == r->st && load_gen == r->gen) {
+            r->st->report_scheduled = false;
+            fill_report_locked(r->st);
+        }
+    }
+    g_free(r);
 }
 
 /*
@@ -915,13 +967,7 @@ static void fetch_done(void *opaque, uint8_t *buf, int ret)
     }
     if (st->listening) {
         /* Postcopy: no incoming coroutine to send what we queued. */
-        st->workers++;
-        qemu_mutex_unlock(&load_lock);
-        fill_report(st);
-        qemu_mutex_lock(&load_lock);
-        if (--st->workers == 0) {
-            qemu_cond_broadcast(&load_cond);
-        }
+        fill_report_locked(st);
     }
     qemu_mutex_unlock(&load_lock);
 out:
@@ -1331,6 +1377,9 @@ static void urgent_done(void *opaque, uint8_t *buf, int ret)
         stat64_add(&nas_dedup_counters.fetched_bytes, NAS_DEDUP_CHUNK);
     }
     if (match && fill_page(st, block, t, page, host, buf, "read")) {
+        if (fill_report_due(st)) {
+            fill_report_locked(st);
+        }
         g_free(ur);
         return;
     }
@@ -1551,7 +1600,8 @@ bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host)
 {
     LoadState *st = qatomic_read(&load);
     unsigned long page;
-    bool skip = false, report = false;
+    ReportBH *report = NULL;
+    bool skip = false;
     Tickets *t;
 
     if (!st || !qatomic_read(&st->lazy)) {
@@ -1596,9 +1646,11 @@ bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host)
             qemu_cond_signal(&st->urgent_cond);
         }
         /* The last page to fill, with reads still in flight: answer. */
-        report = st->fetches && !st->lazy_acked && fill_over(st);
-        if (report) {
-            st->workers++;
+        if (fill_report_due(st) && !st->report_scheduled) {
+            report = g_new0(ReportBH, 1);
+            report->st = st;
+            report->gen = load_gen;
+            st->report_scheduled = true;
         }
     } else {
         /*
@@ -1611,20 +1663,37 @@ bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host)
     }
     qemu_mutex_unlock(&load_lock);
     if (report) {
-        fill_report(st);
-        WITH_QEMU_LOCK_GUARD(&load_lock) {
-            if (--st->workers == 0) {
-                qemu_cond_broadcast(&load_cond);
-            }
-        }
+        aio_bh_schedule_oneshot(qemu_get_aio_context(), fill_report_bh,
+                                report);
     }
     return skip;
 }
 
 void nas_dedup_load_postcopy_pause(void)
 {
+    GHashTableIter iter;
+    gpointer value;
+
     QEMU_LOCK_GUARD(&load_lock);
     if (load) {
+        /*
+         * The listen threads stopped: a page whose ticket one of them took
+         * but which is not in receivedmap failed to be placed, and comes
+         * again after recovery.  (A read's pages being placed keep their
+         * ticket and bit until fill_run() is done with them.)
+         */
+        g_hash_table_iter_init(&iter, load->tickets);
+        while (g_hash_table_iter_next(&iter, NULL, &value)) {
+            Tickets *t = value;
+            unsigned long page = find_first_bit(t->placing, t->npages);
+
+            for (; page < t->npages;
+                 page = find_next_bit(t->placing, t->npages, page + 1)) {
+                if (!t->t[page]) {
+                    clear_bit(page, t->placing);
+                }
+            }
+        }
         load->paused = true;
         /* Its faults read first are asked now, and again after recovery. */
         qemu_cond_signal(&load->urgent_cond);

@@ -447,8 +447,9 @@ void nas_dedup_save_sending(RAMBlock *block, ram_addr_t offset)
     /*
      * A page of the pass that leaves pages for postcopy goes in full (or
      * as a reference again, which records it again): the meet need not
-     * send it.  Atomic: with postcopy-preempt, the return-path thread
-     * sends pages too, and neither holds the bitmap mutex meanwhile.
+     * send it.  Atomic: with postcopy-preempt, the migration thread
+     * sends pages without the bitmap mutex (the return-path thread sends
+     * its urgent pages under it, as meet_pick() takes pages).
      */
     if (save.lazy_refs) {
         guint i;
