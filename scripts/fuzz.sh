@@ -51,7 +51,7 @@ def refs(n, off, hashes):
     return b + b''.join(struct.pack('>QQ', hi, lo) for hi, lo in hashes)
 def sync(seq, final):
     return struct.pack('>BIB', 3, seq, final)
-def setup(ver=5, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
+def setup(ver=6, resend=0x0a, ack=0x10b, progress=0x20c, keylen=384):
     return struct.pack('>BBHHHH', 4, ver, resend, ack, progress, keylen) + \
            bytes((k * 7 + 1) & 0xff for k in range(384))
 def hs(n):
@@ -94,6 +94,7 @@ w('bad-setup-version', R(setup(ver=1)))
 w('bad-setup-version-2', R(setup(ver=2)))
 w('bad-setup-version-3', R(setup(ver=3)))
 w('bad-setup-version-4', R(setup(ver=4)))
+w('bad-setup-version-5', R(setup(ver=5)))
 w('bad-setup-keylen', R(setup(keylen=16)))
 C4 = 4096
 w('check-ok', C(0, 16 * C4, 100 * C4, refs(0, 8 * C4, hs(4))))

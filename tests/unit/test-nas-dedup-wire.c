@@ -226,7 +226,8 @@ static void test_malformed(void)
     REJECT("protocol version 2", 4, 2, 0, 9, 0, 10, 0, 11, 1, 128);
     REJECT("protocol version 3", 4, 3, 0, 9, 0, 10, 0, 11, 1, 128);
     REJECT("protocol version 4", 4, 4, 0, 9, 0, 10, 0, 11, 1, 128);
-    REJECT("key of 16 bytes", 4, 5, 0, 9, 0, 10, 0, 11, 0, 16);
+    REJECT("protocol version 5", 4, 5, 0, 9, 0, 10, 0, 11, 1, 128);
+    REJECT("key of 16 bytes", 4, 6, 0, 9, 0, 10, 0, 11, 0, 16);
 }
 
 static void test_refs_check(void)
