@@ -34,8 +34,9 @@
  * receivedmap (which multifd's zero pages go by) under it too: a page's
  * ticket is cleared either before the fetch looks at it (the fetch leaves
  * the page alone) or after the fetch installed it (the newer data
- * overwrites it).  A fetch whose load is over (freed, or a later one
- * started) finds that out under the lock and touches nothing.
+ * overwrites it).  (Postcopy's fill places pages with the lock dropped:
+ * see Tickets.placing.)  A fetch whose load is over (freed, or a later
+ * one started) finds that out under the lock and touches nothing.
  *
  * Until postcopy listens, only the incoming coroutine writes to the
  * return path: fetches queue their RESEND requests for it (after LISTEN,
