@@ -169,10 +169,9 @@ struct LoadState {
     bool lazy_acked;
     bool report_scheduled;      /* fill_report_bh() */
     /*
-     * Under load_lock: pages with a ticket that came from the source
-     * first, in postcopy's fill (nas_dedup_load_postcopy_placed()), and
-     * reads skipped because none of their pages was still to resolve
-     * (mostly in the fill; before, if newer data came for all of them).
+     * Under load_lock, from LISTEN on: pages with a ticket that came from
+     * the source first (nas_dedup_load_postcopy_placed()), and reads the
+     * fill skipped because none of their pages was still to fill.
      */
     uint64_t met_pages;
     uint64_t skipped_reads;
@@ -816,7 +815,7 @@ static void fill_report_bh(void *opaque)
 /*
  * Whether a page of @opaque's run is still to read (main loop, as its
  * read starts): in postcopy's fill, the source may have sent them all
- * meanwhile (nas_dedup_save_meet()); before, newer data may have come.
+ * meanwhile (nas_dedup_save_meet()).
  */
 static bool fetch_wanted(void *opaque)
 {
@@ -828,6 +827,14 @@ static bool fetch_wanted(void *opaque)
     QEMU_LOCK_GUARD(&load_lock);
     if (load != st || load_gen != fe->gen) {
         return true;            /* fetch_done() finds out */
+    }
+    if (!st->listening) {
+        /*
+         * Before, every REFS record is read once (fetched-blocks counts
+         * them all): newer data for a whole run is rare, and the reads
+         * are soon over anyway.
+         */
+        return true;
     }
     t = tickets_of(st, fe->block, first + fe->rec->npages, false)->t;
     for (k = 0; k < fe->rec->npages; k++) {

@@ -1299,9 +1299,13 @@ class NasDedupMigration(QemuSystemTest):
         s, d = info['dedup-nas'], dinfo['dedup-nas-incoming']
         self.assertGreater(s['reference-pages'], 0,
                            f'{case}: no reference before postcopy: {s}')
-        # Every reference was read, before the switch or by the fill.
-        self.assertEqual(d['fetched-blocks'], s['reference-pages'],
-                         f'{case}: {d}')
+        # Every reference read, before the switch or by the fill, at most:
+        # with the meet, the source sends the pages the fill has not
+        # reached, and the migration ends without the reads left with
+        # nothing to place (skipped, or cancelled in flight).
+        self.assertLessEqual(d['fetched-blocks'], s['reference-pages'],
+                             f'{case}: {d}')
+        self.assertGreater(d['fetched-blocks'], 0, f'{case}: {d}')
         # Asked again: what did not verify, and what the guest touched
         # before the fill placed it.
         self.assertEqual(d['resend-requests'],
