@@ -45,6 +45,7 @@ typedef struct NasDedupCounters {
     Stat64 fill_pages;          /* placed after postcopy started */
     Stat64 fill_faults;         /* faulted on before, asked from source */
     Stat64 fill_fault_reads;    /* faulted on before, read first */
+    Stat64 fill_met;            /* came from the source before placed */
     Stat64 fetch_time_us;       /* with at least one read in flight */
     /* Reads in flight since (us); 0: none.  qatomic_*_i64() access. */
     int64_t fetch_busy_since;

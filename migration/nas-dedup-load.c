@@ -1641,6 +1641,7 @@ bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host)
          */
         if (t->t[page] != TICKET_AWAITING) {
             st->met_pages++;
+            stat64_add(&nas_dedup_counters.fill_met, 1);
         }
         ticket_clear(st, t->t, page);
         /*

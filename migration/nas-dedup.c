@@ -268,6 +268,7 @@ void nas_dedup_stats_reset(bool incoming)
         stat64_set(&c->fill_pages, 0);
         stat64_set(&c->fill_faults, 0);
         stat64_set(&c->fill_fault_reads, 0);
+        stat64_set(&c->fill_met, 0);
         stat64_set(&c->fetch_time_us, 0);
         qatomic_set_i64(&c->fetch_busy_since, 0);
         qatomic_set(&c->incoming_used, false);
@@ -302,6 +303,7 @@ void nas_dedup_fill_info(MigrationInfo *info, bool incoming)
         st->postcopy_fill_pages = stat64_get(&c->fill_pages);
         st->postcopy_fill_faults = stat64_get(&c->fill_faults);
         st->postcopy_fill_fault_reads = stat64_get(&c->fill_fault_reads);
+        st->postcopy_fill_met = stat64_get(&c->fill_met);
         since = qatomic_read_i64(&c->fetch_busy_since);
         st->fetch_time = (stat64_get(&c->fetch_time_us) +
                           (since ? g_get_monotonic_time() - since : 0)) / 1000;
@@ -370,11 +372,14 @@ void nas_dedup_hmp_info(Monitor *mon, const MigrationInfo *info)
                        " read errors: %" PRIu64 " resend requests: %" PRIu64
                        "\n", d->mismatches, d->read_errors,
                        d->resend_requests);
-        if (d->postcopy_fill_pages || d->postcopy_fill_faults) {
+        if (d->postcopy_fill_pages || d->postcopy_fill_faults ||
+            d->postcopy_fill_met) {
             monitor_printf(mon, "dedup-nas postcopy fill: %" PRIu64
-                           " pages placed, faults: %" PRIu64 " read from "
+                           " pages placed, %" PRIu64 " came from the "
+                           "source first, faults: %" PRIu64 " read from "
                            "the storage, %" PRIu64 " asked from the "
                            "source\n", d->postcopy_fill_pages,
+                           d->postcopy_fill_met,
                            d->postcopy_fill_fault_reads,
                            d->postcopy_fill_faults);
         }

@@ -1306,6 +1306,13 @@ class NasDedupMigration(QemuSystemTest):
         self.assertLessEqual(d['fetched-blocks'], s['reference-pages'],
                              f'{case}: {d}')
         self.assertGreater(d['fetched-blocks'], 0, f'{case}: {d}')
+        # Each reference resolved once at most: verified, asked again, or
+        # sent by the source before the fill placed it (the others were
+        # superseded by newer data).
+        self.assertLessEqual(d['verified-pages'] + d['mismatches'] +
+                             d['read-errors'] + d['postcopy-fill-faults'] +
+                             d['postcopy-fill-met'], s['reference-pages'],
+                             f'{case}: {s} / {d}')
         # Asked again: what did not verify, and what the guest touched
         # before the fill placed it.
         self.assertEqual(d['resend-requests'],

@@ -482,6 +482,7 @@ typedef struct DedupStats {
     uint64_t fill_pages;
     uint64_t fill_faults;
     uint64_t fill_fault_reads;
+    uint64_t fill_met;
 } DedupStats;
 
 static void read_stats(QTestState *from, QTestState *to, bool dedup,
@@ -525,6 +526,7 @@ static void read_stats(QTestState *from, QTestState *to, bool dedup,
         st->fill_pages = stat_u64(dn, "postcopy-fill-pages");
         st->fill_faults = stat_u64(dn, "postcopy-fill-faults");
         st->fill_fault_reads = stat_u64(dn, "postcopy-fill-fault-reads");
+        st->fill_met = stat_u64(dn, "postcopy-fill-met");
     }
     qobject_unref(rsp);
 
@@ -1174,6 +1176,8 @@ static void test_postcopy(const void *opaque)
         fill_end_counts(dout, &met, &skipped);
         g_test_message("%" PRIu64 " pages came from the source before the "
                        "fill, %" PRIu64 " reads skipped", met, skipped);
+        /* The statistic tells what the trace does. */
+        g_assert_cmpuint(st.fill_met, ==, met);
     }
     if (pc->meet) {
         /*
