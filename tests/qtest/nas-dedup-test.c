@@ -568,9 +568,25 @@ static QDict *wait_for_status(QTestState *who, const char *goal,
 
 static void assert_running(QTestState *who)
 {
-    QDict *rsp = qtest_qmp_assert_success_ref(who,
-                                              "{ 'execute': 'query-status' }");
+    g_autoptr(GTimer) timer = g_timer_new();
+    QDict *rsp;
 
+    /*
+     * A migration is "failed" as soon as its thread sets the state, and
+     * the guest stopped for the switchover runs again right after, in
+     * migration_iteration_finish(): until then its state is still
+     * finish-migrate.
+     */
+    for (;;) {
+        rsp = qtest_qmp_assert_success_ref(who,
+                                           "{ 'execute': 'query-status' }");
+        if (strcmp(qdict_get_str(rsp, "status"), "finish-migrate") ||
+            g_timer_elapsed(timer, NULL) > 5) {
+            break;
+        }
+        qobject_unref(rsp);
+        g_usleep(10 * 1000);
+    }
     g_assert(qdict_get_bool(rsp, "running"));
     g_assert_cmpstr(qdict_get_str(rsp, "status"), ==, "running");
     qobject_unref(rsp);
