@@ -169,11 +169,10 @@ struct LoadState {
     bool lazy_acked;
     bool report_scheduled;      /* fill_report_bh() */
     /*
-     * Under load_lock, from LISTEN on: pages with a ticket that came from
-     * the source first (nas_dedup_load_postcopy_placed()), and reads the
-     * fill skipped because none of their pages was still to fill.
+     * Under load_lock, from LISTEN on: reads the fill skipped because none
+     * of their pages was still to fill.  (The pages that came from the
+     * source first are nas_dedup_counters.fill_met.)
      */
-    uint64_t met_pages;
     uint64_t skipped_reads;
     /*
      * Faults read from the storage first (after LISTEN, lazy): under
@@ -1640,7 +1639,6 @@ bool nas_dedup_load_postcopy_placed(RAMBlock *block, void *host)
          * places nothing: the ticket is gone.
          */
         if (t->t[page] != TICKET_AWAITING) {
-            st->met_pages++;
             stat64_add(&nas_dedup_counters.fill_met, 1);
         }
         ticket_clear(st, t->t, page);
@@ -1735,7 +1733,8 @@ void nas_dedup_load_postcopy_end(void)
             }
         }
     }
-    trace_nas_dedup_load_fill_end(st->pending, missing, st->met_pages,
+    trace_nas_dedup_load_fill_end(st->pending, missing,
+                                  stat64_get(&nas_dedup_counters.fill_met),
                                   st->skipped_reads);
     if (missing) {
         error_report("dedup-nas: %" PRIu64 " pages sent as references were "
